@@ -1,0 +1,144 @@
+"""Benchmarks: the seed's test client against a running engine, and the bare in-process loop.
+
+``run_bench`` sends composite batches from K client threads (each its own connection) and
+reports per-batch inference / composite / total ms, averages and frames/s. ``bare_loop`` does
+the same work in one process with no engine around it (cut the input, one Run, paste, encode),
+the yardstick the engine's throughput is compared with.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .client import Client
+
+
+def speech_like_features(batch: int, start: int, shape: tuple[int, ...] = (32, 16, 16), seed: int = 7) -> np.ndarray:
+    """Deterministic audio features whose energy rises and falls like syllables (4 per second)."""
+    rng = np.random.default_rng(seed + start)
+    t = (start + np.arange(batch)) / 25.0
+    envelope = 0.02 + 0.8 * np.abs(np.sin(np.pi * 4.0 * t)) * (0.6 + 0.4 * np.sin(2 * np.pi * 0.3 * t))
+    noise = rng.standard_normal((batch, *shape)).astype(np.float32)
+    return (noise * envelope.reshape(-1, *([1] * len(shape)))).astype(np.float32)
+
+
+@dataclass
+class BenchResult:
+    clients: int
+    batch_size: int
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def frames(self) -> int:
+        return sum(b["batch_size"] for b in self.batches)
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.wall_s if self.wall_s else 0.0
+
+    def mean(self, key: str) -> float:
+        vals = [b[key] for b in self.batches if key in b]
+        return float(np.mean(vals)) if vals else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        sizes = [b.get("jpeg_bytes", 0) / b["batch_size"] for b in self.batches]
+        return {"clients": self.clients, "batch_size": self.batch_size, "batches": len(self.batches),
+                "frames": self.frames, "wall_s": round(self.wall_s, 3), "fps": round(self.fps, 2),
+                "per_client_fps": round(self.fps / max(1, self.clients), 2),
+                "inference_ms": round(self.mean("inference_time_ms"), 1),
+                "composite_ms": round(self.mean("composite_time_ms"), 1),
+                "total_ms": round(self.mean("total_time_ms"), 1),
+                "jpeg_kb": round(float(np.mean(sizes)) / 1024, 1) if sizes else 0.0,
+                "errors": len(self.errors)}
+
+
+def run_bench(endpoint: str, model: str, batches: int = 5, batch_size: int = 24, clients: int = 1,
+              save: Path | None = None, warmup: int = 2, audio_shape: tuple[int, ...] = (32, 16, 16),
+              on_batch: Callable[[int, dict[str, Any]], None] | None = None, timeout: float = 300.0) -> BenchResult:
+    """K clients, each sending ``warmup`` + ``batches`` composite batches one after the other."""
+    result = BenchResult(clients, batch_size)
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients + 1)
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+
+    def worker(k: int) -> None:
+        with Client(endpoint, timeout=timeout) as c:
+            start = k * 1000
+            try:
+                for w in range(warmup):
+                    c.composite(model, speech_like_features(batch_size, start, audio_shape), start_frame=start)
+            except Exception as e:  # noqa: BLE001
+                with lock:
+                    result.errors.append(f"client {k} warm-up: {e}")
+            barrier.wait()
+            for i in range(batches):
+                frame0 = start + i * batch_size
+                try:
+                    r = c.composite(model, speech_like_features(batch_size, frame0, audio_shape), start_frame=frame0)
+                except Exception as e:  # noqa: BLE001
+                    with lock:
+                        result.errors.append(f"client {k} batch {i}: {e}")
+                    continue
+                info = dict(r.info, client=k, frame_sizes=[len(f) for f in r.frames])
+                if save is not None and k == 0:
+                    for j, jpeg in enumerate(r.frames):
+                        (save / f"frame_{frame0 + j:05d}.jpg").write_bytes(jpeg)
+                with lock:
+                    result.batches.append(info)
+                if on_batch is not None:
+                    on_batch(i, info)
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    result.wall_s = time.perf_counter() - t0
+    return result
+
+
+def bare_loop(models_dir: Path, model: str, batches: int = 5, batch_size: int = 24, paste: str = "synctalk",
+              quality: int = 75, subsampling: str = "420", threads: int = 0, warmup: int = 2) -> dict[str, Any]:
+    """The same work in one process, no engine: cut input, one Run per batch, paste, encode."""
+    import onnxruntime as ort
+
+    from .avatar import AvatarView, avatar_files, read_graph
+    from .kernels import FrameCompositor, fill_visual, frame_index
+
+    files = avatar_files(models_dir, model)
+    graph = read_graph(files.onnx)
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(files.onnx), opts, providers=["CPUExecutionProvider"])
+    view = AvatarView.create(f"lse_bare_{model}_{id(files)}", files, graph.face)
+    try:
+        enc = FrameCompositor(quality, subsampling)
+        image = np.empty((batch_size, *graph.image_shape), np.float32)
+        times: list[float] = []
+        for i in range(warmup + batches):
+            t0 = time.perf_counter()
+            idx = np.asarray(frame_index(np.arange(i * batch_size, (i + 1) * batch_size), view.n), np.int64)
+            fill_visual(view.crops[idx], image)
+            audio = speech_like_features(batch_size, i * batch_size, graph.audio_shape)
+            out = sess.run([graph.output], {graph.image_input: image, graph.audio_input: audio})[0]
+            for j, k in enumerate(idx):
+                enc(view.frames[k], out[j], tuple(view.rects[k]), view.crops[k] if paste == "synctalk" else None, paste)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        total = sum(times)
+        return {"batches": batches, "batch_size": batch_size, "frames": batches * batch_size,
+                "wall_s": round(total, 3), "fps": round(batches * batch_size / total, 2),
+                "batch_ms": round(1000 * total / batches, 1)}
+    finally:
+        view.close()

@@ -1,0 +1,137 @@
+"""The GPU worker: one process per (GPU, slot), running whole batches from its ring.
+
+Messages (backend channel, JSON; see ``engine/front.py``)::
+
+    front -> worker  {"t": "run", "slot", "seq", "model", "onnx", "batch", "image", "audio",
+                      "fill": null | {"avatar": segment, "indices": [...]}}
+                     {"t": "load", "model", "onnx"}  {"t": "unload", "model"}  {"t": "drop", "avatar": segment}
+    worker -> front  {"t": "ready", "provider", "device"}
+                     {"t": "inferred", "slot", "seq", "ms", "models": [...]}
+                     {"t": "failed", "slot", "seq", "code", "message"}
+                     {"t": "models", "models": [...]}   (after load / unload)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from . import protocol as P
+from .avatar import AvatarError, AvatarView
+from .inference import InferenceCore, InferenceError
+from .kernels import fill_visual
+from .process import Role, send_msg
+from .ring import BatchRing, SlotState
+
+log = logging.getLogger(__name__)
+
+
+class GpuWorker(Role):
+    role = "gpu"
+
+    def __init__(self, cfg, idx: int, hb_slot: int, device: int | None, ring_name: str) -> None:
+        super().__init__(cfg, idx, hb_slot)
+        self.device = device
+        self.ring_name = ring_name
+
+    def init_process(self) -> None:
+        self.core = InferenceCore(self.device, self.cfg.capacity.models_per_device,
+                                  self.cfg.gpu.intra_op_threads, self.cfg.gpu.io_binding)
+        self.ring = BatchRing.attach(self.ring_name)
+        self.avatars: dict[str, AvatarView] = {}
+        self.ctx = zmq.Context()
+        self.sock = self.backend_socket(self.ctx)
+        fill_visual(np.zeros((1, 24, 24, 3), np.uint8), np.empty((1, 6, 16, 16), np.float32))  # compile now
+        log.info("GPU worker %d on %s (device %s)", self.idx, self.core.provider, self.device)
+        for name, mc in self.cfg.models.items():
+            # preload the networks of preloaded avatars that prefer this device (or any, on worker 0)
+            if mc.preload and (mc.preferred_gpu == self.device or (mc.preferred_gpu is None and self.idx == 0)):
+                path = self.cfg.models_dir / (mc.path or name) / "checkpoint" / "model_best.onnx"
+                try:
+                    self.core.load(name, path)
+                except (InferenceError, AvatarError) as e:
+                    log.error("preload of %s failed: %s", name, e)
+        send_msg(self.sock, {"t": "ready", "provider": self.core.provider, "device": self.device,
+                             "models": list(self.core.models)})
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self.stopping:
+            self.beat()
+            if not poller.poll(1000):
+                continue
+            frames = self.sock.recv_multipart()
+            msg = json.loads(frames[0])
+            t = msg.get("t")
+            if t == "run":
+                self.handle_run(msg)
+            elif t == "load":
+                try:
+                    self.core.load(msg["model"], Path(msg["onnx"]))
+                except (InferenceError, AvatarError) as e:
+                    log.error("loading network %s failed: %s", msg["model"], e)
+                send_msg(self.sock, {"t": "models", "models": list(self.core.models)})
+            elif t == "unload":
+                self.core.unload(msg["model"])
+                send_msg(self.sock, {"t": "models", "models": list(self.core.models)})
+            elif t == "drop":
+                self._drop(msg["avatar"])
+
+    def _avatar(self, segment: str) -> AvatarView:
+        view = self.avatars.get(segment)
+        if view is None:
+            view = self.avatars[segment] = AvatarView.attach(segment)
+        return view
+
+    def _drop(self, segment: str) -> None:
+        view = self.avatars.pop(segment, None)
+        if view is not None:
+            view.close()
+
+    def handle_run(self, msg: dict) -> None:
+        slot, seq, batch = msg["slot"], msg["seq"], msg["batch"]
+        if not self.ring.check(slot, seq, SlotState.QUEUED):
+            log.warning("stale job for slot %d (seq %d)", slot, seq)
+            return
+        self.ring.set_state(slot, SlotState.RUNNING)
+        try:
+            model = self.core.load(msg["model"], Path(msg["onnx"]))
+            g = model.graph
+            image = self.ring.visual(slot, (batch, *g.image_shape))
+            audio = self.ring.audio(slot, (batch, *g.audio_shape))
+            out = self.ring.output(slot, (batch, *g.output_shape))
+            t0 = time.perf_counter()
+            fill = msg.get("fill")
+            if fill is not None:
+                view = self._avatar(fill["avatar"])
+                idx = np.asarray(fill["indices"], np.int64)
+                fill_visual(view.crops[idx], image)
+            t1 = time.perf_counter()
+            self.core.run(model, image, audio, out)
+            t2 = time.perf_counter()
+        except (InferenceError, AvatarError, ValueError, OSError) as e:
+            self.ring.set_state(slot, SlotState.FREE)
+            send_msg(self.sock, {"t": "failed", "slot": slot, "seq": seq, "code": P.MODEL_ERROR, "message": str(e)})
+            return
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types on bad runs
+            log.exception("run failed")
+            self.ring.set_state(slot, SlotState.FREE)
+            send_msg(self.sock, {"t": "failed", "slot": slot, "seq": seq, "code": P.MODEL_ERROR,
+                                 "message": f"inference failed: {e}"})
+            return
+        self.ring.set_state(slot, SlotState.INFERRED)
+        send_msg(self.sock, {"t": "inferred", "slot": slot, "seq": seq, "ms": 1000 * (t2 - t1),
+                             "prep_ms": 1000 * (t1 - t0), "models": list(self.core.models)})
+
+    def shutdown(self) -> None:
+        for seg in list(self.avatars):
+            self._drop(seg)
+        if hasattr(self, "ring"):
+            self.ring.close()
+        if hasattr(self, "ctx"):
+            self.ctx.destroy(linger=0)

@@ -1,0 +1,122 @@
+"""Inference core: ONNX Runtime sessions for one device, no sockets (used by the GPU worker).
+
+One ``Run`` per batch. With IO binding (default) the inputs are bound where they lie in the
+shared-memory ring and the output is bound to its place in the ring, so ONNX Runtime reads and
+writes the ring directly (on CUDA: one host-to-device and one device-to-host copy, nothing else).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .avatar import GraphInfo, read_graph
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+class InferenceError(Exception):
+    """A network could not be loaded or run."""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    session: ort.InferenceSession
+    graph: GraphInfo
+    loaded_at: float
+    runs: int = 0
+
+
+class InferenceCore:
+    """Sessions of one device, least recently used first out when more than ``capacity``."""
+
+    def __init__(self, device: int | None, capacity: int = 8, intra_op_threads: int = 0,
+                 io_binding: bool = True) -> None:
+        self.device = device
+        self.capacity = capacity
+        self.intra_op_threads = intra_op_threads
+        self.io_binding = io_binding
+        self.models: OrderedDict[str, LoadedModel] = OrderedDict()
+        if device is None:
+            self.providers: list = [CPU]
+        else:
+            if hasattr(ort, "preload_dlls"):
+                try:
+                    ort.preload_dlls()
+                except Exception as e:  # noqa: BLE001
+                    log.warning("onnxruntime.preload_dlls failed: %s", e)
+            if CUDA not in ort.get_available_providers():
+                raise InferenceError(f"GPU {device} requested but this onnxruntime has no CUDAExecutionProvider "
+                                     f"(available: {ort.get_available_providers()})")
+            self.providers = [(CUDA, {"device_id": device}), CPU]
+        self.provider = CPU if device is None else CUDA
+
+    def load(self, name: str, path: Path) -> LoadedModel:
+        m = self.models.get(name)
+        if m is not None and m.path == path:
+            self.models.move_to_end(name)
+            return m
+        graph = read_graph(path)
+        opts = ort.SessionOptions()
+        if self.intra_op_threads:
+            opts.intra_op_num_threads = self.intra_op_threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        t0 = time.perf_counter()
+        try:
+            sess = ort.InferenceSession(str(path), opts, providers=self.providers)
+        except Exception as e:  # noqa: BLE001
+            raise InferenceError(f"{path}: onnxruntime cannot load it: {e}") from None
+        actual = sess.get_providers()[0]
+        if actual != self.provider:
+            raise InferenceError(f"{path}: session runs on {actual}, not {self.provider}")
+        while len(self.models) >= self.capacity:
+            old, _ = self.models.popitem(last=False)
+            log.info("unloaded network %s (capacity %d)", old, self.capacity)
+        m = LoadedModel(name, path, sess, graph, time.time())
+        self._warm_up(m)
+        self.models[name] = m
+        log.info("loaded network %s on %s in %.0f ms", name, actual, 1000 * (time.perf_counter() - t0))
+        return m
+
+    def _warm_up(self, m: LoadedModel) -> None:
+        """Two small runs so the first request does not pay for allocations (and cuDNN's search)."""
+        b = m.graph.fixed_batch or 1
+        image = np.zeros((b, *m.graph.image_shape), np.float32)
+        audio = np.zeros((b, *m.graph.audio_shape), np.float32)
+        out = np.empty((b, *m.graph.output_shape), np.float32)
+        for _ in range(2):
+            self.run(m, image, audio, out)
+        m.runs = 0
+
+    def unload(self, name: str) -> bool:
+        return self.models.pop(name, None) is not None
+
+    def run(self, model: LoadedModel, image: np.ndarray, audio: np.ndarray, out: np.ndarray) -> None:
+        """One Run over the whole batch; ``out`` (in the ring) receives the network output."""
+        g = model.graph
+        if g.fixed_batch not in (None, image.shape[0]):
+            # a graph exported with a fixed batch: run it in fixed-size pieces
+            step = g.fixed_batch
+            for s in range(0, image.shape[0], step):
+                self.run(model, image[s:s + step], audio[s:s + step], out[s:s + step])
+            return
+        if self.io_binding:
+            binding = model.session.io_binding()
+            for name, arr in ((g.image_input, image), (g.audio_input, audio)):
+                binding.bind_input(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+            binding.bind_output(g.output, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+            model.session.run_with_iobinding(binding)
+        else:
+            res = model.session.run([g.output], {g.image_input: image, g.audio_input: audio})[0]
+            np.copyto(out, res)
+        model.runs += 1

@@ -89,6 +89,7 @@ class Role:
     def main(self) -> None:
         """Entry point in the child (spawned)."""
         setup_logging(self.cfg.server.log_level, self.label)
+        self.parent = os.getppid()
         # Ctrl-C reaches the whole process group: only the supervisor reacts, then stops us cleanly
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self._on_term)
@@ -113,6 +114,11 @@ class Role:
 
     def beat(self) -> None:
         self.heartbeats.beat(self.hb_slot)
+        if os.getppid() != self.parent:
+            # the supervisor is gone (kill -9): stop too; its next start removes what it owned
+            if not self.stopping:
+                log.warning("%s: supervisor %d is gone, stopping", self.label, self.parent)
+            self.stopping = True
 
     def init_process(self) -> None:
         raise NotImplementedError

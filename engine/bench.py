@@ -7,6 +7,7 @@ the yardstick the engine's throughput is compared with.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -107,38 +108,55 @@ def run_bench(endpoint: str, model: str, batches: int = 5, batch_size: int = 24,
     return result
 
 
+class BareLoop:
+    """The engine's work in one process, no engine around it: cut input, one Run, paste, encode."""
+
+    def __init__(self, models_dir: Path, model: str, batch_size: int = 24, paste: str = "synctalk",
+                 quality: int = 75, subsampling: str = "420", threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        from .avatar import AvatarView, avatar_files, read_graph
+        from .kernels import FrameCompositor
+
+        files = avatar_files(models_dir, model)
+        self.graph = read_graph(files.onnx)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.sess = ort.InferenceSession(str(files.onnx), opts, providers=["CPUExecutionProvider"])
+        self.view = AvatarView.create(f"lsebare_{os.getpid()}_{model}", files, self.graph.face)
+        self.enc = FrameCompositor(quality, subsampling)
+        self.paste = paste
+        self.batch_size = batch_size
+        self.image = np.empty((batch_size, *self.graph.image_shape), np.float32)
+
+    def batch(self, i: int) -> list[bytes]:
+        from .kernels import fill_visual, frame_index
+        g, v, b = self.graph, self.view, self.batch_size
+        idx = np.asarray(frame_index(np.arange(i * b, (i + 1) * b), v.n), np.int64)
+        fill_visual(v.crops[idx], self.image)
+        audio = speech_like_features(b, i * b, g.audio_shape)
+        out = self.sess.run([g.output], {g.image_input: self.image, g.audio_input: audio})[0]
+        return [self.enc(v.frames[k], out[j], tuple(v.rects[k]), v.crops[k] if self.paste == "synctalk" else None,
+                         self.paste) for j, k in enumerate(idx)]
+
+    def close(self) -> None:
+        self.view.close()
+
+
 def bare_loop(models_dir: Path, model: str, batches: int = 5, batch_size: int = 24, paste: str = "synctalk",
               quality: int = 75, subsampling: str = "420", threads: int = 0, warmup: int = 2) -> dict[str, Any]:
-    """The same work in one process, no engine: cut input, one Run per batch, paste, encode."""
-    import onnxruntime as ort
-
-    from .avatar import AvatarView, avatar_files, read_graph
-    from .kernels import FrameCompositor, fill_visual, frame_index
-
-    files = avatar_files(models_dir, model)
-    graph = read_graph(files.onnx)
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(files.onnx), opts, providers=["CPUExecutionProvider"])
-    view = AvatarView.create(f"lse_bare_{model}_{id(files)}", files, graph.face)
+    """Frames/s of :class:`BareLoop` over ``batches`` batches after ``warmup``."""
+    loop = BareLoop(models_dir, model, batch_size, paste, quality, subsampling, threads)
     try:
-        enc = FrameCompositor(quality, subsampling)
-        image = np.empty((batch_size, *graph.image_shape), np.float32)
-        times: list[float] = []
-        for i in range(warmup + batches):
-            t0 = time.perf_counter()
-            idx = np.asarray(frame_index(np.arange(i * batch_size, (i + 1) * batch_size), view.n), np.int64)
-            fill_visual(view.crops[idx], image)
-            audio = speech_like_features(batch_size, i * batch_size, graph.audio_shape)
-            out = sess.run([graph.output], {graph.image_input: image, graph.audio_input: audio})[0]
-            for j, k in enumerate(idx):
-                enc(view.frames[k], out[j], tuple(view.rects[k]), view.crops[k] if paste == "synctalk" else None, paste)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-        total = sum(times)
-        return {"batches": batches, "batch_size": batch_size, "frames": batches * batch_size,
-                "wall_s": round(total, 3), "fps": round(batches * batch_size / total, 2),
-                "batch_ms": round(1000 * total / batches, 1)}
+        for i in range(warmup):
+            loop.batch(i)
+        t0 = time.perf_counter()
+        for i in range(batches):
+            loop.batch(warmup + i)
+        total = time.perf_counter() - t0
     finally:
-        view.close()
+        loop.close()
+    return {"batches": batches, "batch_size": batch_size, "frames": batches * batch_size,
+            "wall_s": round(total, 3), "fps": round(batches * batch_size / total, 2),
+            "batch_ms": round(1000 * total / batches, 1)}

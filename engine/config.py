@@ -7,6 +7,8 @@ so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -141,6 +143,12 @@ def detect_gpus() -> tuple[int, ...]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     root = Path("/proc/driver/nvidia/gpus")
     n = len(list(root.iterdir())) if root.is_dir() else 0
+    if n == 0 and shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+            n = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+        except (OSError, subprocess.SubprocessError):
+            n = 0
     if visible is not None:
         ids = [v for v in visible.split(",") if v.strip() not in ("", "-1")]
         n = min(n, len(ids))

@@ -71,6 +71,8 @@ class InferenceCore:
         if self.intra_op_threads:
             opts.intra_op_num_threads = self.intra_op_threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # idle intra-op threads must not spin: the compositors need those cores between batches
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         t0 = time.perf_counter()
         try:
             sess = ort.InferenceSession(str(path), opts, providers=self.providers)

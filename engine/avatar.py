@@ -197,11 +197,10 @@ class AvatarView:
         n, h, w, face = meta["n"], meta["h"], meta["w"], meta["face"]
         side = face + 8
         lay = _layout(n, h, w, face)
-        buf = segment.buf
         self.n, self.height, self.width, self.face = n, h, w, face
-        self.rects = np.ndarray((n, 4), np.int32, buf, lay["rects_off"])
-        self.frames = np.ndarray((n, h, w, 3), np.uint8, buf, lay["frames_off"])
-        self.crops = np.ndarray((n, side, side, 3), np.uint8, buf, lay["crops_off"])
+        self.rects = segment.array((n, 4), np.int32, lay["rects_off"])
+        self.frames = segment.array((n, h, w, 3), np.uint8, lay["frames_off"])
+        self.crops = segment.array((n, side, side, 3), np.uint8, lay["crops_off"])
 
     @property
     def nbytes(self) -> int:
@@ -249,5 +248,5 @@ class AvatarView:
             raise
 
     def close(self) -> None:
-        del self.rects, self.frames, self.crops
+        self.rects = self.frames = self.crops = None  # type: ignore[assignment]
         self.segment.close()

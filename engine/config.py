@@ -165,6 +165,10 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_seconds(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and v > 0
+
+
 def _build(cls: type, table: Any, prefix: str, **extra: Any) -> Any:
     _check(isinstance(table, dict), prefix, "a table", table)
     known = {f.name: f for f in fields(cls)}
@@ -202,11 +206,11 @@ def _validate(obj: Any, prefix: str) -> None:
         "jpeg_quality": (lambda v: _is_int(v) and 1 <= v <= 100, "an integer 1..100"),
         "chroma_subsampling": (lambda v: v in SUBSAMPLINGS, "one of " + ", ".join(SUBSAMPLINGS)),
         "fastdct": (lambda v: isinstance(v, bool), "true or false"),
-        "ready_timeout_s": (lambda v: isinstance(v, (int, float)) and v > 0, "a positive number of seconds"),
-        "heartbeat_timeout_s": (lambda v: isinstance(v, (int, float)) and v > 0, "a positive number of seconds"),
+        "ready_timeout_s": (lambda v: _is_seconds(v), "a positive number of seconds"),
+        "heartbeat_timeout_s": (lambda v: _is_seconds(v), "a positive number of seconds"),
         "max_restarts": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-        "restart_window_s": (lambda v: isinstance(v, (int, float)) and v > 0, "a positive number of seconds"),
-        "request_timeout_s": (lambda v: isinstance(v, (int, float)) and v > 0, "a positive number of seconds"),
+        "restart_window_s": (lambda v: _is_seconds(v), "a positive number of seconds"),
+        "request_timeout_s": (lambda v: _is_seconds(v), "a positive number of seconds"),
         "path": (lambda v: isinstance(v, str), "a folder path"),
         "preload": (lambda v: isinstance(v, bool), "true or false"),
         "paste": (lambda v: v in PASTE_MODES, "one of " + ", ".join(PASTE_MODES)),

@@ -198,7 +198,10 @@ class Front(Role):
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            handler(frames)
+            try:
+                handler(frames)
+            except Exception:  # noqa: BLE001 - one bad message must never take the front down
+                log.exception("message dropped")
 
     # -- client side -------------------------------------------------------------------------------
     def on_client(self, frames: list[zmq.Frame]) -> None:

@@ -47,7 +47,7 @@ class Heartbeats:
 
     def __init__(self, segment: Segment) -> None:
         self.segment = segment
-        self.times = np.ndarray((HEARTBEAT_SLOTS,), np.float64, segment.buf)
+        self.times = segment.array((HEARTBEAT_SLOTS,), np.float64)
 
     @classmethod
     def create(cls, name: str) -> Heartbeats:
@@ -63,7 +63,7 @@ class Heartbeats:
         self.times[idx] = time.monotonic()
 
     def close(self) -> None:
-        del self.times
+        self.times = None  # type: ignore[assignment]
         self.segment.close()
 
 

@@ -58,10 +58,10 @@ class Buffer:
 
     @property
     def nbytes(self) -> int:
-        return len(memoryview(self.data)) if not hasattr(self.data, "bytes") else len(self.data.buffer)
+        return memoryview(_bytes(self.data)).nbytes
 
     def array(self) -> np.ndarray:
-        buf = self.data.buffer if hasattr(self.data, "buffer") else self.data
+        buf = _bytes(self.data)
         return np.frombuffer(buf, DTYPES[self.dtype]).reshape(self.shape)
 
 
@@ -96,15 +96,15 @@ def parse_request(envelope: list[Any], body: list[Any]) -> Request:
     if len(raw) > MAX_HEADER:
         raise ProtocolError(BAD_REQUEST, f"header is {len(raw)} bytes, more than {MAX_HEADER}")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float)
+    except ValueError as e:             # UnicodeDecodeError, JSONDecodeError, NaN/Infinity, huge integers
         raise ProtocolError(BAD_REQUEST, f"header is not UTF-8 JSON: {e}") from None
     if not isinstance(header, dict):
         raise ProtocolError(BAD_REQUEST, "header must be a JSON object")
     req_id = header.get("id")
     if isinstance(req_id, (dict, list)):
         raise ProtocolError(BAD_REQUEST, "id must be a string, a number or null")
-    if header.get("v") != VERSION:
+    if type(header.get("v")) is not int or header.get("v") != VERSION:
         raise ProtocolError(UNSUPPORTED_VERSION, f"protocol version {header.get('v')!r} not supported; "
                             f"this engine speaks version {VERSION}", req_id)
     method = header.get("method")
@@ -129,6 +129,17 @@ def parse_request(envelope: list[Any], body: list[Any]) -> Request:
             raise ProtocolError(BAD_PAYLOAD, f"buffer {buf.name!r} given twice", req_id)
         buffers[buf.name] = buf
     return Request(envelope, req_id, method, params, buffers)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} out of range")
+    return value
 
 
 def _parse_buffer(desc: Any, frame: Any, i: int, req_id: Any) -> Buffer:
@@ -188,7 +199,7 @@ def encode_request(req_id: Any, method: str, params: dict[str, Any] | None = Non
             raise ValueError(f"{name}: dtype {arr.dtype} not supported by the protocol")
         arr = np.ascontiguousarray(arr, DTYPES[dtype])
         descs.append({"name": name, "dtype": dtype, "shape": list(arr.shape)})
-        frames.append(memoryview(arr).cast("B"))
+        frames.append(memoryview(arr).cast("B") if arr.size else b"")
     header = {"v": VERSION, "id": req_id, "method": method, "params": params or {}, "buffers": descs}
     return [_dumps(header), *frames]
 

@@ -113,7 +113,7 @@ class BatchRing:
         self.segment = segment
         self.geometry = geometry
         self.name = segment.name
-        self._control = np.ndarray((geometry.nslots, CONTROL_BYTES // 4), np.uint32, segment.buf, offset=64)
+        self._control = segment.array((geometry.nslots, CONTROL_BYTES // 4), np.uint32, 64)
 
     @classmethod
     def create(cls, name: str, geometry: RingGeometry) -> BatchRing:
@@ -127,14 +127,17 @@ class BatchRing:
     @classmethod
     def attach(cls, name: str) -> BatchRing:
         seg = Segment(name)
+        if seg.size < HEADER.size or bytes(seg.buf[:8]) != MAGIC:
+            seg.close()
+            raise ValueError(f"shared memory {name!r} is not a batch ring")
         magic, nslots, max_batch, vb, ab, ob = HEADER.unpack_from(seg.buf, 0)
-        if magic != MAGIC:
+        if seg.size < RingGeometry(nslots, max_batch, vb, ab, ob).total_bytes:
             seg.close()
             raise ValueError(f"shared memory {name!r} is not a batch ring")
         return cls(seg, RingGeometry(nslots, max_batch, vb, ab, ob))
 
     def close(self) -> None:
-        del self._control
+        self._control = None  # type: ignore[assignment]
         self.segment.close()
 
     # -- control words ---------------------------------------------------------------------------
@@ -167,7 +170,7 @@ class BatchRing:
         need = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if need > region:
             raise ValueError(f"{need} bytes do not fit the ring's {region}-byte region")
-        return np.ndarray(shape, dtype, self.segment.buf, offset=offset)
+        return self.segment.array(shape, dtype, offset)
 
     def visual(self, slot: int, shape: tuple[int, ...]) -> np.ndarray:
         return self._view(self._base(slot), self.geometry.visual_region, shape, np.float32)
@@ -183,5 +186,7 @@ class BatchRing:
     def jpeg_area(self, slot: int, frame: int) -> memoryview:
         """Room for frame ``frame``'s JPEG: the frame's share of the (consumed) visual region."""
         g = self.geometry
+        if not 0 <= frame < g.max_batch:
+            raise IndexError(f"frame {frame} outside 0..{g.max_batch - 1}")
         start = self._base(slot) + frame * g.visual_bytes
         return self.segment.buf[start:start + g.visual_bytes]

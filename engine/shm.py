@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
+import numpy as np
+
 SHM_DIR = Path("/dev/shm")
 
 
@@ -32,16 +34,28 @@ def _untracked() -> Iterator[None]:
         resource_tracker.register = saved  # type: ignore[assignment]
 
 
+class _SharedMemory(shared_memory.SharedMemory):
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except BufferError:
+            pass            # views still alive: the mapping lives until the process ends
+
+
 class Segment:
-    """A named shared-memory segment; ``owner`` is True in the process that created it."""
+    """A named shared-memory segment; ``owner`` is True in the process that created it.
+
+    Take numpy views with :meth:`array`: each one holds a buffer export, so :meth:`close` can never
+    unmap memory a live view still points to (the mapping then stays until the process ends).
+    """
 
     def __init__(self, name: str, size: int = 0, create: bool = False) -> None:
         kwargs = {"track": False} if sys.version_info >= (3, 13) else {}
         with _untracked():
             if create:
-                self._shm = shared_memory.SharedMemory(name=name, create=True, size=max(size, 1), **kwargs)
+                self._shm = _SharedMemory(name=name, create=True, size=max(size, 1), **kwargs)
             else:
-                self._shm = shared_memory.SharedMemory(name=name, create=False, **kwargs)
+                self._shm = _SharedMemory(name=name, create=False, **kwargs)
         self.name = name
         self.owner = create
         self.buf: memoryview = self._shm.buf
@@ -50,8 +64,13 @@ class Segment:
     def size(self) -> int:
         return self._shm.size
 
+    def array(self, shape: tuple[int, ...], dtype, offset: int = 0) -> np.ndarray:
+        """A numpy view of ``shape`` at ``offset``; it keeps the mapping alive while it exists."""
+        count = int(np.prod(shape))
+        return np.frombuffer(self.buf, dtype, count, offset).reshape(shape)
+
     def close(self) -> None:
-        """Unmap; the owner also unlinks. Views into ``buf`` must be gone first."""
+        """Unmap (unless views are alive); the owner also unlinks the name."""
         self.buf = None  # type: ignore[assignment]
         try:
             self._shm.close()

@@ -41,7 +41,7 @@ def _arrays() -> list[tuple[str, np.ndarray]]:
 
 # -- request round trips -------------------------------------------------------------------------
 @pytest.mark.parametrize("delimiter", [True, False], ids=["req-peer", "dealer-peer"])
-@pytest.mark.parametrize("req_id", [7, "abc-1", None, 2.5, 2**40])
+@pytest.mark.parametrize("req_id", [7, "abc-1", None, 2.5, 2**40, True])
 def test_request_round_trip(delimiter: bool, req_id) -> None:
     arrays = _arrays()
     params = {"model": "demo", "batch_size": 3, "start_frame": 10, "wrap": "modulo", "nested": {"a": [1, 2]}}
@@ -374,6 +374,26 @@ def test_id_must_be_a_scalar(req_id) -> None:
 def test_id_is_checked_before_version() -> None:
     # an unusable id is not echoed even when the version is also wrong
     _raises([_header(id={"x": 1}, v=9)], P.BAD_REQUEST, "id", req_id=None)
+
+
+def test_validation_order() -> None:
+    """docs/protocol.md: size, UTF-8/JSON, object, id, v, method, params, buffers (count, then each in order)."""
+    bad_desc = [{"name": "a", "dtype": "float64", "shape": [1]}, {"name": "b", "dtype": "uint8", "shape": [-1]}]
+    _raises([_header(v=2, method="nope", params=[])], P.UNSUPPORTED_VERSION, "version", req_id=7)
+    _raises([_header(method="nope", params=[])], P.UNKNOWN_METHOD, "nope", req_id=7)
+    _raises([_header(params=[], buffers={})], P.BAD_REQUEST, "params", req_id=7)
+    _raises([_header(buffers=bad_desc), b"x"], P.BAD_PAYLOAD, "2 buffers", req_id=7)
+    _raises([_header(buffers=bad_desc), b"x", b""], P.BAD_PAYLOAD, "'a'", "dtype", req_id=7)
+
+
+def test_unknown_header_and_descriptor_keys_are_ignored() -> None:
+    desc = [{"name": "a", "dtype": "uint8", "shape": [2], "note": "x"}]
+    req = P.parse_request([], [_header(buffers=desc, extra={"k": 1}), b"ab"])
+    assert req.buffers["a"].array().tolist() == [97, 98]
+
+
+def test_error_reply_always_speaks_version_1() -> None:
+    assert json.loads(P.error_reply(None, P.UNSUPPORTED_VERSION, "x"))["v"] == 1
 
 
 def test_every_readable_id_can_be_echoed() -> None:

@@ -63,7 +63,8 @@ class AvatarEntry:
             "memory_bytes": {"backgrounds": self.nbytes, "network_file": self.files.onnx_bytes},
             "last_used": _iso(self.last_used), "loaded_at": _iso(self.loaded_at), "load_ms": round(self.load_ms, 1),
             "frames": v.n if v else len(self.files.frames), "width": v.width if v else None,
-            "height": v.height if v else None, "face": self.graph.face, "paste": self.model.paste,
+            "height": v.height if v else None, "face": self.graph.face,
+            "image_shape": list(self.graph.image_shape), "audio_shape": list(self.graph.audio_shape), "paste": self.model.paste,
             "wrap": self.model.wrap,
         }
 

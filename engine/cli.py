@@ -153,12 +153,15 @@ def status(ctx: click.Context, as_json: bool) -> None:
         _print(st)
         return
     click.echo(f"engine {st['version']}  {'ready' if st['ready'] else 'starting'}  front {st['front']}")
-    click.echo(f"{'role':<12}{'idx':>4}{'pid':>9}  {'state':<11}{'restarts':>9}{'uptime s':>10}{'RSS MB':>9}")
+    click.echo(f"{'role':<12}{'idx':>4}{'pid':>9}  {'state':<11}{'restarts':>9}{'uptime s':>10}{'RSS MB':>9}"
+               f"{'USS MB':>9}")
     for p in st["processes"]:
         click.echo(f"{p['role']:<12}{p['idx']:>4}{p['pid'] or '-':>9}  {p['state']:<11}{p['restarts']:>9}"
-                   f"{p['uptime_s']:>10.1f}{p['rss_bytes'] / 1e6:>9.1f}")
+                   f"{p['uptime_s']:>10.1f}{p['rss_bytes'] / 1e6:>9.1f}{p.get('uss_bytes', 0) / 1e6:>9.1f}")
     total = sum(s["resident"] for s in st["shared_memory"])
     click.echo(f"shared memory: {len(st['shared_memory'])} segments, {total / 1e6:.1f} MB resident")
+    for seg in st["shared_memory"]:
+        click.echo(f"  {seg['name']:<32}{seg['size'] / 1e6:>10.1f} MB mapped {seg['resident'] / 1e6:>10.1f} MB resident")
 
 
 @main.command()

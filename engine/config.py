@@ -76,7 +76,7 @@ class SupervisionConfig:
     heartbeat_timeout_s: float = 60.0
     max_restarts: int = 5               # within restart_window_s, per role
     restart_window_s: float = 60.0
-    request_timeout_s: float = 60.0     # a request still unanswered after this gets an error reply
+    request_timeout_s: float = 60.0     # a request still waiting for a ring slot after this gets "busy"
 
 
 @dataclass(frozen=True)

@@ -279,6 +279,8 @@ class Front(Role):
 
     def do_unload(self, req: P.Request) -> None:
         name = P.check_str(req.params, "model", req_id=req.id)
+        if name not in self.store.names():
+            raise ProtocolError(P.UNKNOWN_MODEL, f"unknown avatar {name!r}", req.id)
         try:
             unloaded = self.store.unload(name)
         except CapacityError as e:
@@ -526,6 +528,7 @@ class Front(Role):
     def _timing(self, job: Job) -> dict[str, Any]:
         g = job.gpu
         return {"model": job.model, "batch_size": job.batch, "start_frame": job.start,
+                "frame_indices": job.indices.tolist(),
                 "inference_time_ms": round(job.infer_ms, 3), "prep_time_ms": round(job.prep_ms, 3),
                 "total_time_ms": round(1000 * (time.monotonic() - job.t_recv), 3),
                 "gpu_id": -1 if g.device is None else g.device, "worker": g.idx, "provider": g.provider,
@@ -544,7 +547,7 @@ class Front(Role):
                   for i in range(job.batch)]
         result = self._timing(job)
         result.update(composite_time_ms=round(1000 * (time.monotonic() - job.t_comp), 3),
-                      frame_indices=job.indices.tolist(), width=v.width, height=v.height,
+                      width=v.width, height=v.height,
                       jpeg_bytes=int(sum(job.sizes)))
         header = P.ok_reply(job.req.id, result, [{"name": "frames", "dtype": "jpeg", "count": job.batch}])
         self._send_tracked(job, [*job.req.envelope, header, *frames])
@@ -596,8 +599,12 @@ class Front(Role):
     def shutdown(self) -> None:
         if not hasattr(self, "ctx"):
             return
-        for job in list(self.pending):
-            self._fail(job, P.SHUTTING_DOWN, "the engine is stopping")
+        for job in [*self.pending, *self.comp_waiting, *(j for g in self.gpus for j in g.jobs.values())]:
+            if not job.done:
+                job.done = True
+                self.reply_error(job.req.envelope, job.req.id, P.SHUTTING_DOWN, "the engine is stopping")
+        self.client.setsockopt(zmq.LINGER, 1000)      # let those replies leave
+        self.client.close()
         self.store.close()
         self.sending.clear()
         for g in self.gpus:

@@ -60,6 +60,23 @@ class InferenceCore:
                                      f"(available: {ort.get_available_providers()})")
             self.providers = [(CUDA, {"device_id": device}), CPU]
         self.provider = CPU if device is None else CUDA
+        if device is not None:
+            self._probe()
+
+    def _probe(self) -> None:
+        """Fail at boot, not on the first request, when the GPU cannot run a session."""
+        from onnx import TensorProto, helper
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        try:
+            sess = ort.InferenceSession(model.SerializeToString(), providers=self.providers)
+        except Exception as e:  # noqa: BLE001
+            raise InferenceError(f"GPU {self.device}: onnxruntime cannot create a CUDA session: {e}") from None
+        if sess.get_providers()[0] != CUDA:
+            raise InferenceError(f"GPU {self.device}: onnxruntime fell back to {sess.get_providers()[0]} "
+                                 "(no usable CUDA device or CUDA/cuDNN libraries)")
 
     def load(self, name: str, path: Path) -> LoadedModel:
         m = self.models.get(name)

@@ -164,7 +164,9 @@ def _parse_buffer(desc: Any, frame: Any, i: int, req_id: Any) -> Buffer:
 
 def check_int(params: dict[str, Any], key: str, lo: int, hi: int | None, default: int | None = None,
               req_id: Any = None) -> int:
-    value = params.get(key, default)
+    value = params.get(key)
+    if value is None:
+        value = default
     if value is None:
         raise ProtocolError(BAD_REQUEST, f"params.{key} is required", req_id)
     if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
@@ -175,7 +177,9 @@ def check_int(params: dict[str, Any], key: str, lo: int, hi: int | None, default
 
 def check_str(params: dict[str, Any], key: str, choices: tuple[str, ...] | None = None,
               default: str | None = None, req_id: Any = None) -> str:
-    value = params.get(key, default)
+    value = params.get(key)
+    if value is None:
+        value = default
     if value is None:
         raise ProtocolError(BAD_REQUEST, f"params.{key} is required", req_id)
     if not isinstance(value, str) or value == "" or (choices is not None and value not in choices):
@@ -227,17 +231,15 @@ class Reply:
 
 def parse_reply(body: list[Any]) -> Reply:
     """Decode a reply (client side); frames after the header are paired with their descriptors."""
-    if not body:
-        raise ProtocolError(BAD_REQUEST, "empty reply")
-    header = json.loads(bytes(_bytes(body[0])))
-    descs = header.get("buffers", [])
-    frames = body[1:]
-    pairs: list[tuple[dict[str, Any], Any]] = []
-    i = 0
-    for d in descs:
-        n = d.get("count", 1)
-        for _ in range(n):
-            pairs.append((d, frames[i]))
-            i += 1
+    try:
+        header = json.loads(bytes(_bytes(body[0])))
+        descs = header.get("buffers", [])
+        frames = body[1:]
+        pairs: list[tuple[dict[str, Any], Any]] = []
+        for d in descs:
+            for _ in range(d.get("count", 1)):
+                pairs.append((d, frames[len(pairs)]))
+    except (IndexError, ValueError, AttributeError, TypeError) as e:
+        raise ProtocolError(BAD_REQUEST, f"malformed reply: {e}") from None
     return Reply(header.get("id"), header.get("status", "error"), header.get("result") or {},
                  header.get("error"), pairs)

@@ -231,12 +231,12 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
         procs = [{"role": "supervisor", "idx": 0, "pid": os.getpid(), "state": "ready" if self.ready else "starting",
-                  "restarts": 0, "uptime_s": round(time.time() - self.started, 1), "rss_bytes": _rss(os.getpid())}]
+                  "restarts": 0, "uptime_s": round(time.time() - self.started, 1), **_memory(os.getpid())}]
         for c in self.children:
             pid = c.process.pid if c.process is not None else None
             procs.append({"role": c.role, "idx": c.idx, "pid": pid, "state": c.state, "restarts": c.restarts,
                           "uptime_s": round(now - c.started, 1) if c.started else 0.0,
-                          "rss_bytes": _rss(pid) if pid else 0})
+                          **_memory(pid)})
         inst = self.cfg.server.instance
         shm = []
         for name in list_segments(f"{inst}_"):
@@ -331,11 +331,13 @@ class Supervisor:
                 pass
 
 
-def _rss(pid: int | None) -> int:
+def _memory(pid: int | None) -> dict[str, int]:
+    """RSS (shared-memory pages it touched included) and USS (memory only this process holds)."""
     try:
-        return psutil.Process(pid).memory_info().rss
-    except (psutil.Error, TypeError):
-        return 0
+        m = psutil.Process(pid).memory_full_info()
+        return {"rss_bytes": m.rss, "uss_bytes": m.uss}
+    except (psutil.Error, TypeError, ValueError):
+        return {"rss_bytes": 0, "uss_bytes": 0}
 
 
 def run_supervisor(cfg: EngineConfig) -> int:

@@ -272,3 +272,34 @@ def test_supervisor_kill9_then_next_start_cleans(engine_factory):
     finally:
         assert again.stop() == 0
     assert list_segments(eng.prefix) == []
+
+
+def test_asyncio_client_concurrent_requests(shared_engine):
+    import asyncio
+
+    from engine.client import AsyncClient
+
+    async def main():
+        c = AsyncClient(shared_engine.endpoint)
+        try:
+            results = await asyncio.gather(*(c.composite("demo", loud(2), start_frame=2 * i) for i in range(4)),
+                                           c.health())
+            with pytest.raises(EngineError, match="unknown_model"):
+                await c.composite("nobody", loud(1))
+            out, info = await c.infer("demo", loud(1), start_frame=None or 0)
+            return results, out, info
+        finally:
+            c.close()
+    results, out, info = asyncio.run(main())
+    assert [r.info["start_frame"] for r in results[:4]] == [0, 2, 4, 6]
+    assert all(len(r.frames) == 2 for r in results[:4])
+    assert results[4]["healthy"] is True
+    assert out.shape == (1, 3, 320, 320) and info["frame_indices"] == [0]
+
+
+def test_optional_params_may_be_null(shared_engine):
+    reply = _raw(shared_engine.endpoint, _hdr(params={"model": "demo", "batch_size": 1, "start_frame": None,
+                                                      "wrap": None}, buffers=[dict(AUDIO, shape=[1, 32, 16, 16])]),
+                 bytes(32768))
+    assert reply["status"] == "ok", reply
+    assert reply["result"]["start_frame"] == 0

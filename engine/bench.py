@@ -160,3 +160,90 @@ def bare_loop(models_dir: Path, model: str, batches: int = 5, batch_size: int = 
     return {"batches": batches, "batch_size": batch_size, "frames": batches * batch_size,
             "wall_s": round(total, 3), "fps": round(batches * batch_size / total, 2),
             "batch_ms": round(1000 * total / batches, 1)}
+
+
+@dataclass
+class StreamBenchResult:
+    streams: int
+    seconds: float
+    frames: list[int] = field(default_factory=list)           # per stream
+    rates: list[float] = field(default_factory=list)          # frames/s per stream (first to last frame)
+    first_frame_ms: list[float] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)   # audio-to-frame, every frame of every stream
+    late_ms: list[float] = field(default_factory=list)        # the engine's own lateness report
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.array(self.latencies_ms or [0.0])
+        late = np.array(self.late_ms or [0.0])
+        return {"streams": self.streams, "seconds": self.seconds, "frames": sum(self.frames),
+                "min_rate_fps": round(min(self.rates), 2) if self.rates else 0.0,
+                "mean_rate_fps": round(float(np.mean(self.rates)), 2) if self.rates else 0.0,
+                "first_frame_ms_max": round(max(self.first_frame_ms), 1) if self.first_frame_ms else None,
+                "latency_p50_ms": round(float(np.percentile(lat, 50)), 1),
+                "latency_p99_ms": round(float(np.percentile(lat, 99)), 1),
+                "late_p99_ms": round(float(np.percentile(late, 99)), 1), "late_max_ms": round(float(late.max()), 1),
+                "errors": len(self.errors)}
+
+
+def run_stream_bench(endpoint: str, model: str, streams: int = 3, seconds: float = 6.0, chunk_ms: int = 40,
+                     timeout: float = 60.0) -> StreamBenchResult:
+    """N clients each speak ``seconds`` of speech-like audio in real time and read the frames.
+
+    Audio-to-frame latency of frame k: from the moment the chunk holding frame k's last sample was
+    sent to the moment frame k arrived. Its floor is the look-ahead (frame k+7's mel window).
+    """
+    from tools.make_speech import speech_pcm
+    result = StreamBenchResult(streams, seconds)
+    lock = threading.Lock()
+    barrier = threading.Barrier(streams)
+    chunk = 16 * chunk_ms
+
+    def worker(n: int) -> None:
+        pcm = speech_pcm(seconds, seed=3 + n)
+        sent_at: list[float] = []
+        try:
+            with Client(endpoint, timeout=timeout) as c:
+                s = c.open_stream(model, realtime=True)
+                barrier.wait()
+                t_open = time.monotonic()
+                got: list[tuple[float, Any]] = []
+                t_start = time.monotonic()
+                for i, off in enumerate(range(0, len(pcm), chunk)):
+                    s.push(pcm[off:off + chunk])
+                    now = time.monotonic()
+                    sent_at.extend([now] * len(pcm[off:off + chunk]))
+                    for f in s.poll(0.0):
+                        got.append((time.monotonic(), f))
+                    delay = t_start + (i + 1) * chunk / 16000 - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                s.end()
+                for f in s.frames(timeout):
+                    got.append((time.monotonic(), f))
+                s.close()
+        except Exception as e:  # noqa: BLE001
+            with lock:
+                result.errors.append(f"stream {n}: {e}")
+            return
+        numbers = [f.number for _, f in got]
+        lats = []
+        for t, f in got:
+            last_sample = min(len(sent_at) - 1, (f.number + 1) * 640 - 1)
+            lats.append(1000 * (t - sent_at[last_sample]))
+        span = got[-1][0] - got[0][0] if len(got) > 1 else 0.0
+        with lock:
+            if numbers != list(range(len(numbers))):
+                result.errors.append(f"stream {n}: frames out of order")
+            result.frames.append(len(got))
+            result.rates.append((len(got) - 1) / span if span else 0.0)
+            result.first_frame_ms.append(1000 * (got[0][0] - t_open) if got else float("nan"))
+            result.latencies_ms.extend(lats)
+            result.late_ms.extend(f.late_ms for _, f in got)
+
+    threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return result

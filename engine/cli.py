@@ -285,6 +285,28 @@ def run_bench_cli(cfg: EngineConfig, model: str, batches: int, batch_size: int, 
     return out
 
 
+@main.command("bench-streams")
+@click.option("--model", default="demo", show_default=True)
+@click.option("--streams", "counts", default="1,2,3", show_default=True, help="stream counts to try, comma-separated")
+@click.option("--seconds", default=6.0, show_default=True, help="seconds of speech each stream sends in real time")
+@click.option("--json", "as_json", type=click.Path(dir_okay=False), default=None)
+@click.pass_context
+def bench_streams(ctx: click.Context, model: str, counts: str, seconds: float, as_json: str | None) -> None:
+    """Real-time streams: rate, time to first frame, audio-to-frame latency p50/p99 for N streams."""
+    from .bench import run_stream_bench
+    cfg = _cfg(ctx)
+    rows = []
+    click.echo(f"{'streams':>8}{'frames':>8}{'min fps':>9}{'first ms':>10}{'lat p50':>9}{'lat p99':>9}"
+               f"{'late p99':>10}{'errors':>8}")
+    for n in (int(x) for x in counts.split(",")):
+        s = run_stream_bench(cfg.server.front, model, n, seconds).summary()
+        rows.append(s)
+        click.echo(f"{n:>8}{s['frames']:>8}{s['min_rate_fps']:>9}{s['first_frame_ms_max'] or 0:>10}"
+                   f"{s['latency_p50_ms']:>9}{s['latency_p99_ms']:>9}{s['late_p99_ms']:>10}{s['errors']:>8}")
+    if as_json:
+        Path(as_json).write_text(json.dumps(rows, indent=2))
+
+
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False), default="out/demo", show_default=True)
 @click.option("--batches", default=5, show_default=True)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +37,45 @@ class EngineTimeout(EngineError):
 class CompositeResult:
     frames: list[bytes]                  # JPEG, one per batch frame
     info: dict[str, Any]                 # timings, gpu_id, frame_indices, width, height ...
+
+
+@dataclass
+class StreamFrame:
+    """One frame of a stream, in order: ``number`` counts from 0, ``pts_ms`` = number x 40."""
+    number: int
+    pts_ms: int
+    late_ms: float
+    jpeg: bytes
+    last: bool
+    idle: bool
+    avatar_frame: int
+
+
+class StreamClosed(EngineError):
+    """The stream ended with an error event (timeout, worker died, engine stopping)."""
+
+
+def _stream_frame(reply: P.Reply) -> StreamFrame:
+    r = reply.result
+    frame = reply.buffers[0][1]
+    jpeg = bytes(frame.buffer if hasattr(frame, "buffer") else frame)
+    return StreamFrame(r["frame"], r["pts_ms"], r["late_ms"], jpeg, r["last"], r.get("idle", False),
+                       r.get("avatar_frame", -1))
+
+
+def _pcm_buffer(pcm: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    pcm = np.asarray(pcm)
+    if pcm.dtype not in (np.int16, np.float32):
+        pcm = pcm.astype(np.float32)
+    return [("pcm", np.ascontiguousarray(pcm))]
+
+
+def _stream_params(model: str, realtime: bool, start_frame: int, wrap: str | None, idle_frames: bool) -> dict:
+    params: dict[str, Any] = {"model": model, "sample_rate": 16000, "realtime": realtime,
+                              "start_frame": start_frame, "idle_frames": idle_frames}
+    if wrap is not None:
+        params["wrap"] = wrap
+    return params
 
 
 def _request_parts(req_id: int, method: str, params: dict[str, Any],
@@ -85,6 +126,7 @@ class Client:
         self.timeout = timeout
         self._ids = itertools.count(1)
         self._stash: dict[Any, P.Reply] = {}
+        self._events: dict[str, deque[P.Reply]] = {}
 
     def close(self) -> None:
         self.sock.close(0)
@@ -109,12 +151,38 @@ class Client:
         while True:
             if not self.sock.poll(int(wait * 1000)):
                 raise EngineTimeout(wait)
-            frames = self.sock.recv_multipart(copy=False)
-            body = frames[1:] if frames and len(frames[0].buffer) == 0 else frames
-            reply = P.parse_reply(body)
+            reply = self._recv()
+            if reply.event is not None:
+                self._events.setdefault(reply.stream, deque()).append(reply)
+                continue
             if req_id is None or reply.id == req_id:
                 return reply
             self._stash[reply.id] = reply
+
+    def _recv(self) -> P.Reply:
+        frames = self.sock.recv_multipart(copy=False)
+        body = frames[1:] if frames and len(frames[0].buffer) == 0 else frames
+        return P.parse_reply(body)
+
+    def next_event(self, stream: str, timeout: float | None = None) -> P.Reply:
+        """The next event (frame, stream_end, stream_error) of ``stream``, replies stashed meanwhile."""
+        q = self._events.setdefault(stream, deque())
+        wait = self.timeout if timeout is None else timeout
+        while not q:
+            if not self.sock.poll(int(wait * 1000)):
+                raise EngineTimeout(wait)
+            reply = self._recv()
+            if reply.event is not None:
+                self._events.setdefault(reply.stream, deque()).append(reply)
+            else:
+                self._stash[reply.id] = reply
+        return q.popleft()
+
+    def open_stream(self, model: str, realtime: bool = True, start_frame: int = 0, wrap: str | None = None,
+                    idle_frames: bool = True) -> Stream:
+        """Open a stream: push 16 kHz mono PCM as it comes, iterate the frames in order."""
+        result = self.call("stream_open", _stream_params(model, realtime, start_frame, wrap, idle_frames)).result
+        return Stream(self, result["stream"], result)
 
     def call(self, method: str, params: dict[str, Any] | None = None,
              buffers: list[tuple[str, np.ndarray]] | None = None, timeout: float | None = None) -> P.Reply:
@@ -145,6 +213,62 @@ class Client:
         return self.call("unload", {"model": model}).result
 
 
+class Stream:
+    """A stream opened by :meth:`Client.open_stream` (one thread uses it, like the client)."""
+
+    def __init__(self, client: Client, stream_id: str, info: dict[str, Any]) -> None:
+        self.client = client
+        self.id = stream_id
+        self.info = info
+        self.ended = False
+
+    def push(self, pcm: np.ndarray, end: bool = False) -> dict[str, Any]:
+        """Send audio (float32 in [-1, 1] or int16, 16 kHz mono); ``end`` marks the last chunk."""
+        result = self.client.call("stream_audio", {"stream": self.id, "end": end}, _pcm_buffer(pcm)).result
+        self.ended = self.ended or end
+        return result
+
+    def end(self) -> dict[str, Any]:
+        return self.push(np.zeros(0, np.float32), end=True)
+
+    def poll(self, timeout: float = 0.0) -> list[StreamFrame]:
+        """Frames that have arrived (waiting at most ``timeout`` for the first)."""
+        out: list[StreamFrame] = []
+        try:
+            while True:
+                ev = self.client.next_event(self.id, timeout if not out else 0.0)
+                out.append(self._frame(ev))
+                if out[-1].last:
+                    break
+        except EngineTimeout:
+            pass
+        except StopIteration:
+            pass
+        return out
+
+    def _frame(self, ev: P.Reply) -> StreamFrame:
+        if ev.event == "stream_error":
+            err = ev.error or {}
+            raise StreamClosed(err.get("code", "unknown"), err.get("message", ""))
+        if ev.event == "stream_end":
+            raise StopIteration
+        return _stream_frame(ev)
+
+    def frames(self, timeout: float | None = None) -> Iterator[StreamFrame]:
+        """Every frame in order until the last one (after :meth:`end`); StreamClosed on an error event."""
+        while True:
+            try:
+                f = self._frame(self.client.next_event(self.id, timeout))
+            except StopIteration:
+                return
+            yield f
+            if f.last:
+                return
+
+    def close(self) -> dict[str, Any]:
+        return self.client.call("stream_close", {"stream": self.id}).result
+
+
 class AsyncClient:
     """asyncio client: every method is a coroutine; any number may be awaited concurrently."""
 
@@ -157,12 +281,16 @@ class AsyncClient:
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
+        self._events: dict[str, asyncio.Queue] = {}
 
     async def _read(self) -> None:
         while True:
             frames = await self.sock.recv_multipart(copy=False)
             body = frames[1:] if frames and len(frames[0].buffer) == 0 else frames
             reply = P.parse_reply(body)
+            if reply.event is not None:
+                self._events.setdefault(reply.stream, asyncio.Queue()).put_nowait(reply)
+                continue
             fut = self._waiting.pop(reply.id, None)
             if fut is not None and not fut.done():
                 fut.set_result(reply)
@@ -200,7 +328,46 @@ class AsyncClient:
     async def models(self) -> list[dict[str, Any]]:
         return (await self.call("models")).result["models"]
 
+    async def open_stream(self, model: str, realtime: bool = True, start_frame: int = 0, wrap: str | None = None,
+                          idle_frames: bool = True) -> AsyncStream:
+        result = (await self.call("stream_open", _stream_params(model, realtime, start_frame, wrap,
+                                                                 idle_frames))).result
+        self._events.setdefault(result["stream"], asyncio.Queue())
+        return AsyncStream(self, result["stream"], result)
+
     def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
         self.sock.close(0)
+
+
+class AsyncStream:
+    """A stream opened by :meth:`AsyncClient.open_stream`; push and iterate from different tasks."""
+
+    def __init__(self, client: AsyncClient, stream_id: str, info: dict[str, Any]) -> None:
+        self.client = client
+        self.id = stream_id
+        self.info = info
+
+    async def push(self, pcm: np.ndarray, end: bool = False) -> dict[str, Any]:
+        return (await self.client.call("stream_audio", {"stream": self.id, "end": end}, _pcm_buffer(pcm))).result
+
+    async def end(self) -> dict[str, Any]:
+        return await self.push(np.zeros(0, np.float32), end=True)
+
+    async def frames(self) -> AsyncIterator[StreamFrame]:
+        q = self.client._events.setdefault(self.id, asyncio.Queue())
+        while True:
+            ev = await q.get()
+            if ev.event == "stream_error":
+                err = ev.error or {}
+                raise StreamClosed(err.get("code", "unknown"), err.get("message", ""))
+            if ev.event == "stream_end":
+                return
+            f = _stream_frame(ev)
+            yield f
+            if f.last:
+                return
+
+    async def close(self) -> dict[str, Any]:
+        return (await self.client.call("stream_close", {"stream": self.id})).result

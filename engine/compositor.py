@@ -7,7 +7,7 @@ without another copy. A JPEG that does not fit there travels inline in the reply
 Messages::
 
     front -> compositor  {"t": "paste", "ring", "slot", "seq", "start", "count", "avatar", "indices",
-                          "face": [3, F, F], "mode", "quality", "subsampling"}
+                          "face": [3, F, F], "mode", "quality", "subsampling", "idle"}
                          {"t": "drop", "avatar": segment}
     compositor -> front  {"t": "ready"}
                          {"t": "pasted", "ring", "slot", "seq", "start", "sizes": [...],
@@ -96,8 +96,11 @@ class Compositor(Role):
             sizes, inline, blobs = [], [], []
             for j, k in enumerate(msg["indices"]):
                 i = start + j
-                crop = view.crops[k] if msg["mode"] == "synctalk" else None
-                jpeg = enc(view.frames[k], out[i], tuple(view.rects[k]), crop, msg["mode"])
+                if msg.get("idle"):
+                    jpeg = enc.encode(view.frames[k])          # silence: the avatar's own frame
+                else:
+                    crop = view.crops[k] if msg["mode"] == "synctalk" else None
+                    jpeg = enc(view.frames[k], out[i], tuple(view.rects[k]), crop, msg["mode"])
                 area = ring.jpeg_area(msg["slot"], i)
                 if len(jpeg) <= len(area):
                     area[:len(jpeg)] = jpeg

@@ -71,6 +71,15 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class StreamsConfig:
+    batch_frames: int = 8               # frames of one stream per batch (more only when it fell behind)
+    max_streams: int = 64
+    max_inflight_batches: int = 2       # per stream
+    idle_timeout_s: float = 30.0        # no audio for this long and nothing left to send: closed
+    audio_encoder: str = "audio_encoder.onnx"   # under models_root, or per avatar folder (which wins)
+
+
+@dataclass(frozen=True)
 class SupervisionConfig:
     ready_timeout_s: float = 120.0
     heartbeat_timeout_s: float = 60.0
@@ -98,6 +107,7 @@ class EngineConfig:
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+    streams: StreamsConfig = field(default_factory=StreamsConfig)
     models_root: str = "models"
     models: dict[str, ModelConfig] = field(default_factory=dict)
     source: str = ""                    # the file it was loaded from
@@ -217,6 +227,11 @@ def _validate(obj: Any, prefix: str) -> None:
         "wrap": (lambda v: v in WRAP_MODES, "one of " + ", ".join(WRAP_MODES)),
         "preferred_gpu": (lambda v: v is None or (_is_int(v) and v >= 0), "a GPU id"),
         "name": (lambda v: isinstance(v, str) and v != "", "a model name"),
+        "batch_frames": (lambda v: _is_int(v) and 1 <= v <= 50, "an integer 1..50"),
+        "max_streams": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "max_inflight_batches": (lambda v: _is_int(v) and 1 <= v <= 16, "an integer 1..16"),
+        "idle_timeout_s": (lambda v: _is_seconds(v), "a positive number of seconds"),
+        "audio_encoder": (lambda v: isinstance(v, str) and v != "", "a file name"),
     }
     for f in fields(obj):
         if f.name in rules:
@@ -249,7 +264,8 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
 
 def config_from_dict(data: dict[str, Any], source: str = "") -> EngineConfig:
     sections = {"server": ServerConfig, "gpu": GpuConfig, "compositor": CompositorConfig, "ring": RingConfig,
-                "capacity": CapacityConfig, "output": OutputConfig, "supervision": SupervisionConfig}
+                "capacity": CapacityConfig, "output": OutputConfig, "supervision": SupervisionConfig,
+                "streams": StreamsConfig}
     kwargs: dict[str, Any] = {"source": source}
     for key, value in data.items():
         if key in sections:

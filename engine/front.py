@@ -38,6 +38,7 @@ from .kernels import frame_index
 from .process import Role, send_msg
 from .protocol import ProtocolError
 from .ring import BatchRing, SlotState
+from .streams import Stream, StreamBatch, check_pcm, new_stream_id
 
 log = logging.getLogger(__name__)
 SUP = b"sup"
@@ -45,7 +46,7 @@ SUP = b"sup"
 
 @dataclass(eq=False)
 class Job:
-    req: P.Request
+    req: P.Request | None                   # None for a batch of stream frames
     model: str
     batch: int
     start: int
@@ -64,6 +65,8 @@ class Job:
     inline: dict[int, Any] = field(default_factory=dict)
     error: tuple[str, str] | None = None
     done: bool = False                      # a reply (ok or error) has been sent
+    streams: list[StreamBatch] | None = None
+    idle: bool = False
 
 
 @dataclass(eq=False)
@@ -122,6 +125,7 @@ class Front(Role):
         self.client.setsockopt(zmq.LINGER, 0)
         self.client.setsockopt(zmq.SNDHWM, 100_000)
         self.client.setsockopt(zmq.RCVHWM, 100_000)
+        self.client.setsockopt(zmq.ROUTER_MANDATORY, 1)     # a send to a gone client fails: streams notice
         self.gpus = [GpuHandle(i, dev, BatchRing.attach(name)) for i, (dev, name) in enumerate(self.gpu_specs)]
         for g in self.gpus:
             g.free = list(range(g.ring.geometry.nslots))
@@ -141,6 +145,7 @@ class Front(Role):
         self.started = time.time()
         self.batches = 0
         self.frames_out = 0
+        self.streams: dict[str, Stream] = {}
         for name, mc in self.cfg.models.items():
             if mc.preload:
                 try:
@@ -167,7 +172,7 @@ class Front(Role):
         last_check = time.monotonic()
         while not self.stopping:
             self.beat()
-            events = dict(self.poller.poll(2 if self.sending else 250))
+            events = dict(self.poller.poll(self._poll_timeout()))
             if self.backend in events:
                 self._drain(self.backend, self.on_backend)
             if self.accepting and self.client in events:
@@ -181,6 +186,8 @@ class Front(Role):
                     self.store.finish(self.woken.popleft())
             if self.sending:
                 self._reap_sent()
+            if self.streams:
+                self._deliver_streams()
             if not self.accepting and self._all_ready():
                 self.client.bind(self.cfg.server.front)
                 self.poller.register(self.client, zmq.POLLIN)
@@ -191,6 +198,15 @@ class Front(Role):
             if now - last_check > 1.0:
                 last_check = now
                 self._expire(now)
+
+    def _poll_timeout(self) -> int:
+        timeout = 2 if self.sending else 250
+        now = time.monotonic()
+        for s in self.streams.values():
+            due = s.next_due()
+            if due is not None:
+                timeout = min(timeout, max(0, int(1000 * (due - now)) + 1))
+        return timeout
 
     def _drain(self, sock: zmq.Socket, handler) -> None:
         for _ in range(64):
@@ -221,11 +237,27 @@ class Front(Role):
             log.exception("request failed")
             self.reply_error(envelope, req_id, P.INTERNAL, f"internal error: {e}")
 
+    def _send_client(self, parts: list[Any], track: bool = False) -> Any:
+        """Send to a client; False (or None when tracked) when the client is gone or not reading."""
+        try:
+            sent = self.client.send_multipart(parts, flags=zmq.NOBLOCK, copy=False, track=track)
+            return sent if track else True
+        except zmq.ZMQError as e:
+            if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise
+            self._client_gone(parts[0])
+            return None if track else False
+
+    def _client_gone(self, identity: bytes) -> None:
+        for s in [s for s in self.streams.values() if s.owner[0] == identity]:
+            log.info("stream %s: client gone, closing it", s.id)
+            self._close_stream(s)
+
     def reply_error(self, envelope: list[Any], req_id: Any, code: str, message: str) -> None:
-        self.client.send_multipart([*envelope, P.error_reply(req_id, code, message)], copy=False)
+        self._send_client([*envelope, P.error_reply(req_id, code, message)])
 
     def reply_ok(self, req: P.Request, result: dict[str, Any]) -> None:
-        self.client.send_multipart([*req.envelope, P.ok_reply(req.id, result)], copy=False)
+        self._send_client([*req.envelope, P.ok_reply(req.id, result)])
 
     def do_health(self, req: P.Request) -> None:
         self.reply_ok(req, self.health())
@@ -249,6 +281,7 @@ class Front(Role):
                              "frames": g.frames} for g in self.gpus],
             "compositors": [{"idx": c.idx, "state": c.state, "restarts": c.restarts,
                              "outstanding_frames": c.load, "frames": c.frames} for c in self.comps],
+            "streams": [s.describe(time.monotonic()) for s in self.streams.values()],
         }
 
     def do_models(self, req: P.Request) -> None:
@@ -372,16 +405,27 @@ class Front(Role):
         ring.set_state(slot, SlotState.FILLED, seq, b)
         job.gpu, job.slot, job.seq = g, slot, seq
         g.jobs[slot] = job
-        np.copyto(ring.audio(slot, (b, *g_info.audio_shape)), job.req.buffers["audio_features"].array())
-        fill = None
-        if "visual_frames" in job.req.buffers:
-            np.copyto(ring.visual(slot, (b, *g_info.image_shape)), job.req.buffers["visual_frames"].array())
+        fill = {"avatar": e.segment, "indices": job.indices.tolist()}
+        extra: dict[str, Any] = {}
+        if job.streams is not None:
+            wins = [sb.windows for sb in job.streams]
+            nwin = sum(len(w) for w in wins)
+            if nwin and not job.idle:
+                np.copyto(ring.audio(slot, (nwin, 1, 80, 16)), np.concatenate(wins))
+            extra["stream"] = {"encoder": job.streams[0].stream.encoder, "idle": job.idle,
+                               "segments": [{"count": sb.count, "pad_before": sb.pad_before, "nwin": len(sb.windows)}
+                                            for sb in job.streams]}
+            for sb in job.streams:
+                sb.windows = None                # in the ring now
         else:
-            fill = {"avatar": e.segment, "indices": job.indices.tolist()}
-        job.req.buffers.clear()                # the ZeroMQ frames can go now
+            np.copyto(ring.audio(slot, (b, *g_info.audio_shape)), job.req.buffers["audio_features"].array())
+            if "visual_frames" in job.req.buffers:
+                np.copyto(ring.visual(slot, (b, *g_info.image_shape)), job.req.buffers["visual_frames"].array())
+                fill = None
+            job.req.buffers.clear()                # the ZeroMQ frames can go now
         ring.set_state(slot, SlotState.QUEUED)
         send_msg(self.backend, {"t": "run", "slot": slot, "seq": seq, "model": e.name, "onnx": str(e.files.onnx),
-                                "batch": b, "fill": fill}, to=g.identity)
+                                "batch": b, "fill": fill, **extra}, to=g.identity)
 
     def _drain_pending(self) -> None:
         while self.pending:
@@ -403,7 +447,13 @@ class Front(Role):
         """Error reply for a job; its slot (if any) is freed by the caller's state logic."""
         if not job.done:
             job.done = True
-            self.reply_error(job.req.envelope, job.req.id, code, message)
+            if job.streams is not None:
+                for b in job.streams:
+                    b.stream.inflight -= 1
+                    if not b.stream.closed:
+                        self._close_stream(b.stream, (code, f"frames {b.first}..{b.first + b.count - 1}: {message}"))
+            else:
+                self.reply_error(job.req.envelope, job.req.id, code, message)
             self._account(job)
         if job.gpu is not None and job.chunks_left == 0 and job.gpu.jobs.get(job.slot) is job:
             self._free(job.gpu, job.slot)
@@ -423,6 +473,11 @@ class Front(Role):
         limit = self.cfg.supervision.request_timeout_s
         for job in [j for j in self.pending if now - j.t_recv > limit]:
             self._fail(job, P.BUSY, f"no GPU worker could take the batch within {limit:.0f} s")
+        idle = self.cfg.streams.idle_timeout_s
+        for s in list(self.streams.values()):
+            if (s.total is None and now - s.last_audio > idle and not s.inflight and not s.ready
+                    and s.schedulable() == 0):
+                self._close_stream(s, (P.STREAM_TIMEOUT, f"no audio for {idle:.0f} s (streams.idle_timeout_s)"))
 
     # -- backend side ------------------------------------------------------------------------------
     def on_backend(self, frames: list[zmq.Frame]) -> None:
@@ -467,7 +522,7 @@ class Front(Role):
             job.infer_ms, job.prep_ms = msg["ms"], msg.get("prep_ms", 0.0)
             if job.done:
                 self._free(g, job.slot)
-            elif job.req.method == "infer":
+            elif job.req is not None and job.req.method == "infer":
                 self._send_infer(job)
             else:
                 self._dispatch(job)
@@ -497,6 +552,8 @@ class Front(Role):
         if job.chunks_left == 0:
             if job.error is not None or job.done:
                 self._fail(job, *(job.error or (P.INTERNAL, "")))
+            elif job.streams is not None:
+                self._finish_stream_job(job)
             else:
                 self._send_composite(job)
 
@@ -517,7 +574,7 @@ class Front(Role):
             chunk = {"t": "paste", "ring": g.ring.name, "slot": job.slot, "seq": job.seq, "start": int(s),
                      "count": int(t - s), "avatar": e.segment, "indices": job.indices[s:t].tolist(),
                      "face": list(e.graph.output_shape), "mode": e.model.paste, "quality": out.jpeg_quality,
-                     "subsampling": out.chroma_subsampling}
+                     "subsampling": out.chroma_subsampling, "idle": job.idle}
             self._send_chunk(job, chunk, min(ready, key=lambda c: (c.load, c.idx)))
 
     def _send_chunk(self, job: Job, chunk: dict[str, Any], c: CompHandle) -> None:
@@ -555,9 +612,12 @@ class Front(Role):
         self.frames_out += job.batch
 
     def _send_tracked(self, job: Job, parts: list[Any]) -> None:
-        tracker = self.client.send_multipart(parts, copy=False, track=True)
+        tracker = self._send_client(parts, track=True)
         job.done = True
         self._account(job, ok=True)
+        if tracker is None:                      # the client is gone: nothing holds the slot
+            self._free(job.gpu, job.slot)
+            return
         job.gpu.ring.set_state(job.slot, SlotState.SENDING)
         self.sending.append((tracker, job.gpu, job.slot, job.seq))
 
@@ -599,8 +659,10 @@ class Front(Role):
     def shutdown(self) -> None:
         if not hasattr(self, "ctx"):
             return
+        for s in list(self.streams.values()):
+            self._close_stream(s, (P.SHUTTING_DOWN, "the engine is stopping"))
         for job in [*self.pending, *self.comp_waiting, *(j for g in self.gpus for j in g.jobs.values())]:
-            if not job.done:
+            if not job.done and job.req is not None:
                 job.done = True
                 self.reply_error(job.req.envelope, job.req.id, P.SHUTTING_DOWN, "the engine is stopping")
         self.client.setsockopt(zmq.LINGER, 1000)      # let those replies leave
@@ -610,3 +672,166 @@ class Front(Role):
         for g in self.gpus:
             g.ring.close()
         self.ctx.destroy(linger=0)
+
+    # -- streams -----------------------------------------------------------------------------------
+    def _guard_request(self, req: P.Request, fn, *args) -> None:
+        try:
+            fn(*args)
+        except ProtocolError as e:
+            self.reply_error(req.envelope, req.id, e.code, e.message)
+        except Exception as e:  # noqa: BLE001
+            log.exception("request failed")
+            self.reply_error(req.envelope, req.id, P.INTERNAL, f"internal error: {e}")
+
+    def _encoder_path(self, e: AvatarEntry) -> str:
+        name = self.cfg.streams.audio_encoder
+        for cand in (e.files.folder / name, self.cfg.models_dir / name):
+            if cand.is_file():
+                return str(cand)
+        raise ProtocolError(P.MODEL_ERROR, f"avatar {e.name} has no audio encoder: neither {e.files.folder / name} "
+                            f"nor {self.cfg.models_dir / name} exists")
+
+    def do_stream_open(self, req: P.Request) -> None:
+        p = req.params
+        name = P.check_str(p, "model", req_id=req.id)
+        rate = P.check_int(p, "sample_rate", 1, None, default=16000, req_id=req.id)
+        if rate != 16000:
+            raise ProtocolError(P.BAD_REQUEST, f"params.sample_rate must be 16000 (16 kHz mono PCM), got {rate}; "
+                                "resample on the client", req.id)
+        start = P.check_int(p, "start_frame", 0, None, default=0, req_id=req.id)
+        wrap = p.get("wrap")
+        if wrap is not None:
+            wrap = P.check_str(p, "wrap", WRAP_MODES, req_id=req.id)
+        flags = {}
+        for key in ("realtime", "idle_frames"):
+            v = p.get(key, True)
+            if v is None:
+                v = True
+            if not isinstance(v, bool):
+                raise ProtocolError(P.BAD_REQUEST, f"params.{key} must be true or false, got {v!r}", req.id)
+            flags[key] = v
+        if len(self.streams) >= self.cfg.streams.max_streams:
+            raise ProtocolError(P.BUSY, f"{len(self.streams)} streams are open (streams.max_streams)", req.id)
+
+        def opened(e: AvatarEntry) -> None:
+            if e.state != "loaded":
+                raise ProtocolError(P.MODEL_ERROR, f"avatar {e.name} could not be loaded: {e.error}")
+            encoder = self._encoder_path(e)
+            s = Stream(new_stream_id(), list(req.envelope), name, start, wrap or e.model.wrap,
+                       flags["realtime"], flags["idle_frames"])
+            s.entry, s.encoder = e, encoder
+            e.inflight += 1                       # an open stream pins its avatar in memory
+            e.last_used = time.time()
+            self.streams[s.id] = s
+            log.info("stream %s opened on %s (realtime %s)", s.id, name, s.realtime)
+            self.reply_ok(req, {"stream": s.id, "model": name, "fps": 25, "sample_rate": 16000,
+                                "samples_per_frame": 640, "lookahead_ms": 490, "realtime": s.realtime,
+                                "frames": e.view.n, "width": e.view.width, "height": e.view.height})
+        self._acquire(name, lambda e: self._guard_request(req, opened, e))
+
+    def _stream(self, req: P.Request) -> Stream:
+        sid = P.check_str(req.params, "stream", req_id=req.id)
+        s = self.streams.get(sid)
+        if s is None or s.owner[0] != req.envelope[0]:
+            raise ProtocolError(P.UNKNOWN_STREAM, f"no open stream {sid!r} on this connection", req.id)
+        return s
+
+    def do_stream_audio(self, req: P.Request) -> None:
+        s = self._stream(req)
+        end = req.params.get("end", False)
+        if not isinstance(end, bool):
+            raise ProtocolError(P.BAD_REQUEST, f"params.end must be true or false, got {end!r}", req.id)
+        buf = req.buffers.get("pcm")
+        if buf is None or set(req.buffers) != {"pcm"}:
+            raise ProtocolError(P.BAD_PAYLOAD, "a stream_audio request carries exactly one buffer, pcm", req.id)
+        if buf.dtype not in ("float32", "int16"):
+            raise ProtocolError(P.BAD_PAYLOAD, f"buffer pcm: dtype must be float32 or int16, got {buf.dtype}", req.id)
+        try:
+            pcm = check_pcm(buf.array(), end)
+            s.push(pcm, end)
+        except ValueError as e:
+            raise ProtocolError(P.BAD_PAYLOAD, f"buffer pcm: {e}", req.id) from None
+        self.reply_ok(req, {"stream": s.id, "samples": s.mel.samples, "audio_s": round(s.audio_seconds, 3),
+                            "frames_ready": s.next_frame + s.schedulable(), "ended": s.total is not None,
+                            "frames_total": s.total})
+        self._schedule_streams()
+        self._deliver_streams()
+
+    def do_stream_close(self, req: P.Request) -> None:
+        s = self._stream(req)
+        sent = s.next_out
+        self._close_stream(s)
+        self.reply_ok(req, {"stream": s.id, "frames_sent": sent})
+
+    def _close_stream(self, s: Stream, error: tuple[str, str] | None = None) -> None:
+        if s.closed:
+            return
+        s.closed = True
+        self.streams.pop(s.id, None)
+        s.ready.clear()
+        s.entry.inflight -= 1
+        if error is not None:
+            log.warning("stream %s closed: %s", s.id, error[1])
+            self._send_client([*s.owner, P.event_message("stream_error", s.id, s.describe(time.monotonic()),
+                                                         error=error)])
+
+    def _schedule_streams(self) -> None:
+        """Turn ready frames into batches: fewest batches in flight first, one job per avatar."""
+        cfg = self.cfg.streams
+        by_avatar: dict[str, list[StreamBatch]] = {}
+        for s in sorted(self.streams.values(), key=lambda s: (s.inflight, s.next_frame)):
+            while s.inflight < cfg.max_inflight_batches:
+                n = s.schedulable()
+                if n == 0:
+                    break
+                cap = cfg.batch_frames if n <= 2 * cfg.batch_frames else 3 * cfg.batch_frames  # catching up
+                by_avatar.setdefault(s.model, []).append(s.take(min(n, cap, self.cfg.ring.max_batch),
+                                                                s.entry.view.n))
+        for batches in by_avatar.values():
+            for idle in (True, False):
+                group, frames = [], 0
+                for b in (b for b in batches if b.idle == idle):
+                    if group and frames + b.count > self.cfg.ring.max_batch:
+                        self._submit_stream_job(group, idle)
+                        group, frames = [], 0
+                    group.append(b)
+                    frames += b.count
+                if group:
+                    self._submit_stream_job(group, idle)
+
+    def _submit_stream_job(self, batches: list[StreamBatch], idle: bool) -> None:
+        e = batches[0].stream.entry
+        job = Job(None, e.name, sum(b.count for b in batches), 0, None, time.monotonic(), entry=e,
+                  indices=np.asarray([i for b in batches for i in b.indices], np.int64), streams=batches, idle=idle)
+        e.inflight += 1
+        self._guard(job, lambda j: self._submit(j))
+
+    def _finish_stream_job(self, job: Job) -> None:
+        g, row = job.gpu, 0
+        for b in job.streams:
+            s = b.stream
+            s.inflight -= 1
+            for j in range(b.count):
+                i = row + j
+                if not s.closed:
+                    blob = job.inline.get(i)
+                    jpeg = bytes(blob.buffer) if blob is not None else bytes(g.ring.jpeg_area(job.slot, i)[:job.sizes[i]])
+                    s.ready[b.first + j] = (jpeg, {"avatar_frame": int(job.indices[i]), "idle": job.idle})
+            row += b.count
+        job.done = True
+        self._account(job, ok=True)
+        self.frames_out += job.batch
+        self._free(g, job.slot)
+        self._schedule_streams()
+        self._deliver_streams()
+
+    def _deliver_streams(self) -> None:
+        now = time.monotonic()
+        for s in list(self.streams.values()):
+            for k, jpeg, meta in s.deliverable(now):
+                header = P.event_message("frame", s.id, meta, [{"name": "frame", "dtype": "jpeg", "count": 1}])
+                if not self._send_client([*s.owner, header, jpeg]):
+                    break
+            if s.finished and not s.closed:
+                self._send_client([*s.owner, P.event_message("stream_end", s.id, s.describe(now))])
+                self._close_stream(s)

@@ -106,14 +106,20 @@ class GpuWorker(Role):
             audio = self.ring.audio(slot, (batch, *g.audio_shape))
             out = self.ring.output(slot, (batch, *g.output_shape))
             t0 = time.perf_counter()
-            fill = msg.get("fill")
-            if fill is not None:
-                view = self._avatar(fill["avatar"])
-                idx = np.asarray(fill["indices"], np.int64)
-                fill_visual(view.crops[idx], image)
-            t1 = time.perf_counter()
-            self.core.run(model, image, audio, out)
-            t2 = time.perf_counter()
+            stream = msg.get("stream")
+            if stream is not None and stream["idle"]:
+                t1 = t2 = time.perf_counter()            # silence: no network, compositors send backgrounds
+            else:
+                if stream is not None:
+                    audio = self._stream_audio(slot, stream, batch, g.audio_shape)
+                fill = msg.get("fill")
+                if fill is not None:
+                    view = self._avatar(fill["avatar"])
+                    idx = np.asarray(fill["indices"], np.int64)
+                    fill_visual(view.crops[idx], image)
+                t1 = time.perf_counter()
+                self.core.run(model, image, audio, out)
+                t2 = time.perf_counter()
         except (InferenceError, AvatarError, ValueError, OSError) as e:
             self.ring.set_state(slot, SlotState.FREE)
             send_msg(self.sock, {"t": "failed", "slot": slot, "seq": seq, "code": P.MODEL_ERROR, "message": str(e)})
@@ -127,6 +133,28 @@ class GpuWorker(Role):
         self.ring.set_state(slot, SlotState.INFERRED)
         send_msg(self.sock, {"t": "inferred", "slot": slot, "seq": seq, "ms": 1000 * (t2 - t1),
                              "prep_ms": 1000 * (t1 - t0), "models": list(self.core.models)})
+
+    def _stream_audio(self, slot: int, stream: dict, batch: int, shape: tuple[int, ...]) -> np.ndarray:
+        """Stream batch: mel windows in the ring -> audio encoder -> each frame's [32,16,16] input.
+
+        Segment s holds frames [a, a+count) of one stream and the windows of frames a-8+pad .. ;
+        frame a+j's input is the encoder vectors of frames a+j-8 .. a+j+7, zeros outside the clip.
+        """
+        segs = stream["segments"]
+        nwin = sum(s["nwin"] for s in segs)
+        windows = self.ring.audio(slot, (nwin, 1, 80, 16))
+        enc = self.core.encode_audio(stream["encoder"], windows) if nwin else np.zeros((0, 512), np.float32)
+        audio = np.empty((batch, *shape), np.float32)
+        row = w = 0
+        for s in segs:
+            n, count, pad = s["nwin"], s["count"], s["pad_before"]
+            padded = np.zeros((count + 15, enc.shape[1]), np.float32)
+            padded[pad:pad + n] = enc[w:w + n]
+            for j in range(count):
+                audio[row + j] = padded[j:j + 16].reshape(shape)
+            row += count
+            w += n
+        return audio
 
     def shutdown(self) -> None:
         for seg in list(self.avatars):

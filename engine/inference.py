@@ -47,6 +47,7 @@ class InferenceCore:
         self.intra_op_threads = intra_op_threads
         self.io_binding = io_binding
         self.models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self.encoders: dict[str, ort.InferenceSession] = {}
         if device is None:
             self.providers: list = [CPU]
         else:
@@ -116,6 +117,18 @@ class InferenceCore:
         for _ in range(2):
             self.run(m, image, audio, out)
         m.runs = 0
+
+    def encode_audio(self, path: str, windows: np.ndarray) -> np.ndarray:
+        """The audio encoder ([N,1,80,16] mel windows -> [N,D] features), one Run for all windows."""
+        sess = self.encoders.get(path)
+        if sess is None:
+            try:
+                sess = ort.InferenceSession(path, providers=self.providers)
+            except Exception as e:  # noqa: BLE001
+                raise InferenceError(f"{path}: onnxruntime cannot load the audio encoder: {e}") from None
+            self.encoders[path] = sess
+        name = sess.get_inputs()[0].name
+        return sess.run(None, {name: np.ascontiguousarray(windows, np.float32)})[0]
 
     def unload(self, name: str) -> bool:
         return self.models.pop(name, None) is not None

@@ -22,7 +22,7 @@ import numpy as np
 
 VERSION = 1
 MAX_HEADER = 64 * 1024
-METHODS = ("composite", "infer", "health", "models", "load", "unload")
+METHODS = ("composite", "infer", "health", "models", "load", "unload", "stream_open", "stream_audio", "stream_close")
 DTYPES = {"float32": np.dtype("<f4"), "int16": np.dtype("<i2"), "uint8": np.dtype("u1")}
 
 # error codes (docs/protocol.md, "Errors")
@@ -36,6 +36,8 @@ CAPACITY = "capacity"                 # the avatar does not fit the background b
 BUSY = "busy"                         # every ring and the pending queue are full
 WORKER_DIED = "worker_died"           # the process holding the batch died; the request may be retried
 SHUTTING_DOWN = "shutting_down"
+UNKNOWN_STREAM = "unknown_stream"     # no open stream of that id on this connection
+STREAM_TIMEOUT = "stream_timeout"     # (event) no audio for streams.idle_timeout_s
 INTERNAL = "internal"
 
 
@@ -216,6 +218,16 @@ def error_reply(req_id: Any, code: str, message: str) -> bytes:
     return _dumps({"v": VERSION, "id": req_id, "status": "error", "error": {"code": code, "message": message}})
 
 
+def event_message(event: str, stream: str, result: dict[str, Any] | None = None,
+                  buffers: list[dict[str, Any]] | None = None, error: tuple[str, str] | None = None) -> bytes:
+    """A message the engine sends without a request: a stream's frame, its end or its failure."""
+    msg: dict[str, Any] = {"v": VERSION, "id": None, "event": event, "stream": stream,
+                           "status": "error" if error else "ok", "result": result or {}, "buffers": buffers or []}
+    if error:
+        msg["error"] = {"code": error[0], "message": error[1]}
+    return _dumps(msg)
+
+
 @dataclass
 class Reply:
     id: Any
@@ -223,6 +235,8 @@ class Reply:
     result: dict[str, Any]
     error: dict[str, str] | None
     buffers: list[tuple[dict[str, Any], Any]]
+    event: str | None = None
+    stream: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -242,4 +256,4 @@ def parse_reply(body: list[Any]) -> Reply:
     except (IndexError, ValueError, AttributeError, TypeError) as e:
         raise ProtocolError(BAD_REQUEST, f"malformed reply: {e}") from None
     return Reply(header.get("id"), header.get("status", "error"), header.get("result") or {},
-                 header.get("error"), pairs)
+                 header.get("error"), pairs, header.get("event"), header.get("stream"))

@@ -15,7 +15,7 @@ import pytest
 from engine.cli import control
 from engine.config import EngineConfig, load_config
 from engine.shm import list_segments
-from tools.make_avatars import make_demo
+from tools.make_avatars import make_audio_encoder, make_demo
 
 
 def free_port() -> int:
@@ -28,6 +28,7 @@ def free_port() -> int:
 def models_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("models")
     make_demo(root, frames=12)
+    make_audio_encoder(root)
     return root
 
 

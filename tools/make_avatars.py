@@ -16,6 +16,10 @@ Both avatars use the seed's folder layout under a models root::
     the real SyncTalk_2D architecture (``unet_328.py`` ``Model(6, mode='ave')``) and cost,
     about 12.2 M parameters and 4.9 GMAC per frame, with seeded random weights. Its pictures
     are noise; its timings are the real network's.
+``audio_encoder.onnx`` (in the models root itself)
+    The audio encoder contract (``mel_spectrogram [N,1,80,16] -> audio_features [N,512]``) with
+    a loudness "encoder": silence gives zero features, speech features whose mean magnitude
+    follows the loudness of each 200 ms mel window, so the demo mouth moves with speech.
 
 Everything is deterministic (seeded numpy generators, no network access) and every file is
 written atomically: to a temporary name in the same folder, then renamed. The ONNX file is
@@ -386,6 +390,64 @@ def build_demo_network() -> onnx.ModelProto:
 
 
 # --------------------------------------------------------------------------------------------
+# Demo audio encoder
+# --------------------------------------------------------------------------------------------
+
+AUDIO_ENCODER_NAME = "audio_encoder.onnx"  # under the models root, shared by every avatar
+AUDIO_FEATURES = 512
+AUDIO_ENCODER_SEED = 512
+# s = clip((mean(window) - ENCODER_FLOOR) * ENCODER_SCALE, 0, ENCODER_MAX). The normalised mel is
+# in [-4, 4] with silence at -4; the floor -3.5 is a dead zone above silence and a -80 dBFS noise
+# floor (whose windows average about -3.96), so both give exactly 0. Speech from
+# tools/make_speech.py (peak 0.3) has window means of about -3.3 .. -1.6, i.e. s of 0.1 .. 0.95,
+# changing syllable by syllable (a window is 200 ms).
+ENCODER_FLOOR = -3.5
+ENCODER_SCALE = 0.5
+ENCODER_MAX = 1.2
+
+
+def audio_encoder_pattern(seed: int = AUDIO_ENCODER_SEED) -> np.ndarray:
+    """The encoder's fixed ``[512]`` float32 vector of +-1 (seeded): ``audio_features = s * P``."""
+    rng = np.random.default_rng(seed)
+    return np.where(rng.random(AUDIO_FEATURES) < 0.5, -1.0, 1.0).astype(np.float32)
+
+
+def build_demo_audio_encoder() -> onnx.ModelProto:
+    """A loudness "encoder" with the real audio-encoder contract.
+
+    ``mel_spectrogram`` float32 ``[N, 1, 80, 16]`` (one normalised mel window per video frame) ->
+    ``audio_features`` float32 ``[N, 512]``: ``e`` = the window's mean, ``s = clip((e + 3.5) / 2,
+    0, 1.2)``, output ``s * P`` with ``P`` a fixed +-1 vector (:func:`audio_encoder_pattern`), so
+    ``mean|audio_features| == s``. Silence (all -4) gives exactly zero features; the demo
+    network's mouth opening is ``tanh(1.5 * mean|features|)`` over the 16 vectors of a frame.
+    Nothing mixes batch items.
+    """
+    b = _GraphBuilder()
+    b.const("enc/offset", np.array(-ENCODER_FLOOR, np.float32))
+    b.const("enc/scale", np.array(ENCODER_SCALE, np.float32))
+    b.const("enc/min", np.array(0.0, np.float32))
+    b.const("enc/max", np.array(ENCODER_MAX, np.float32))
+    b.const("enc/pattern", audio_encoder_pattern()[None, :])  # [1, 512]
+    e = b.op("ReduceMean", ["mel_spectrogram"], "enc/mean", axes=[2, 3], keepdims=0)  # [N, 1]
+    t = b.op("Add", [e, "enc/offset"], "enc/shift")
+    t = b.op("Mul", [t, "enc/scale"], "enc/scaled")
+    s = b.op("Clip", [t, "enc/min", "enc/max"], "enc/level")  # [N, 1]
+    b.nodes.append(helper.make_node("Mul", [s, "enc/pattern"], ["audio_features"], name="audio_features"))
+    inputs = [helper.make_tensor_value_info("mel_spectrogram", TensorProto.FLOAT, ["batch", 1, 80, 16])]
+    outputs = [helper.make_tensor_value_info("audio_features", TensorProto.FLOAT, ["batch", AUDIO_FEATURES])]
+    graph = helper.make_graph(b.nodes, "demo_audio_encoder", inputs, outputs, b.inits)
+    return _finish(graph, "Demo audio encoder: mel window loudness times a fixed +-1 pattern.")
+
+
+def make_audio_encoder(root: Path, force: bool = False) -> Path:
+    """Write ``<root>/audio_encoder.onnx`` (atomically) unless it exists and not ``force``; returns its path."""
+    path = Path(root) / AUDIO_ENCODER_NAME
+    if force or not path.exists():
+        _write_model(path, build_demo_audio_encoder())
+    return path
+
+
+# --------------------------------------------------------------------------------------------
 # Bench network: SyncTalk_2D unet_328 Model(6, mode='ave') with folded BatchNorm
 # --------------------------------------------------------------------------------------------
 
@@ -627,7 +689,8 @@ def make_bench(root: Path, force: bool = False) -> Path:
 
 
 def ensure_avatars(root: Path, names: Iterable[str] = ("demo", "bench"), frames: int = 100) -> None:
-    """Create only what is missing of the named avatars (``frames`` applies to a missing demo)."""
+    """Create only what is missing of the named avatars (``frames`` applies to a missing demo),
+    and ``<root>/audio_encoder.onnx`` if it is missing."""
     root = Path(root)
     for name in names:
         if name not in ("demo", "bench"):
@@ -637,6 +700,7 @@ def ensure_avatars(root: Path, names: Iterable[str] = ("demo", "bench"), frames:
             _ensure_demo(root, frames, rebuild=False, keep_count=True)
         else:
             _ensure_bench(root, frames, rebuild=False, keep_count=True)
+    make_audio_encoder(root)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -656,6 +720,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.only in (None, "bench"):
         # The bench avatar links the demo frames; an existing demo keeps its frame count.
         made += _ensure_bench(args.root, args.frames, rebuild=args.force, keep_count=True)
+    encoder = args.root / AUDIO_ENCODER_NAME
+    if args.force or not encoder.exists():
+        make_audio_encoder(args.root, force=True)
+        made.append(AUDIO_ENCODER_NAME)
     for line in made or ["nothing to do"]:
         print(line)
     if args.only in (None, "bench"):

@@ -306,3 +306,64 @@ def test_missing_rects_alone_are_rewritten(tmp_path: Path) -> None:
     ma.ensure_avatars(tmp_path, names=("demo",), frames=3)
     assert rects.read_bytes() == before
     assert onnx_file.stat().st_mtime_ns == onnx_mtime
+
+
+# ---------------------------------------------------------------------------------- audio encoder
+
+
+def test_demo_audio_encoder_contract_and_levels(tmp_path: Path) -> None:
+    from engine.audio import frame_count, mel_windows, melspectrogram
+    from tools.make_speech import speech_pcm
+
+    path = ma.make_audio_encoder(tmp_path)
+    assert path == tmp_path / "audio_encoder.onnx"
+    model = onnx.load(str(path))
+    assert model.ir_version == 8
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+
+    def dims(vi):
+        return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+    inits = {t.name for t in model.graph.initializer}
+    assert [(vi.name, dims(vi)) for vi in model.graph.input if vi.name not in inits] == [
+        ("mel_spectrogram", ["batch", 1, 80, 16])]
+    assert [(vi.name, dims(vi)) for vi in model.graph.output] == [("audio_features", ["batch", 512])]
+    mtime = path.stat().st_mtime_ns
+    assert ma.make_audio_encoder(tmp_path) == path and path.stat().st_mtime_ns == mtime  # kept
+    assert path.read_bytes() == ma.build_demo_audio_encoder().SerializeToString()  # deterministic
+
+    sess = _session(model)
+    (silent,) = sess.run(None, {"mel_spectrogram": np.full((3, 1, 80, 16), -4.0, np.float32)})
+    assert silent.shape == (3, 512) and silent.dtype == np.float32
+    assert np.all(silent == 0)
+
+    pcm = speech_pcm(6.0, 3)
+    mel = melspectrogram(pcm)
+    windows = mel_windows(mel, 0, frame_count(pcm.size))
+    (feats,) = sess.run(None, {"mel_spectrogram": windows})
+    level = np.abs(feats).mean(axis=1)
+    pattern = ma.audio_encoder_pattern()
+    np.testing.assert_allclose(feats, level[:, None] * pattern[None], rtol=1e-6, atol=1e-7)  # s * P
+    loudness = windows.mean(axis=(1, 2, 3))
+    assert np.all(level[loudness < -3.9] == 0)  # pauses (-80 dBFS noise floor): closed mouth
+    speaking = level[level > 0]
+    assert speaking.size > 0.5 * level.size
+    assert 0.3 <= np.median(speaking) <= 1.0 and level.max() <= 1.2
+    # Louder windows give larger features (a monotone map of the window mean), and the level moves
+    # syllable by syllable rather than sitting at one value.
+    order = np.argsort(loudness)
+    assert np.all(np.diff(level[order]) >= 0)
+    assert np.percentile(speaking, 90) - np.percentile(speaking, 10) > 0.3
+    assert np.abs(np.diff(level)).max() > 0.1
+
+
+def test_ensure_avatars_writes_the_audio_encoder(tmp_path: Path) -> None:
+    ma.ensure_avatars(tmp_path, names=("demo",), frames=2)
+    enc = tmp_path / "audio_encoder.onnx"
+    assert enc.is_file()
+    mtime = enc.stat().st_mtime_ns
+    ma.ensure_avatars(tmp_path, names=("demo",), frames=2)
+    assert enc.stat().st_mtime_ns == mtime
+    enc.unlink()
+    ma.ensure_avatars(tmp_path, names=("demo",), frames=2)
+    assert enc.read_bytes() == ma.build_demo_audio_encoder().SerializeToString()

@@ -1,0 +1,158 @@
+"""Real-time streams on a real engine: order, pacing, chunking invariance, silence, bad audio, cleanup."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import simplejpeg
+import zmq
+
+from engine.client import Client, EngineError, StreamClosed
+from tools.make_speech import speech_pcm
+
+pytestmark = pytest.mark.integration
+
+
+def frames_of(c: Client, pcm: np.ndarray, chunks: int, realtime: bool = False) -> list:
+    s = c.open_stream("demo", realtime=realtime)
+    for part in np.array_split(pcm, chunks):
+        s.push(part)
+    s.end()
+    return list(s.frames(timeout=60))
+
+
+def test_same_audio_in_one_chunk_or_37_gives_the_same_frames(shared_engine):
+    pcm = speech_pcm(2.0, seed=5)
+    with Client(shared_engine.endpoint) as c:
+        one = frames_of(c, pcm, 1)
+        many = frames_of(c, pcm, 37)
+    assert len(one) == len(many) == 50                     # ceil(32000 / 640)
+    assert [f.number for f in one] == list(range(50)) and one[-1].last
+    assert [f.pts_ms for f in one[:3]] == [0, 40, 80]
+    assert all(a.jpeg == b.jpeg for a, b in zip(one, many))
+    # the mouth follows the audio: frames differ, and the avatar frames ping-pong over 12 frames
+    assert len({f.jpeg for f in one}) > 20
+    assert [f.avatar_frame for f in one[:14]] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 10, 9]
+
+
+def test_three_concurrent_streams_in_order_and_paced(shared_engine):
+    seconds = 2.0
+    results: dict[int, list] = {}
+
+    def speak(n: int) -> None:
+        pcm = speech_pcm(seconds, seed=n)
+        with Client(shared_engine.endpoint, timeout=60) as c:
+            s = c.open_stream("demo", realtime=True)
+            # the whole utterance at once (a speech synthesiser): the engine must still pace the frames
+            for off in range(0, len(pcm), 3200):
+                s.push(pcm[off:off + 3200])
+            s.end()
+            results[n] = [(time.monotonic(), f) for f in s.frames(timeout=60)]
+
+    threads = [threading.Thread(target=speak, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(results) == [0, 1, 2]
+    for got in results.values():
+        numbers = [f.number for _, f in got]
+        assert numbers == list(range(50))
+        # paced: never ahead of the media clock (frame k no earlier than k x 40 ms after frame 0)
+        t_first = got[0][0]
+        for t, f in got:
+            assert t - t_first >= f.pts_ms / 1000 - 0.02
+        assert all(f.late_ms >= 0 for _, f in got)
+        assert got[-1][1].last
+
+
+def test_silence_gives_idle_background_frames(shared_engine, models_root):
+    import cv2
+    with Client(shared_engine.endpoint) as c:
+        frames = frames_of(c, np.zeros(16000, np.float32), 1)
+        h = c.health()
+    assert len(frames) == 25 and all(f.idle for f in frames)
+    bg = cv2.imread(str(models_root / "demo" / "frames" / "frame_0003.png"))
+    img = simplejpeg.decode_jpeg(frames[3].jpeg, colorspace="BGR")
+    assert np.abs(img.astype(int) - bg).mean() < 3
+    assert h["streams"] == []                              # ended streams are gone
+
+
+@pytest.mark.parametrize("pcm, end, code, word", [
+    (np.zeros(0, np.float32), False, "bad_payload", "empty"),
+    (np.full(100, np.nan, np.float32), False, "bad_payload", "NaN"),
+    (np.zeros(16000 * 31, np.float32), False, "bad_payload", "30 s"),
+    (np.zeros((2, 100), np.float32), False, "bad_payload", "one channel"),
+    (np.zeros(100, np.uint8), False, "bad_payload", "float32 or int16"),
+])
+def test_bad_audio_gets_an_error_and_the_stream_survives(shared_engine, pcm, end, code, word):
+    with Client(shared_engine.endpoint) as c:
+        s = c.open_stream("demo", realtime=False)
+        with pytest.raises(EngineError) as err:
+            c.call("stream_audio", {"stream": s.id, "end": end}, [("pcm", pcm)])
+        assert err.value.code == code and word in err.value.message
+        s.push((speech_pcm(0.5, seed=1) * 32767).astype(np.int16))      # int16 works too
+        s.end()
+        assert len(list(s.frames(timeout=60))) == 13
+
+
+def test_bad_stream_requests(shared_engine):
+    with Client(shared_engine.endpoint) as c:
+        with pytest.raises(EngineError, match="sample_rate must be 16000"):
+            c.call("stream_open", {"model": "demo", "sample_rate": 44100})
+        with pytest.raises(EngineError, match="unknown_model"):
+            c.open_stream("nobody")
+        with pytest.raises(EngineError, match="unknown_stream"):
+            c.call("stream_audio", {"stream": "s999"}, [("pcm", np.zeros(10, np.float32))])
+        s = c.open_stream("demo")
+        with Client(shared_engine.endpoint) as other:            # another connection cannot use it
+            with pytest.raises(EngineError, match="unknown_stream"):
+                other.call("stream_close", {"stream": s.id})
+        assert s.close()["frames_sent"] == 0
+        with pytest.raises(EngineError, match="unknown_stream"):
+            s.push(np.zeros(10, np.float32))
+        assert c.health()["streams"] == []
+
+
+def test_client_loss_frees_the_stream(shared_engine):
+    ctx = zmq.Context.instance()
+    c = Client(shared_engine.endpoint, ctx=ctx)
+    s = c.open_stream("demo", realtime=False)
+    s.push(speech_pcm(1.0, seed=2))
+    c.sock.close(0)                                          # gone without closing the stream
+    with Client(shared_engine.endpoint) as watcher:
+        deadline = time.monotonic() + 20
+        while watcher.health()["streams"]:
+            assert time.monotonic() < deadline, watcher.health()["streams"]
+            # frames for it are produced and the send to the vanished peer fails: the stream closes
+            time.sleep(0.2)
+        assert watcher.unload("demo")["unloaded"] is True      # nothing pins the avatar any more
+
+
+def test_idle_timeout_closes_with_an_event(engine_factory):
+    eng = engine_factory("[streams]\nidle_timeout_s = 1\n")
+    with Client(eng.endpoint) as c:
+        s = c.open_stream("demo")
+        with pytest.raises(StreamClosed) as err:
+            list(s.frames(timeout=20))
+        assert err.value.code == "stream_timeout"
+        assert c.health()["streams"] == []
+
+
+def test_health_shows_stream_rate_and_lag(shared_engine):
+    with Client(shared_engine.endpoint) as c:
+        s = c.open_stream("demo", realtime=True)
+        pcm = speech_pcm(2.0, seed=4)
+        s.push(pcm[:16000])
+        got = []
+        deadline = time.monotonic() + 20
+        while len(got) < 10 and time.monotonic() < deadline:
+            got += s.poll(0.5)
+        row = next(r for r in c.health()["streams"] if r["stream"] == s.id)
+        assert row["frames_sent"] >= 10 and row["rate_fps"] > 0 and row["lag_ms"] >= 0
+        assert set(row) >= {"rate_fps", "lag_ms", "max_lag_ms", "audio_s", "first_frame_ms"}
+        s.close()
+    json.dumps(row)

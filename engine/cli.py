@@ -313,15 +313,25 @@ def bench_streams(ctx: click.Context, model: str, counts: str, seconds: float, a
 @click.option("--batch-size", default=24, show_default=True)
 @click.pass_context
 def demo(ctx: click.Context, out: str, batches: int, batch_size: int) -> None:
-    """The main job on the built-in demo avatar: make it if missing, start, bench, save frames, stop."""
+    """The main job on the built-in demo avatar: make it if missing, start, bench, save frames,
+    render the demo avatar speaking to an MP4, stop."""
     cfg = _cfg(ctx)
     from tools.make_avatars import ensure_avatars
+    from tools.make_speech import make_speech_wav
+    from tools.render import render
     click.echo(f"avatars under {cfg.models_dir}: making what is missing...")
     ensure_avatars(cfg.models_dir)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     start_detached(cfg)
     try:
         load_with_progress(cfg, "demo")
-        run_bench_cli(cfg, "demo", batches, batch_size, 1, Path(out))
+        run_bench_cli(cfg, "demo", batches, batch_size, 1, out_dir / "frames")
+        wav = make_speech_wav(out_dir / "speech.wav", seconds=8.0)
+        click.echo(f"rendering the demo avatar speaking {wav} through a stream...")
+        info = render(cfg.server.front, "demo", wav, out_dir / "demo.mp4")
+        click.echo(f"{info['path']}: {info['frames']} frames, {info['duration_s']} s, {info['video_codec']} + "
+                   f"{info['audio_codec']}, {info['bytes'] / 1e6:.1f} MB (engine {info['engine_fps']} frames/s)")
         with _client(cfg, 10) as c:
             h = c.health()
         click.echo(f"provider {', '.join(h['provider'])}; {h['frames']} frames served")

@@ -221,6 +221,7 @@ class Stream:
         self.id = stream_id
         self.info = info
         self.ended = False
+        self.finished = False                 # the last frame (or an error event) arrived: the engine closed it
 
     def push(self, pcm: np.ndarray, end: bool = False) -> dict[str, Any]:
         """Send audio (float32 in [-1, 1] or int16, 16 kHz mono); ``end`` marks the last chunk."""
@@ -248,11 +249,15 @@ class Stream:
 
     def _frame(self, ev: P.Reply) -> StreamFrame:
         if ev.event == "stream_error":
+            self.finished = True
             err = ev.error or {}
             raise StreamClosed(err.get("code", "unknown"), err.get("message", ""))
         if ev.event == "stream_end":
+            self.finished = True
             raise StopIteration
-        return _stream_frame(ev)
+        f = _stream_frame(ev)
+        self.finished = self.finished or f.last
+        return f
 
     def frames(self, timeout: float | None = None) -> Iterator[StreamFrame]:
         """Every frame in order until the last one (after :meth:`end`); StreamClosed on an error event."""
@@ -266,6 +271,9 @@ class Stream:
                 return
 
     def close(self) -> dict[str, Any]:
+        """Close the stream (a no-op once the engine has ended it)."""
+        if self.finished:
+            return {"stream": self.id, "closed_by_engine": True}
         return self.client.call("stream_close", {"stream": self.id}).result
 
 
@@ -348,6 +356,7 @@ class AsyncStream:
         self.client = client
         self.id = stream_id
         self.info = info
+        self.finished = False
 
     async def push(self, pcm: np.ndarray, end: bool = False) -> dict[str, Any]:
         return (await self.client.call("stream_audio", {"stream": self.id, "end": end}, _pcm_buffer(pcm))).result
@@ -360,14 +369,20 @@ class AsyncStream:
         while True:
             ev = await q.get()
             if ev.event == "stream_error":
+                self.finished = True
                 err = ev.error or {}
                 raise StreamClosed(err.get("code", "unknown"), err.get("message", ""))
             if ev.event == "stream_end":
+                self.finished = True
                 return
             f = _stream_frame(ev)
+            self.finished = self.finished or f.last
             yield f
             if f.last:
                 return
 
     async def close(self) -> dict[str, Any]:
+        """Close the stream (a no-op once the engine has ended it)."""
+        if self.finished:
+            return {"stream": self.id, "closed_by_engine": True}
         return (await self.client.call("stream_close", {"stream": self.id})).result

@@ -442,6 +442,8 @@ class Front(Role):
         if slot not in g.free:
             g.free.append(slot)
         self._drain_pending()
+        if self.streams:
+            self._schedule_streams()
 
     def _fail(self, job: Job, code: str, message: str) -> None:
         """Error reply for a job; its slot (if any) is freed by the caller's state logic."""
@@ -506,6 +508,7 @@ class Front(Role):
             log.info("GPU worker %d ready (%s, device %s)", g.idx, g.provider, msg.get("device"))
             self._send_state()
             self._drain_pending()
+            self._schedule_streams()
             return
         if t == "models":
             g.models = set(msg["models"])
@@ -776,28 +779,34 @@ class Front(Role):
                                                          error=error)])
 
     def _schedule_streams(self) -> None:
-        """Turn ready frames into batches: fewest batches in flight first, one job per avatar."""
+        """Turn ready stream frames into GPU jobs, one job per free ring slot, most urgent first.
+
+        Frames are taken only when a slot can run them, so the choice is made as late as possible:
+        the stream whose next frame is due first (fewest batches in flight breaking ties) picks the
+        avatar, and every ready stream of that avatar joins the job (one Run for all of them).
+        """
         cfg = self.cfg.streams
-        by_avatar: dict[str, list[StreamBatch]] = {}
-        for s in sorted(self.streams.values(), key=lambda s: (s.inflight, s.next_frame)):
-            while s.inflight < cfg.max_inflight_batches:
+        while self.streams:
+            free = sum(len(g.free) for g in self.gpus if g.state == "ready") - len(self.pending)
+            if free <= 0:
+                return
+            eligible = sorted((s for s in self.streams.values()
+                               if s.inflight < cfg.max_inflight_batches and s.schedulable() > 0),
+                              key=lambda s: (s.inflight, s.deadline()))
+            if not eligible:
+                return
+            model, group, frames = eligible[0].model, [], 0
+            for s in eligible:
+                if s.model != model:
+                    continue
                 n = s.schedulable()
-                if n == 0:
+                alone = len(self.streams) == 1 and n > 2 * cfg.batch_frames       # catching up alone
+                count = min(n, cfg.batch_frames * (3 if alone else 1), self.cfg.ring.max_batch - frames)
+                if count <= 0:
                     break
-                cap = cfg.batch_frames if n <= 2 * cfg.batch_frames else 3 * cfg.batch_frames  # catching up
-                by_avatar.setdefault(s.model, []).append(s.take(min(n, cap, self.cfg.ring.max_batch),
-                                                                s.entry.view.n))
-        for batches in by_avatar.values():
-            for idle in (True, False):
-                group, frames = [], 0
-                for b in (b for b in batches if b.idle == idle):
-                    if group and frames + b.count > self.cfg.ring.max_batch:
-                        self._submit_stream_job(group, idle)
-                        group, frames = [], 0
-                    group.append(b)
-                    frames += b.count
-                if group:
-                    self._submit_stream_job(group, idle)
+                group.append(s.take(count, s.entry.view.n))
+                frames += count
+            self._submit_stream_job(group, all(b.idle for b in group))
 
     def _submit_stream_job(self, batches: list[StreamBatch], idle: bool) -> None:
         e = batches[0].stream.entry
@@ -821,8 +830,7 @@ class Front(Role):
         job.done = True
         self._account(job, ok=True)
         self.frames_out += job.batch
-        self._free(g, job.slot)
-        self._schedule_streams()
+        self._free(g, job.slot)                  # schedules the next stream frames
         self._deliver_streams()
 
     def _deliver_streams(self) -> None:

@@ -120,6 +120,11 @@ class Stream:
         self.inflight += 1
         return StreamBatch(self, a, count, w0, windows, indices, idle)
 
+    def deadline(self) -> float:
+        """When the next frame to schedule is due (its scheduling priority)."""
+        base = self.t0 if self.t0 is not None else self.opened
+        return base + self.next_frame / FPS
+
     # -- delivery ----------------------------------------------------------------------------------
     def due(self, k: int) -> float:
         assert self.t0 is not None

@@ -47,9 +47,7 @@ def test_three_concurrent_streams_in_order_and_paced(shared_engine):
         with Client(shared_engine.endpoint, timeout=60) as c:
             s = c.open_stream("demo", realtime=True)
             # the whole utterance at once (a speech synthesiser): the engine must still pace the frames
-            for off in range(0, len(pcm), 3200):
-                s.push(pcm[off:off + 3200])
-            s.end()
+            s.push(pcm, end=True)
             results[n] = [(time.monotonic(), f) for f in s.frames(timeout=60)]
 
     threads = [threading.Thread(target=speak, args=(n,)) for n in range(3)]
@@ -61,10 +59,12 @@ def test_three_concurrent_streams_in_order_and_paced(shared_engine):
     for got in results.values():
         numbers = [f.number for _, f in got]
         assert numbers == list(range(50))
-        # paced: never ahead of the media clock (frame k no earlier than k x 40 ms after frame 0)
+        # paced: never ahead of the media clock (frame k no earlier than k x 40 ms after frame 0, give
+        # or take this test's own reading jitter), although all the audio was there at once
         t_first = got[0][0]
         for t, f in got:
-            assert t - t_first >= f.pts_ms / 1000 - 0.02
+            assert t - t_first >= f.pts_ms / 1000 - 0.15
+        assert got[-1][0] - t_first >= 49 * 0.040 - 0.05
         assert all(f.late_ms >= 0 for _, f in got)
         assert got[-1][1].last
 
@@ -156,3 +156,44 @@ def test_health_shows_stream_rate_and_lag(shared_engine):
         assert set(row) >= {"rate_fps", "lag_ms", "max_lag_ms", "audio_s", "first_frame_ms"}
         s.close()
     json.dumps(row)
+
+
+@pytest.fixture(scope="module")
+def slow_avatar(models_root):
+    """The demo frames with the SyncTalk_2D-cost network: slower than 25 frames/s on this CPU."""
+    import os
+    import shutil
+
+    from tools.make_avatars import build_bench_network
+    d = models_root / "slow"
+    if not (d / "checkpoint" / "model_best.onnx").exists():
+        (d / "checkpoint").mkdir(parents=True, exist_ok=True)
+        if not (d / "frames").exists():
+            os.symlink(models_root / "demo" / "frames", d / "frames")
+        shutil.copy(models_root / "demo" / "crop_rects.json", d / "crop_rects.json")
+        (d / "checkpoint" / "model_best.onnx").write_bytes(build_bench_network().SerializeToString())
+    return "slow"
+
+
+def test_falling_behind_is_reported_and_no_stream_starves(engine_factory, slow_avatar):
+    eng = engine_factory()
+    pcm = speech_pcm(1.2, seed=9)
+    with Client(eng.endpoint, timeout=120) as a, Client(eng.endpoint, timeout=120) as b:
+        sa, sb = a.open_stream(slow_avatar), b.open_stream(slow_avatar)
+        for s in (sa, sb):
+            s.push(pcm)
+            s.end()
+        got_a, got_b = [], []
+        deadline = time.monotonic() + 120
+        while (not got_a or not got_a[-1].last or not got_b or not got_b[-1].last) and time.monotonic() < deadline:
+            got_a += sa.poll(0.05)
+            got_b += sb.poll(0.05)
+            if len(got_a) == 15:
+                row = {r["stream"]: r for r in a.health()["streams"]}
+                # neither stream is left behind by the other
+                assert abs(row[sa.id]["frames_sent"] - row[sb.id]["frames_sent"]) <= 12
+                assert row[sa.id]["lag_ms"] > 0 or row[sb.id]["lag_ms"] > 0
+    for got in (got_a, got_b):
+        assert [f.number for f in got] == list(range(30))
+        # the network makes ~15 frames/s here, so frames come later and later: lateness is reported
+        assert got[-1].late_ms > got[5].late_ms + 200

@@ -55,6 +55,12 @@ class GpuWorker(Role):
                     self.core.load(name, path)
                 except (InferenceError, AvatarError) as e:
                     log.error("preload of %s failed: %s", name, e)
+        encoder = self.cfg.models_dir / self.cfg.streams.audio_encoder
+        if encoder.is_file():
+            try:
+                self.core.encode_audio(str(encoder), np.zeros((16, 1, 80, 16), np.float32))
+            except InferenceError as e:
+                log.error("audio encoder: %s", e)
         send_msg(self.sock, {"t": "ready", "provider": self.core.provider, "device": self.device,
                              "models": list(self.core.models)})
 
@@ -102,21 +108,22 @@ class GpuWorker(Role):
         try:
             model = self.core.load(msg["model"], Path(msg["onnx"]))
             g = model.graph
-            image = self.ring.visual(slot, (batch, *g.image_shape))
-            audio = self.ring.audio(slot, (batch, *g.audio_shape))
-            out = self.ring.output(slot, (batch, *g.output_shape))
+            run_batch = self.core.bucket(batch, self.ring.geometry.max_batch)   # rows past batch: ignored
+            image = self.ring.visual(slot, (run_batch, *g.image_shape))
+            audio = self.ring.audio(slot, (run_batch, *g.audio_shape))
+            out = self.ring.output(slot, (run_batch, *g.output_shape))
             t0 = time.perf_counter()
             stream = msg.get("stream")
             if stream is not None and stream["idle"]:
                 t1 = t2 = time.perf_counter()            # silence: no network, compositors send backgrounds
             else:
                 if stream is not None:
-                    audio = self._stream_audio(slot, stream, batch, g.audio_shape)
+                    audio = self._stream_audio(slot, stream, run_batch, g.audio_shape)
                 fill = msg.get("fill")
                 if fill is not None:
                     view = self._avatar(fill["avatar"])
                     idx = np.asarray(fill["indices"], np.int64)
-                    fill_visual(view.crops[idx], image)
+                    fill_visual(view.crops[idx], image[:len(idx)])
                 t1 = time.perf_counter()
                 self.core.run(model, image, audio, out)
                 t2 = time.perf_counter()
@@ -144,7 +151,7 @@ class GpuWorker(Role):
         nwin = sum(s["nwin"] for s in segs)
         windows = self.ring.audio(slot, (nwin, 1, 80, 16))
         enc = self.core.encode_audio(stream["encoder"], windows) if nwin else np.zeros((0, 512), np.float32)
-        audio = np.empty((batch, *shape), np.float32)
+        audio = np.zeros((batch, *shape), np.float32)
         row = w = 0
         for s in segs:
             n, count, pad = s["nwin"], s["count"], s["pad_before"]

@@ -20,6 +20,7 @@ from .avatar import GraphInfo, read_graph
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 50)     # GPU batch sizes (see InferenceCore.bucket)
 CUDA = "CUDAExecutionProvider"
 
 
@@ -59,7 +60,9 @@ class InferenceCore:
             if CUDA not in ort.get_available_providers():
                 raise InferenceError(f"GPU {device} requested but this onnxruntime has no CUDAExecutionProvider "
                                      f"(available: {ort.get_available_providers()})")
-            self.providers = [(CUDA, {"device_id": device}), CPU]
+            # heuristic algorithm choice: an exhaustive cuDNN search for every new batch size costs
+            # hundreds of ms, and streams make batches of many sizes
+            self.providers = [(CUDA, {"device_id": device, "cudnn_conv_algo_search": "HEURISTIC"}), CPU]
         self.provider = CPU if device is None else CUDA
         if device is not None:
             self._probe()
@@ -108,14 +111,22 @@ class InferenceCore:
         log.info("loaded network %s on %s in %.0f ms", name, actual, 1000 * (time.perf_counter() - t0))
         return m
 
+    def bucket(self, batch: int, limit: int) -> int:
+        """The batch size to run: on a GPU, padded up to one of a few sizes (fewer shapes to tune
+        and allocate for); on the CPU, the batch itself (padding would only cost time)."""
+        if self.device is None:
+            return batch
+        return min(next((b for b in BUCKETS if b >= batch), limit), limit)
+
     def _warm_up(self, m: LoadedModel) -> None:
-        """Two small runs so the first request does not pay for allocations (and cuDNN's search)."""
-        b = m.graph.fixed_batch or 1
-        image = np.zeros((b, *m.graph.image_shape), np.float32)
-        audio = np.zeros((b, *m.graph.audio_shape), np.float32)
-        out = np.empty((b, *m.graph.output_shape), np.float32)
-        for _ in range(2):
-            self.run(m, image, audio, out)
+        """Runs at load so the first requests do not pay for allocations and kernel choice."""
+        sizes = [m.graph.fixed_batch or 1] if self.device is None or m.graph.fixed_batch else list(BUCKETS)
+        for b in sizes:
+            image = np.zeros((b, *m.graph.image_shape), np.float32)
+            audio = np.zeros((b, *m.graph.audio_shape), np.float32)
+            out = np.empty((b, *m.graph.output_shape), np.float32)
+            for _ in range(1 if len(sizes) > 1 else 2):
+                self.run(m, image, audio, out)
         m.runs = 0
 
     def encode_audio(self, path: str, windows: np.ndarray) -> np.ndarray:

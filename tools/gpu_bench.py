@@ -73,12 +73,12 @@ def ort_matrix(onnx_path: Path, provider: str, batches: list[int], repeats: int)
 
 
 def engine_runs(models: Path, devices: str, compositors: int, slots: int, clients_list: list[int], batch: int,
-                batches: int, tmp: Path) -> list[dict]:
-    from engine.bench import run_bench
+                batches: int, tmp: Path, stream_counts: list[int] = (), stream_seconds: float = 6.0) -> list[dict]:
+    from engine.bench import run_bench, run_stream_bench
     from engine.cli import control
     from engine.config import load_config
     rows = []
-    for slot_count in sorted({1, slots}):
+    for slot_count in sorted({1, slots}) if len(clients_list) > 1 else [slots]:
         cfg_path = tmp / f"engine_{slot_count}.toml"
         cfg_path.write_text(f'''models_root = "{models}"
 [server]
@@ -113,6 +113,12 @@ slots = 4
                 s.update(slots_per_device=slot_count, compositors=compositors, provider=provider)
                 rows.append(s)
                 print(s, flush=True)
+            if slot_count == slots:
+                for n in stream_counts:
+                    r = run_stream_bench(cfg.server.front, "bench", n, stream_seconds).summary()
+                    r.update(kind="streams", slots_per_device=slot_count, provider=provider)
+                    rows.append(r)
+                    print(r, flush=True)
             st = control(cfg, "status", 5.0)
             rows[-1]["rss_mb"] = {f"{p['role']}-{p['idx']}": round(p["rss_bytes"] / 1e6) for p in st["processes"]}
         finally:
@@ -125,6 +131,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "out/gpu"))
     ap.add_argument("--quick", action="store_true", help="a small matrix (CPU self-test)")
+    ap.add_argument("--streams-only", action="store_true", help="only the stream benchmark")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,14 +155,20 @@ def main() -> None:
     onnx_path = models / "bench" / "checkpoint" / "model_best.onnx"
     report: dict = {"date": time.strftime("%Y-%m-%d"), "gpu": name, "onnxruntime": ort.__version__,
                     "cores": os.cpu_count()}
-    if gpu:
+    if gpu and args.streams_only:
+        report["ort"] = []
+        ncomp = max(2, (os.cpu_count() or 4) - 2)
+        report["engine"] = engine_runs(models, "[0]", ncomp, 2, [8], 24, 5, tmp, [1, 8, 16, 32])
+    elif gpu:
         report["ort"] = ort_matrix(onnx_path, "CUDAExecutionProvider", [1, 8, 24, 48], 20)
         ncomp = max(2, (os.cpu_count() or 4) - 2)
-        report["engine"] = engine_runs(models, "[0]", ncomp, 2, [1, 2, 4, 8], 24, 10, tmp)
+        report["engine"] = engine_runs(models, "[0]", ncomp, 2, [1, 2, 4, 8], 24, 10, tmp, [1, 8, 16, 24, 32])
     else:
         report["ort"] = ort_matrix(onnx_path, "CPUExecutionProvider", [1, 8], 2 if args.quick else 5)
-        report["engine"] = engine_runs(models, "[]", 2, 1, [1, 2], 8, 2, tmp)
+        report["engine"] = engine_runs(models, "[]", 2, 1, [1, 2], 8, 2, tmp, [1], 2.0)
     (out / "gpu_bench.json").write_text(json.dumps(report, indent=2))
+    for log in tmp.glob("*.log"):
+        (out / log.name).write_text(log.read_text(errors="replace")[-200_000:])
     print("\n| provider | batch | io binding | ms/batch | ms/frame | frames/s | TFLOP/s |")
     print("|---|---|---|---|---|---|---|")
     for r in report["ort"]:
@@ -163,9 +176,14 @@ def main() -> None:
               f"{r['fps']} | {r['tflops']} |")
     print("\n| GPU workers | clients | batch | frames/s | per client | inference ms | composite ms | total ms |")
     print("|---|---|---|---|---|---|---|---|")
-    for r in report["engine"]:
+    for r in (r for r in report["engine"] if r.get("kind") != "streams"):
         print(f"| {r['slots_per_device']} | {r['clients']} | {r['batch_size']} | {r['fps']} | {r['per_client_fps']} | "
               f"{r['inference_ms']} | {r['composite_ms']} | {r['total_ms']} |")
+    print("\n| streams | frames | min frames/s | first frame ms | latency p50 | latency p99 | late p99 | errors |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in (r for r in report["engine"] if r.get("kind") == "streams"):
+        print(f"| {r['streams']} | {r['frames']} | {r['min_rate_fps']} | {r['first_frame_ms_max']} | "
+              f"{r['latency_p50_ms']} | {r['latency_p99_ms']} | {r['late_p99_ms']} | {r['errors']} |")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 50)     # GPU batch sizes (see InferenceCore.bucket)
+ENCODER_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)   # GPU audio-encoder window counts
 CUDA = "CUDAExecutionProvider"
 
 
@@ -130,7 +131,12 @@ class InferenceCore:
         m.runs = 0
 
     def encode_audio(self, path: str, windows: np.ndarray) -> np.ndarray:
-        """The audio encoder ([N,1,80,16] mel windows -> [N,D] features), one Run for all windows."""
+        """The audio encoder ([N,1,80,16] mel windows -> [N,D] features), one Run for all windows.
+
+        On a GPU the window count is padded to a power of two (at least 16), every size warmed up
+        when the encoder is loaded: a stream job's window count varies from job to job, and each
+        new input shape costs CUDA/cuDNN set-up time that must not land on a live stream.
+        """
         sess = self.encoders.get(path)
         if sess is None:
             try:
@@ -138,8 +144,20 @@ class InferenceCore:
             except Exception as e:  # noqa: BLE001
                 raise InferenceError(f"{path}: onnxruntime cannot load the audio encoder: {e}") from None
             self.encoders[path] = sess
-        name = sess.get_inputs()[0].name
-        return sess.run(None, {name: np.ascontiguousarray(windows, np.float32)})[0]
+            if self.device is not None:
+                for n in ENCODER_BUCKETS:
+                    self._encode(sess, np.zeros((n, *windows.shape[1:]), np.float32))
+        n = len(windows)
+        if self.device is not None and n:
+            size = next((b for b in ENCODER_BUCKETS if b >= n), n)
+            padded = np.zeros((size, *windows.shape[1:]), np.float32)
+            padded[:n] = windows
+            return self._encode(sess, padded)[:n]
+        return self._encode(sess, np.ascontiguousarray(windows, np.float32))
+
+    @staticmethod
+    def _encode(sess: ort.InferenceSession, windows: np.ndarray) -> np.ndarray:
+        return sess.run(None, {sess.get_inputs()[0].name: windows})[0]
 
     def unload(self, name: str) -> bool:
         return self.models.pop(name, None) is not None

@@ -250,3 +250,26 @@ class AvatarView:
     def close(self) -> None:
         self.rects = self.frames = self.crops = None  # type: ignore[assignment]
         self.segment.close()
+
+
+class AttachedAvatars:
+    """The avatar segments a worker process has mapped: attached on first use, dropped on request
+    (the front evicted or unloaded that avatar)."""
+
+    def __init__(self) -> None:
+        self.views: dict[str, AvatarView] = {}
+
+    def get(self, segment: str) -> AvatarView:
+        view = self.views.get(segment)
+        if view is None:
+            view = self.views[segment] = AvatarView.attach(segment)
+        return view
+
+    def drop(self, segment: str) -> None:
+        view = self.views.pop(segment, None)
+        if view is not None:
+            view.close()
+
+    def close(self) -> None:
+        for segment in list(self.views):
+            self.drop(segment)

@@ -55,6 +55,19 @@ class StreamClosed(EngineError):
     """The stream ended with an error event (timeout, worker died, engine stopping)."""
 
 
+def _event_frame(owner: Stream | AsyncStream, ev: P.Reply) -> StreamFrame | None:
+    """A stream event as a frame; None at the stream's end; StreamClosed for an error event."""
+    if ev.event in ("stream_error", "stream_end"):
+        owner.finished = True
+        if ev.event == "stream_end":
+            return None
+        err = ev.error or {}
+        raise StreamClosed(err.get("code", "unknown"), err.get("message", ""))
+    f = _stream_frame(ev)
+    owner.finished = owner.finished or f.last
+    return f
+
+
 def _stream_frame(reply: P.Reply) -> StreamFrame:
     r = reply.result
     frame = reply.buffers[0][1]
@@ -236,35 +249,20 @@ class Stream:
         """Frames that have arrived (waiting at most ``timeout`` for the first)."""
         out: list[StreamFrame] = []
         try:
-            while True:
-                ev = self.client.next_event(self.id, timeout if not out else 0.0)
-                out.append(self._frame(ev))
-                if out[-1].last:
+            while not self.finished:
+                f = _event_frame(self, self.client.next_event(self.id, timeout if not out else 0.0))
+                if f is None:
                     break
+                out.append(f)
         except EngineTimeout:
             pass
-        except StopIteration:
-            pass
         return out
-
-    def _frame(self, ev: P.Reply) -> StreamFrame:
-        if ev.event == "stream_error":
-            self.finished = True
-            err = ev.error or {}
-            raise StreamClosed(err.get("code", "unknown"), err.get("message", ""))
-        if ev.event == "stream_end":
-            self.finished = True
-            raise StopIteration
-        f = _stream_frame(ev)
-        self.finished = self.finished or f.last
-        return f
 
     def frames(self, timeout: float | None = None) -> Iterator[StreamFrame]:
         """Every frame in order until the last one (after :meth:`end`); StreamClosed on an error event."""
         while True:
-            try:
-                f = self._frame(self.client.next_event(self.id, timeout))
-            except StopIteration:
+            f = _event_frame(self, self.client.next_event(self.id, timeout))
+            if f is None:
                 return
             yield f
             if f.last:
@@ -367,16 +365,9 @@ class AsyncStream:
     async def frames(self) -> AsyncIterator[StreamFrame]:
         q = self.client._events.setdefault(self.id, asyncio.Queue())
         while True:
-            ev = await q.get()
-            if ev.event == "stream_error":
-                self.finished = True
-                err = ev.error or {}
-                raise StreamClosed(err.get("code", "unknown"), err.get("message", ""))
-            if ev.event == "stream_end":
-                self.finished = True
+            f = _event_frame(self, await q.get())
+            if f is None:
                 return
-            f = _stream_frame(ev)
-            self.finished = self.finished or f.last
             yield f
             if f.last:
                 return

@@ -16,14 +16,13 @@ Messages::
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 
 import cv2
 import zmq
 
-from .avatar import AvatarView
+from .avatar import AttachedAvatars
 from .kernels import FrameCompositor
 from .process import Role, send_msg
 from .ring import BatchRing
@@ -37,7 +36,7 @@ class Compositor(Role):
     def init_process(self) -> None:
         cv2.setNumThreads(1)            # one process per core already
         self.rings: dict[str, BatchRing] = {}
-        self.avatars: dict[str, AvatarView] = {}
+        self.avatars = AttachedAvatars()
         self.encoders: dict[tuple[int, str], FrameCompositor] = {}
         self.ctx = zmq.Context()
         self.sock = self.backend_socket(self.ctx)
@@ -54,20 +53,10 @@ class Compositor(Role):
         fc(bg, face, (8, 8, 40, 40), None, "stretch")
 
     def run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        while not self.stopping:
-            self.beat()
-            if not poller.poll(1000):
-                continue
-            frames = self.sock.recv_multipart()
-            msg = json.loads(frames[0])
-            if msg["t"] == "paste":
-                self.handle_paste(msg)
-            elif msg["t"] == "drop":
-                view = self.avatars.pop(msg["avatar"], None)
-                if view is not None:
-                    view.close()
+        self.serve()
+
+    def handle_drop(self, msg: dict) -> None:
+        self.avatars.drop(msg["avatar"])
 
     def _ring(self, name: str) -> BatchRing:
         ring = self.rings.get(name)
@@ -75,18 +64,12 @@ class Compositor(Role):
             ring = self.rings[name] = BatchRing.attach(name)
         return ring
 
-    def _avatar(self, name: str) -> AvatarView:
-        view = self.avatars.get(name)
-        if view is None:
-            view = self.avatars[name] = AvatarView.attach(name)
-        return view
-
     def handle_paste(self, msg: dict) -> None:
         base = {k: msg[k] for k in ("ring", "slot", "seq", "start")}
         t0 = time.perf_counter()
         try:
             ring = self._ring(msg["ring"])
-            view = self._avatar(msg["avatar"])
+            view = self.avatars.get(msg["avatar"])
             key = (msg["quality"], msg["subsampling"])
             enc = self.encoders.get(key)
             if enc is None:
@@ -116,8 +99,8 @@ class Compositor(Role):
                              "ms": 1000 * (time.perf_counter() - t0)}, *blobs)
 
     def shutdown(self) -> None:
-        for view in self.avatars.values():
-            view.close()
+        if hasattr(self, "avatars"):
+            self.avatars.close()
         for ring in self.rings.values():
             ring.close()
         if hasattr(self, "ctx"):

@@ -12,7 +12,6 @@ Messages (backend channel, JSON; see ``engine/front.py``)::
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import zmq
 
 from . import protocol as P
-from .avatar import AvatarError, AvatarView
+from .avatar import AttachedAvatars, AvatarError
 from .inference import InferenceCore, InferenceError
 from .kernels import fill_visual
 from .process import Role, send_msg
@@ -42,7 +41,7 @@ class GpuWorker(Role):
         self.core = InferenceCore(self.device, self.cfg.capacity.models_per_device,
                                   self.cfg.gpu.intra_op_threads, self.cfg.gpu.io_binding)
         self.ring = BatchRing.attach(self.ring_name)
-        self.avatars: dict[str, AvatarView] = {}
+        self.avatars = AttachedAvatars()
         self.ctx = zmq.Context()
         self.sock = self.backend_socket(self.ctx)
         fill_visual(np.zeros((1, 24, 24, 3), np.uint8), np.empty((1, 6, 16, 16), np.float32))  # compile now
@@ -65,39 +64,21 @@ class GpuWorker(Role):
                              "models": list(self.core.models)})
 
     def run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        while not self.stopping:
-            self.beat()
-            if not poller.poll(1000):
-                continue
-            frames = self.sock.recv_multipart()
-            msg = json.loads(frames[0])
-            t = msg.get("t")
-            if t == "run":
-                self.handle_run(msg)
-            elif t == "load":
-                try:
-                    self.core.load(msg["model"], Path(msg["onnx"]))
-                except (InferenceError, AvatarError) as e:
-                    log.error("loading network %s failed: %s", msg["model"], e)
-                send_msg(self.sock, {"t": "models", "models": list(self.core.models)})
-            elif t == "unload":
-                self.core.unload(msg["model"])
-                send_msg(self.sock, {"t": "models", "models": list(self.core.models)})
-            elif t == "drop":
-                self._drop(msg["avatar"])
+        self.serve()
 
-    def _avatar(self, segment: str) -> AvatarView:
-        view = self.avatars.get(segment)
-        if view is None:
-            view = self.avatars[segment] = AvatarView.attach(segment)
-        return view
+    def handle_load(self, msg: dict) -> None:
+        try:
+            self.core.load(msg["model"], Path(msg["onnx"]))
+        except (InferenceError, AvatarError) as e:
+            log.error("loading network %s failed: %s", msg["model"], e)
+        send_msg(self.sock, {"t": "models", "models": list(self.core.models)})
 
-    def _drop(self, segment: str) -> None:
-        view = self.avatars.pop(segment, None)
-        if view is not None:
-            view.close()
+    def handle_unload(self, msg: dict) -> None:
+        self.core.unload(msg["model"])
+        send_msg(self.sock, {"t": "models", "models": list(self.core.models)})
+
+    def handle_drop(self, msg: dict) -> None:
+        self.avatars.drop(msg["avatar"])
 
     def handle_run(self, msg: dict) -> None:
         slot, seq, batch = msg["slot"], msg["seq"], msg["batch"]
@@ -121,7 +102,7 @@ class GpuWorker(Role):
                     audio = self._stream_audio(slot, stream, run_batch, g.audio_shape)
                 fill = msg.get("fill")
                 if fill is not None:
-                    view = self._avatar(fill["avatar"])
+                    view = self.avatars.get(fill["avatar"])
                     idx = np.asarray(fill["indices"], np.int64)
                     fill_visual(view.crops[idx], image[:len(idx)])
                 t1 = time.perf_counter()
@@ -164,8 +145,8 @@ class GpuWorker(Role):
         return audio
 
     def shutdown(self) -> None:
-        for seg in list(self.avatars):
-            self._drop(seg)
+        if hasattr(self, "avatars"):
+            self.avatars.close()
         if hasattr(self, "ring"):
             self.ring.close()
         if hasattr(self, "ctx"):

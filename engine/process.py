@@ -129,6 +129,21 @@ class Role:
     def shutdown(self) -> None:
         """Release what init_process took (sockets, mappings). Owned segments are unlinked."""
 
+    def serve(self) -> None:
+        """Worker loop: beat, then hand each backend message to ``handle_<t>(msg)``."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self.stopping:
+            self.beat()
+            if not poller.poll(1000):
+                continue
+            msg = json.loads(self.sock.recv_multipart()[0])
+            handler = getattr(self, f"handle_{msg.get('t')}", None)
+            if handler is None:
+                log.warning("%s: unknown message %r", self.label, msg.get("t"))
+                continue
+            handler(msg)
+
     def backend_socket(self, ctx: zmq.Context) -> zmq.Socket:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.identity)

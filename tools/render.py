@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from engine.client import Client
 from tools.make_speech import SAMPLE_RATE, read_wav, resample

@@ -233,7 +233,7 @@ def _random_chunks(x: np.ndarray, n_chunks: int, seed: int) -> list[np.ndarray]:
 
 def _stream(chunks, consume: bool = True):
     s = A.StreamingMel()
-    out, got, cols = [], 0, []
+    out, got = [], 0
     for c in chunks:
         s.push(c)
         r = s.frames_ready()

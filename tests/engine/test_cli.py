@@ -62,6 +62,7 @@ def test_bad_config_names_the_key(tmp_path, models_root):
     assert "output.jpeg_quality" in r.stderr and "1..100" in r.stderr
 
 
+@pytest.mark.skipif(bool(__import__("engine.config").config.detect_gpus()), reason="this machine has a GPU")
 def test_gpu_that_cannot_start_stops_the_engine_with_a_message(tmp_path, models_root):
     inst = f"tg{os.getpid()}"
     cfg = write_config(tmp_path / "e.toml", models_root, tmp_path / "run", inst)

@@ -44,6 +44,7 @@ class AvatarEntry:
     last_used: float = 0.0
     load_ms: float = 0.0
     reserved: int = 0                      # bytes set aside for it while it loads
+    result: tuple | None = None            # the loader thread's outcome, published by finish()
     waiters: list[Callable[[AvatarEntry], None]] = field(default_factory=list)
 
     @property
@@ -74,9 +75,10 @@ def _iso(t: float) -> str | None:
 
 
 class AvatarStore:
-    def __init__(self, cfg: EngineConfig, wake: Callable[[str], None], on_evict: Callable[[str, str], None]) -> None:
+    def __init__(self, cfg: EngineConfig, wake: Callable[[AvatarEntry], None],
+                 on_evict: Callable[[str, str], None]) -> None:
         self.cfg = cfg
-        self.wake = wake                   # called from the loader thread: "entry X finished loading"
+        self.wake = wake                   # called from the loader thread: "this entry finished loading"
         self.on_evict = on_evict           # (name, segment) after an avatar left shared memory
         self.entries: dict[str, AvatarEntry] = {}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="avatar-loader")
@@ -132,36 +134,41 @@ class AvatarStore:
             e.waiters.append(waiter)
 
     def _load(self, e: AvatarEntry, seg: str) -> None:
-        """Loader thread: decode into a new segment, then wake the front."""
+        """Loader thread: decode into a new segment, then wake the front. It only leaves its result
+        in ``e.result``: the entry's state changes on the front's thread, in :meth:`finish`."""
         t0 = time.perf_counter()
         try:
             def progress(done: int, total: int) -> None:
                 e.progress = (done, total)
-            e.view = AvatarView.create(seg, e.files, e.graph.face, progress)
+            view = AvatarView.create(seg, e.files, e.graph.face, progress)
             e.load_ms = 1000 * (time.perf_counter() - t0)
-            e.state = "loaded"
+            e.result = ("loaded", view, "")
         except (AvatarError, OSError, ValueError) as err:
-            e.error, e.state = str(err), "failed"
+            e.result = ("failed", None, str(err))
         except Exception as err:  # noqa: BLE001 - a loader crash must not kill the front
             log.exception("loading %s failed", e.name)
-            e.error, e.state = f"loading failed: {err}", "failed"
-        self.wake(e.name)
+            e.result = ("failed", None, f"loading failed: {err}")
+        self.wake(e)
 
-    def finish(self, name: str) -> None:
-        """Front thread, after ``wake(name)``: hand the entry to its waiters."""
-        e = self.entries.get(name)
-        if e is None:
+    def finish(self, e: AvatarEntry) -> None:
+        """Front thread, after ``wake(e)``: publish the loader's result and hand the entry to its waiters."""
+        if e.result is None:
             return
+        e.state, e.view, e.error = e.result
+        e.result = None
         if e.state == "loaded":
             e.loaded_at = time.time()
-            log.info("avatar %s: %d frames %dx%d in shared memory (%.1f MB) in %.0f ms", name, e.view.n,
+            log.info("avatar %s: %d frames %dx%d in shared memory (%.1f MB) in %.0f ms", e.name, e.view.n,
                      e.view.width, e.view.height, e.nbytes / 1e6, e.load_ms)
         elif e.state == "failed":
             e.reserved = 0
-            log.error("avatar %s failed to load: %s", name, e.error)
+            log.error("avatar %s failed to load: %s", e.name, e.error)
         waiters, e.waiters = e.waiters, []
         for w in waiters:
-            w(e)
+            try:
+                w(e)
+            except Exception:  # noqa: BLE001 - one waiter's failure must not lose the others
+                log.exception("avatar %s: a waiting request failed", e.name)
 
     def _make_room(self, need: int, for_name: str) -> None:
         budget = self.cfg.capacity.background_bytes
@@ -197,6 +204,8 @@ class AvatarStore:
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         for e in list(self.entries.values()):
+            if e.result is not None and e.result[1] is not None:
+                e.result[1].close()                 # loaded, never published
             if e.view is not None:
                 e.view.close()
                 e.view = None

@@ -293,7 +293,10 @@ class AsyncClient:
         while True:
             frames = await self.sock.recv_multipart(copy=False)
             body = frames[1:] if frames and len(frames[0].buffer) == 0 else frames
-            reply = P.parse_reply(body)
+            try:
+                reply = P.parse_reply(body)
+            except P.ProtocolError:
+                continue                        # not a reply of this protocol: ignore it, keep reading
             if reply.event is not None:
                 self._events.setdefault(reply.stream, asyncio.Queue()).put_nowait(reply)
                 continue

@@ -75,7 +75,7 @@ class Front(StreamMethods, Role):
         self.comps = [CompHandle(i) for i in range(self.n_comps)]
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
-        self.woken: deque[str] = deque()
+        self.woken: deque[AvatarEntry] = deque()
         self.store = AvatarStore(self.cfg, self._wake, self._evicted)
         self.pending: deque[Job] = deque()
         self.comp_waiting: deque[Job] = deque()
@@ -93,8 +93,8 @@ class Front(StreamMethods, Role):
                 except (AvatarError, CapacityError) as e:
                     log.error("preload of avatar %s failed: %s", name, e)
 
-    def _wake(self, name: str) -> None:
-        self.woken.append(name)
+    def _wake(self, entry: AvatarEntry) -> None:
+        self.woken.append(entry)
         os.write(self.wake_w, b"x")
 
     def _evicted(self, name: str, segment: str) -> None:
@@ -177,16 +177,16 @@ class Front(StreamMethods, Role):
             log.exception("request failed")
             self.reply_error(envelope, req_id, P.INTERNAL, f"internal error: {e}")
 
-    def _send_client(self, parts: list[Any], track: bool = False) -> Any:
-        """Send to a client; False (or None when tracked) when the client is gone or not reading."""
+    def _send_client(self, parts: list[Any]) -> bool:
+        """Send to a client; False when the client is gone or not reading (its streams close)."""
         try:
-            sent = self.client.send_multipart(parts, flags=zmq.NOBLOCK, copy=False, track=track)
-            return sent if track else True
+            self.client.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+            return True
         except zmq.ZMQError as e:
             if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise
             self._client_gone(parts[0])
-            return None if track else False
+            return False
 
     def reply_error(self, envelope: list[Any], req_id: Any, code: str, message: str) -> None:
         self._send_client([*envelope, P.error_reply(req_id, code, message)])
@@ -237,13 +237,12 @@ class Front(StreamMethods, Role):
 
         def loaded(e: AvatarEntry) -> None:
             if e.state != "loaded":
-                self.reply_error(req.envelope, req.id, P.MODEL_ERROR, e.error)
-                return
+                raise ProtocolError(P.MODEL_ERROR, e.error)
             g = self._pick_gpu(e, any_state=True)
             if g is not None:
                 send_msg(self.backend, {"t": "load", "model": name, "onnx": str(e.files.onnx)}, to=g.identity)
             self.reply_ok(req, e.describe())
-        self._acquire(name, loaded)
+        self._acquire(name, lambda e: self._guard_request(req, loaded, e))
 
     def do_unload(self, req: P.Request) -> None:
         name = P.check_str(req.params, "model", req_id=req.id)
@@ -484,7 +483,7 @@ class Front(StreamMethods, Role):
             c.frames += len(msg["sizes"])
             job.sizes[chunk["start"]:chunk["start"] + len(msg["sizes"])] = msg["sizes"]
             for i, blob in zip(msg["inline"], blobs):
-                job.inline[i] = blob
+                job.inline[i] = bytes(blob.buffer)          # rare (a JPEG larger than its ring area)
         elif job.error is None:
             job.error = (P.INTERNAL, msg.get("message", "compositing failed"))
         if job.chunks_left == 0:
@@ -534,7 +533,7 @@ class Front(StreamMethods, Role):
         out = g.ring.output(job.slot, shape)
         header = P.ok_reply(job.req.id, self._timing(job),
                             [{"name": "output", "dtype": "float32", "shape": list(shape)}])
-        self._send_tracked(job, [*job.req.envelope, header, memoryview(out).cast("B")])
+        self._send_tracked(job, [*job.req.envelope, header], [memoryview(out).cast("B")])
 
     def _send_composite(self, job: Job) -> None:
         g, v = job.gpu, job.entry.view
@@ -545,19 +544,27 @@ class Front(StreamMethods, Role):
                       width=v.width, height=v.height,
                       jpeg_bytes=int(sum(job.sizes)))
         header = P.ok_reply(job.req.id, result, [{"name": "frames", "dtype": "jpeg", "count": job.batch}])
-        self._send_tracked(job, [*job.req.envelope, header, *frames])
+        self._send_tracked(job, [*job.req.envelope, header], frames)
         self.batches += 1
         self.frames_out += job.batch
 
-    def _send_tracked(self, job: Job, parts: list[Any]) -> None:
-        tracker = self._send_client(parts, track=True)
+    def _send_tracked(self, job: Job, head: list[Any], body: list[Any]) -> None:
+        """Send a reply whose ``body`` parts may point into the job's ring slot, without copying
+        them; the slot is freed only when ZeroMQ has released every one of those parts."""
+        frames = [zmq.Frame(p, copy=False, track=True) if isinstance(p, memoryview) else p for p in body]
         job.done = True
         self._account(job, ok=True)
-        if tracker is None:                      # the client is gone: nothing holds the slot
+        try:
+            sent = self._send_client([*head, *frames])
+        except Exception:  # noqa: BLE001 - the slot must come back whatever happened
+            log.exception("reply failed")
+            sent = False
+        tracked = [f for f in frames if isinstance(f, zmq.Frame) and f.tracker is not None]
+        if not sent or not tracked:              # the client is gone, or nothing points into the slot
             self._free(job.gpu, job.slot)
             return
         job.gpu.ring.set_state(job.slot, SlotState.SENDING)
-        self.sending.append((tracker, job.gpu, job.slot, job.seq))
+        self.sending.append((zmq.MessageTracker(*tracked), job.gpu, job.slot, job.seq))
 
     def _reap_sent(self) -> None:
         still = []
@@ -576,9 +583,12 @@ class Front(StreamMethods, Role):
             g = self.gpus[idx]
             g.state, g.restarts, g.models = "restarting", msg.get("restarts", g.restarts + 1), set()
             for slot, job in list(g.jobs.items()):
-                if g.ring.state(slot) in (SlotState.FILLED, SlotState.QUEUED, SlotState.RUNNING):
+                state = g.ring.state(slot)
+                if state in (SlotState.FILLED, SlotState.QUEUED, SlotState.RUNNING):
                     self._fail(job, P.WORKER_DIED, f"GPU worker {idx} died while running this batch; "
                                "it is being replaced, retry the request")
+                elif state == SlotState.INFERRED:       # it died after the Run, before telling us
+                    self.on_gpu(g, {"t": "inferred", "slot": slot, "seq": job.seq, "ms": 0.0})
         elif role == "compositor":
             c = self.comps[idx]
             c.state, c.restarts = "restarting", msg.get("restarts", c.restarts + 1)

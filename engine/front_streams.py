@@ -16,6 +16,7 @@ from .protocol import ProtocolError
 from .streams import Stream, StreamBatch, check_pcm, new_stream_id
 
 log = logging.getLogger("engine.front")
+MAX_AHEAD_FRAMES = 75            # a stream may be rendered at most 3 s ahead of what it has sent
 
 
 class StreamMethods:
@@ -68,6 +69,8 @@ class StreamMethods:
         def opened(e: AvatarEntry) -> None:
             if e.state != "loaded":
                 raise ProtocolError(P.MODEL_ERROR, f"avatar {e.name} could not be loaded: {e.error}")
+            if len(self.streams) >= self.cfg.streams.max_streams:     # others opened while it loaded
+                raise ProtocolError(P.BUSY, f"{len(self.streams)} streams are open (streams.max_streams)")
             encoder = self._encoder_path(e)
             s = Stream(new_stream_id(), list(req.envelope), name, start, wrap or e.model.wrap,
                        flags["realtime"], flags["idle_frames"])
@@ -139,9 +142,12 @@ class StreamMethods:
             free = sum(len(g.free) for g in self.gpus if g.state == "ready") - len(self.pending)
             if free <= 0:
                 return
+            # bounded run-ahead: a stream fed faster than real time does not render (and hold) its
+            # whole utterance at once, nor take slots from streams whose frames are due now
             eligible = sorted((s for s in self.streams.values()
-                               if s.inflight < cfg.max_inflight_batches and s.schedulable() > 0),
-                              key=lambda s: (s.inflight, s.deadline()))
+                               if s.inflight < cfg.max_inflight_batches and s.schedulable() > 0
+                               and s.next_frame - s.next_out < MAX_AHEAD_FRAMES),
+                              key=lambda s: (s.deadline(), s.inflight))
             if not eligible:
                 return
             model, group, frames = eligible[0].model, [], 0

@@ -40,6 +40,7 @@ class GpuWorker(Role):
     def init_process(self) -> None:
         self.core = InferenceCore(self.device, self.cfg.capacity.models_per_device,
                                   self.cfg.gpu.intra_op_threads, self.cfg.gpu.io_binding)
+        self.core.on_progress = self.beat
         self.ring = BatchRing.attach(self.ring_name)
         self.avatars = AttachedAvatars()
         self.ctx = zmq.Context()
@@ -109,12 +110,10 @@ class GpuWorker(Role):
                 self.core.run(model, image, audio, out)
                 t2 = time.perf_counter()
         except (InferenceError, AvatarError, ValueError, OSError) as e:
-            self.ring.set_state(slot, SlotState.FREE)
             send_msg(self.sock, {"t": "failed", "slot": slot, "seq": seq, "code": P.MODEL_ERROR, "message": str(e)})
             return
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types on bad runs
             log.exception("run failed")
-            self.ring.set_state(slot, SlotState.FREE)
             send_msg(self.sock, {"t": "failed", "slot": slot, "seq": seq, "code": P.MODEL_ERROR,
                                  "message": f"inference failed: {e}"})
             return

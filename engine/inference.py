@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class InferenceCore:
         self.intra_op_threads = intra_op_threads
         self.io_binding = io_binding
         self.models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self.on_progress: Callable[[], None] = lambda: None     # the worker's heartbeat during long loads
         self.encoders: dict[str, ort.InferenceSession] = {}
         if device is None:
             self.providers: list = [CPU]
@@ -128,6 +130,7 @@ class InferenceCore:
             out = np.empty((b, *m.graph.output_shape), np.float32)
             for _ in range(1 if len(sizes) > 1 else 2):
                 self.run(m, image, audio, out)
+                self.on_progress()
         m.runs = 0
 
     def encode_audio(self, path: str, windows: np.ndarray) -> np.ndarray:
@@ -147,6 +150,7 @@ class InferenceCore:
             if self.device is not None:
                 for n in ENCODER_BUCKETS:
                     self._encode(sess, np.zeros((n, *windows.shape[1:]), np.float32))
+                    self.on_progress()
         n = len(windows)
         if self.device is not None and n:
             size = next((b for b in ENCODER_BUCKETS if b >= n), n)

@@ -99,7 +99,7 @@ def parse_request(envelope: list[Any], body: list[Any]) -> Request:
         raise ProtocolError(BAD_REQUEST, f"header is {len(raw)} bytes, more than {MAX_HEADER}")
     try:
         header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float)
-    except ValueError as e:             # UnicodeDecodeError, JSONDecodeError, NaN/Infinity, huge integers
+    except (ValueError, RecursionError) as e:   # bad UTF-8 or JSON, NaN/Infinity, huge integers, deep nesting
         raise ProtocolError(BAD_REQUEST, f"header is not UTF-8 JSON: {e}") from None
     if not isinstance(header, dict):
         raise ProtocolError(BAD_REQUEST, "header must be a JSON object")

@@ -303,3 +303,32 @@ def test_optional_params_may_be_null(shared_engine):
                  bytes(32768))
     assert reply["status"] == "ok", reply
     assert reply["result"]["start_frame"] == 0
+
+
+def test_slow_reader_gets_its_own_frames_while_others_reuse_the_slots(engine_factory):
+    """Replies are sent from the ring without copies: a slot must stay taken until ZeroMQ has
+    really sent every frame of it, even when the client reads slowly and others keep the engine busy."""
+    eng = engine_factory("[output]\njpeg_quality = 100\nchroma_subsampling = \"444\"\n")   # JPEGs > 64 KiB
+    audio = loud(50)
+    with Client(eng.endpoint) as ref:
+        expected = ref.composite("demo", audio, start_frame=3).frames
+    assert min(len(f) for f in expected) > 65536
+    slow = Client(eng.endpoint)
+    slow.sock.close(0)                                # a socket with a tiny receive buffer, set before connecting
+    slow.sock = zmq.Context.instance().socket(zmq.DEALER)
+    slow.sock.setsockopt(zmq.RCVBUF, 4096)
+    slow.sock.setsockopt(zmq.RCVHWM, 1)
+    slow.sock.setsockopt(zmq.LINGER, 0)
+    slow.sock.connect(eng.endpoint)
+    # two replies: the first fills the client's queue, the second waits on the engine's side
+    rids = [slow.submit("composite", {"model": "demo", "batch_size": 50, "start_frame": 3},
+                        [("audio_features", audio)]) for _ in range(2)]
+    time.sleep(1.5)                                   # it does not read; meanwhile the slots are reused
+    with Client(eng.endpoint) as busy:
+        for i in range(6):
+            busy.composite("demo", silent(50), start_frame=i)
+    for rid in rids:
+        reply = slow.receive(rid)
+        got = [bytes(f.buffer if hasattr(f, "buffer") else f) for _, f in reply.buffers]
+        assert got == expected
+    slow.close()

@@ -170,10 +170,17 @@ class InferenceCore:
         """One Run over the whole batch; ``out`` (in the ring) receives the network output."""
         g = model.graph
         if g.fixed_batch not in (None, image.shape[0]):
-            # a graph exported with a fixed batch: run it in fixed-size pieces
-            step = g.fixed_batch
-            for s in range(0, image.shape[0], step):
-                self.run(model, image[s:s + step], audio[s:s + step], out[s:s + step])
+            # a graph exported with a fixed batch: run it in fixed-size pieces, the last one padded
+            step, n = g.fixed_batch, image.shape[0]
+            for s in range(0, n, step):
+                e = min(s + step, n)
+                if e - s == step:
+                    self.run(model, image[s:e], audio[s:e], out[s:e])
+                    continue
+                pad = [np.zeros((step, *a.shape[1:]), np.float32) for a in (image, audio, out)]
+                pad[0][:e - s], pad[1][:e - s] = image[s:e], audio[s:e]
+                self.run(model, *pad)
+                out[s:e] = pad[2][:e - s]
             return
         if self.io_binding:
             binding = model.session.io_binding()

@@ -63,3 +63,22 @@ def test_audio_encoder_padding_does_not_change_features(models_root):
 def test_unusable_gpu_fails_at_construction():
     with pytest.raises(InferenceError, match="GPU 0"):
         InferenceCore(0)
+
+
+def test_fixed_batch_graph_runs_in_pieces(tmp_path, demo_onnx):
+    import onnx
+    m = onnx.load(str(demo_onnx))
+    for v in [*m.graph.input, *m.graph.output]:
+        v.type.tensor_type.shape.dim[0].dim_value = 4          # exported with batch 4
+    path = tmp_path / "fixed.onnx"
+    onnx.save(m, str(path))
+    core = InferenceCore(None)
+    lm = core.load("fixed", path)
+    assert lm.graph.fixed_batch == 4
+    image, audio = inputs(6)                                     # 4 + 2 (padded)
+    out = np.empty((6, 3, 320, 320), np.float32)
+    core.run(lm, image, audio, out)
+    ref = InferenceCore(None)
+    ref_out = np.empty_like(out)
+    ref.run(ref.load("demo", demo_onnx), image, audio, ref_out)
+    np.testing.assert_allclose(out, ref_out, atol=1e-6)

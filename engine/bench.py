@@ -134,7 +134,7 @@ class BareLoop:
         from .kernels import fill_visual, frame_index
         g, v, b = self.graph, self.view, self.batch_size
         idx = np.asarray(frame_index(np.arange(i * b, (i + 1) * b), v.n), np.int64)
-        fill_visual(v.crops[idx], self.image)
+        fill_visual(v.crops, self.image, idx)
         audio = speech_like_features(b, i * b, g.audio_shape)
         out = self.sess.run([g.output], {g.image_input: self.image, g.audio_input: audio})[0]
         return [self.enc(v.frames[k], out[j], tuple(v.rects[k]), v.crops[k] if self.paste == "synctalk" else None,

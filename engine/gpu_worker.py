@@ -105,7 +105,7 @@ class GpuWorker(Role):
                 if fill is not None:
                     view = self.avatars.get(fill["avatar"])
                     idx = np.asarray(fill["indices"], np.int64)
-                    fill_visual(view.crops[idx], image[:len(idx)])
+                    fill_visual(view.crops, image[:len(idx)], idx)
                 t1 = time.perf_counter()
                 self.core.run(model, image, audio, out)
                 t2 = time.perf_counter()

@@ -42,23 +42,29 @@ def cut_crop(frame: np.ndarray, rect: tuple[int, int, int, int], face: int) -> n
 
 
 @numba.njit(cache=True, nogil=True)
-def _fill_visual(crops: np.ndarray, out: np.ndarray, my0: int, my1: int, mx0: int, mx1: int) -> None:
+def _fill_visual(crops: np.ndarray, idx: np.ndarray, out: np.ndarray, my0: int, my1: int, mx0: int,
+                 mx1: int) -> None:
     b_count, f = out.shape[0], out.shape[2]
     scale = np.float32(1.0 / 255.0)
     for b in range(b_count):
+        k = idx[b]
         for y in range(f):
             for x in range(f):
                 masked = my0 <= y < my1 and mx0 <= x < mx1
                 for c in range(3):
-                    v = np.float32(crops[b, y + 4, x + 4, c]) * scale
+                    v = np.float32(crops[k, y + 4, x + 4, c]) * scale
                     out[b, c, y, x] = v
                     out[b, 3 + c, y, x] = 0.0 if masked else v
 
 
-def fill_visual(crops: np.ndarray, out: np.ndarray) -> None:
-    """``crops`` [B, F+8, F+8, 3] uint8 BGR -> ``out`` [B, 6, F, F] float32 (reference, masked)."""
+def fill_visual(crops: np.ndarray, out: np.ndarray, indices: np.ndarray | None = None) -> None:
+    """``crops[indices]`` ([N, F+8, F+8, 3] uint8 BGR, read in place) -> ``out`` [B, 6, F, F] float32
+    (reference, masked); without ``indices`` the first B crops."""
     f = out.shape[2]
-    _fill_visual(crops, out, *mask_box(f))
+    idx = np.arange(out.shape[0], dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
+    if len(idx) != out.shape[0]:
+        raise ValueError(f"{len(idx)} frame indices for a batch of {out.shape[0]}")
+    _fill_visual(crops, idx, out, *mask_box(f))
 
 
 @numba.njit(cache=True, nogil=True)

@@ -152,3 +152,15 @@ def test_synctalk_paste_needs_the_crop(scene):
     bg, rect, face = scene
     with pytest.raises(ValueError, match="crop"):
         paste_face(bg.copy(), face, rect, None, "synctalk")
+
+
+def test_fill_visual_reads_the_indexed_crops_in_place(scene):
+    bg, rect, _ = scene
+    crops = np.stack([cut_crop(np.roll(bg, 7 * k, axis=1), rect, 320) for k in range(4)])
+    out = np.empty((3, 6, 320, 320), np.float32)
+    fill_visual(crops, out, np.array([3, 0, 3]))
+    ref = np.empty_like(out)
+    fill_visual(crops[[3, 0, 3]], ref)
+    np.testing.assert_array_equal(out, ref)
+    with pytest.raises(ValueError, match="indices"):
+        fill_visual(crops, out, np.array([1, 2]))

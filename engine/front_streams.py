@@ -168,7 +168,7 @@ class StreamMethods:
         job = Job(None, e.name, sum(b.count for b in batches), 0, None, time.monotonic(), entry=e,
                   indices=np.asarray([i for b in batches for i in b.indices], np.int64), streams=batches, idle=idle)
         e.inflight += 1
-        self._guard(job, lambda j: self._submit(j))
+        self._guard(job, self._submit)
 
     def _finish_stream_job(self, job: Job) -> None:
         g, row = job.gpu, 0

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .audio import FPS, SILENCE, StreamingMel, frame_count
+from .kernels import frame_index
 
 MAX_CHUNK_SAMPLES = 16000 * 30          # one push may carry at most 30 s of audio
 CONTEXT = 8                              # encoder outputs of frames i-8 .. i+7 make frame i's input
@@ -105,7 +106,6 @@ class Stream:
 
     def take(self, count: int, n_avatar: int) -> StreamBatch:
         """The next ``count`` frames as a batch (caller checked ``schedulable``)."""
-        from .kernels import frame_index
         a, b = self.next_frame, self.next_frame + count
         limit = self.total if self.total is not None else self.mel.frames_ready()
         w0, w1 = max(0, a - CONTEXT), min(b + CONTEXT - 1, limit)

@@ -193,7 +193,7 @@ def run_stream_bench(endpoint: str, model: str, streams: int = 3, seconds: float
     Audio-to-frame latency of frame k: from the moment the chunk holding frame k's last sample was
     sent to the moment frame k arrived. Its floor is the look-ahead (frame k+7's mel window).
     """
-    from tools.make_speech import speech_pcm
+    from .speech import speech_pcm
     result = StreamBenchResult(streams, seconds)
     lock = threading.Lock()
     barrier = threading.Barrier(streams)

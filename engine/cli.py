@@ -308,6 +308,20 @@ def bench_streams(ctx: click.Context, model: str, counts: str, seconds: float, a
 
 
 @main.command()
+@click.option("--model", default="demo", show_default=True)
+@click.option("--wav", type=click.Path(exists=True, dir_okay=False), required=True, help="any rate, mono or stereo")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="the MP4 to write")
+@click.option("--timeout", default=120.0, show_default=True, help="seconds to wait for any reply or frame")
+@click.pass_context
+def render(ctx: click.Context, model: str, wav: str, out: str, timeout: float) -> None:
+    """Render MODEL speaking a WAV file to an MP4 (H.264 + AAC) through a running engine."""
+    from .render import render as do_render, summary_line
+    cfg = _cfg(ctx)
+    info = _call(lambda: do_render(cfg.server.front, model, Path(wav), Path(out), timeout))
+    click.echo(summary_line(info))
+
+
+@main.command()
 @click.option("--out", type=click.Path(file_okay=False), default="out/demo", show_default=True)
 @click.option("--batches", default=5, show_default=True)
 @click.option("--batch-size", default=24, show_default=True)
@@ -316,9 +330,9 @@ def demo(ctx: click.Context, out: str, batches: int, batch_size: int) -> None:
     """The main job on the built-in demo avatar: make it if missing, start, bench, save frames,
     render the demo avatar speaking to an MP4, stop."""
     cfg = _cfg(ctx)
-    from tools.make_avatars import ensure_avatars
-    from tools.make_speech import make_speech_wav
-    from tools.render import render
+    from .demo_avatars import ensure_avatars
+    from .render import render, summary_line
+    from .speech import make_speech_wav
     click.echo(f"avatars under {cfg.models_dir}: making what is missing...")
     ensure_avatars(cfg.models_dir)
     out_dir = Path(out)
@@ -330,8 +344,7 @@ def demo(ctx: click.Context, out: str, batches: int, batch_size: int) -> None:
         wav = make_speech_wav(out_dir / "speech.wav", seconds=8.0)
         click.echo(f"rendering the demo avatar speaking {wav} through a stream...")
         info = render(cfg.server.front, "demo", wav, out_dir / "demo.mp4")
-        click.echo(f"{info['path']}: {info['frames']} frames, {info['duration_s']} s, {info['video_codec']} + "
-                   f"{info['audio_codec']}, {info['bytes'] / 1e6:.1f} MB (engine {info['engine_fps']} frames/s)")
+        click.echo(summary_line(info))
         with _client(cfg, 10) as c:
             h = c.health()
         click.echo(f"provider {', '.join(h['provider'])}; {h['frames']} frames served")

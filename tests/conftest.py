@@ -15,7 +15,7 @@ import pytest
 from engine.cli import control
 from engine.config import EngineConfig, load_config
 from engine.shm import list_segments
-from tools.make_avatars import make_audio_encoder, make_demo
+from engine.demo_avatars import make_audio_encoder, make_demo
 
 
 def free_port() -> int:

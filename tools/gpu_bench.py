@@ -146,7 +146,7 @@ def main() -> None:
     gpu = "CUDAExecutionProvider" in avail and bool(name)
     print(f"onnxruntime {ort.__version__} {avail}; GPU: {name or 'none'}; python {platform.python_version()}; "
           f"{os.cpu_count()} cores", flush=True)
-    from tools.make_avatars import ensure_avatars
+    from engine.demo_avatars import ensure_avatars
     tmp = Path(tempfile.mkdtemp(prefix="gpubench"))
     models = tmp / "models"
     t0 = time.perf_counter()

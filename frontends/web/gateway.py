@@ -4,7 +4,7 @@ Routes::
 
     GET /                 the player page (static/index.html)
     GET /static/<file>    the page's files; /static/speech.wav is generated on first request
-                          (tools.make_speech, 6 s of speech-like audio) into the cache folder
+                          (engine.speech, 6 s of speech-like audio) into the cache folder
     GET /api/avatars      {"engine": endpoint, "avatars": [{"name", "loaded", "state", "frames"}]}
                           from the engine's ``models`` method (502 + {"error": {code, message}} when
                           the engine does not answer)
@@ -343,7 +343,7 @@ async def _speech_wav(app: web.Application) -> Path:
     path = app[CACHE_DIR] / "speech.wav"
     async with app[SPEECH_LOCK]:
         if not path.is_file():
-            from tools.make_speech import make_speech_wav
+            from engine.speech import make_speech_wav
             await asyncio.get_running_loop().run_in_executor(None, make_speech_wav, path, SPEECH_SECONDS)
     return path
 

@@ -11,7 +11,7 @@ import simplejpeg
 import zmq
 
 from engine.client import Client, EngineError, StreamClosed
-from tools.make_speech import speech_pcm
+from engine.speech import speech_pcm
 
 pytestmark = pytest.mark.integration
 
@@ -164,7 +164,7 @@ def slow_avatar(models_root):
     import os
     import shutil
 
-    from tools.make_avatars import build_bench_network
+    from engine.demo_avatars import build_bench_network
     d = models_root / "slow"
     if not (d / "checkpoint" / "model_best.onnx").exists():
         (d / "checkpoint").mkdir(parents=True, exist_ok=True)

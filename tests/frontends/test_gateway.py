@@ -17,8 +17,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from engine.client import Client
 from frontends.web.gateway import make_app, pack_frame, unpack_frame
 from tests.conftest import free_port
-from tools.make_avatars import make_audio_encoder
-from tools.make_speech import speech_pcm
+from engine.demo_avatars import make_audio_encoder
+from engine.speech import speech_pcm
 
 pytestmark = pytest.mark.integration
 

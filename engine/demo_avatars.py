@@ -27,7 +27,7 @@ written last, so an avatar whose ONNX file exists is complete.
 
 Command line::
 
-    python -m tools.make_avatars [--root models] [--only demo|bench] [--frames N] [--force]
+    python -m engine.demo_avatars [--root models] [--only demo|bench] [--frames N] [--force]
 """
 
 from __future__ import annotations
@@ -276,7 +276,7 @@ def _io_contract() -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]
 
 def _finish(graph: onnx.GraphProto, doc: str) -> onnx.ModelProto:
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tools.make_avatars",
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="engine.demo_avatars",
         doc_string=doc,
     )
     model.ir_version = IR_VERSION
@@ -399,7 +399,7 @@ AUDIO_ENCODER_SEED = 512
 # s = clip((mean(window) - ENCODER_FLOOR) * ENCODER_SCALE, 0, ENCODER_MAX). The normalised mel is
 # in [-4, 4] with silence at -4; the floor -3.5 is a dead zone above silence and a -80 dBFS noise
 # floor (whose windows average about -3.96), so both give exactly 0. Speech from
-# tools/make_speech.py (peak 0.3) has window means of about -3.3 .. -1.6, i.e. s of 0.1 .. 0.95,
+# engine/speech.py (peak 0.3) has window means of about -3.3 .. -1.6, i.e. s of 0.1 .. 0.95,
 # changing syllable by syllable (a window is 200 ms).
 ENCODER_FLOOR = -3.5
 ENCODER_SCALE = 0.5
@@ -704,7 +704,7 @@ def ensure_avatars(root: Path, names: Iterable[str] = ("demo", "bench"), frames:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.make_avatars",
+    ap = argparse.ArgumentParser(prog="python -m engine.demo_avatars",
                                  description="Generate the demo and bench avatars (deterministic, offline).")
     ap.add_argument("--root", type=Path, default=Path("models"), help="models root (default: models)")
     ap.add_argument("--only", choices=("demo", "bench"), help="make only this avatar")

@@ -1,4 +1,4 @@
-"""Tests for tools.make_speech: the deterministic speech-like signal and the WAV helpers."""
+"""Tests for engine.speech: the deterministic speech-like signal and the WAV helpers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tools import make_speech as ms
+from engine import speech as ms
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for tools.make_avatars: layout, determinism, the two networks' contracts, ensure_avatars."""
+"""Tests for engine.demo_avatars: layout, determinism, the two networks' contracts, ensure_avatars."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 try:
-    from tools import make_avatars as ma
+    from engine import demo_avatars as ma
 except ImportError:
     # Without tests/__init__.py, pytest's default "prepend" import mode imports this folder as the
     # top-level package "tools", which hides the project's tools/ package. Load the module by path.
@@ -313,7 +313,7 @@ def test_missing_rects_alone_are_rewritten(tmp_path: Path) -> None:
 
 def test_demo_audio_encoder_contract_and_levels(tmp_path: Path) -> None:
     from engine.audio import frame_count, mel_windows, melspectrogram
-    from tools.make_speech import speech_pcm
+    from engine.speech import speech_pcm
 
     path = ma.make_audio_encoder(tmp_path)
     assert path == tmp_path / "audio_encoder.onnx"

@@ -1,4 +1,4 @@
-"""Tests for tools.mp4: JPEG frames + PCM -> H.264/AAC MP4, probed and decoded back with PyAV."""
+"""Tests for engine.mp4: JPEG frames + PCM -> H.264/AAC MP4, probed and decoded back with PyAV."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from tools.mp4 import probe_mp4, read_mp4_frames, write_mp4
+from engine.mp4 import probe_mp4, read_mp4_frames, write_mp4
 
 H, W, FPS, SR = 720, 1280, 25, 16000
 

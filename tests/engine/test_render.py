@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from engine.kernels import frame_index
-from tools.make_speech import make_speech_wav, read_wav
-from tools.mp4 import probe_mp4, read_mp4_frames
-from tools.render import render
+from engine.speech import make_speech_wav, read_wav
+from engine.mp4 import probe_mp4, read_mp4_frames
+from engine.render import render
 
 pytestmark = pytest.mark.integration
 

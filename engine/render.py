@@ -1,6 +1,7 @@
 """Render an avatar speaking a WAV file to an MP4 (H.264 + the audio), through the engine like any client.
 
-    python -m tools.render --model demo --wav speech.wav --out out/demo.mp4 [--engine tcp://127.0.0.1:5555]
+    engine-ctl render --model demo --wav speech.wav --out out/demo.mp4
+    python -m engine.render --model demo --wav speech.wav --out out/demo.mp4 [--engine tcp://127.0.0.1:5555]
 
 The WAV (any rate, mono or stereo, 8/16/24/32-bit PCM) is resampled to 16 kHz mono, pushed into an
 engine stream in 200 ms chunks as fast as the engine takes them (``realtime=false``: no pacing),
@@ -15,10 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-from engine.client import Client
-from tools.make_speech import SAMPLE_RATE, read_wav, resample
-from tools.mp4 import write_mp4
+from .client import Client
+from .mp4 import write_mp4
+from .speech import SAMPLE_RATE, read_wav, resample
 
 CHUNK = SAMPLE_RATE // 5
 
@@ -43,6 +43,11 @@ def render(endpoint: str, model: str, wav: Path, out: Path, timeout: float = 120
     return info
 
 
+def summary_line(info: dict[str, Any]) -> str:
+    return (f"{info['path']}: {info['frames']} frames, {info['duration_s']} s, {info['video_codec']} + "
+            f"{info['audio_codec']}, {info['bytes'] / 1e6:.1f} MB (engine {info['engine_fps']} frames/s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--engine", default="tcp://127.0.0.1:5555")
@@ -51,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     info = render(args.engine, args.model, args.wav, args.out)
-    print(f"{info['path']}: {info['frames']} frames, {info['duration_s']} s, {info['video_codec']} + "
-          f"{info['audio_codec']}, {info['bytes'] / 1e6:.1f} MB (engine {info['engine_fps']} frames/s)")
+    print(summary_line(info))
     return 0
 
 

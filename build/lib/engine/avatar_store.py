@@ -1,0 +1,220 @@
+"""The front's avatar store: which avatars are decoded in shared memory, under a byte budget.
+
+Each avatar is decoded once per host (:meth:`AvatarView.create`) in a loader thread, into a
+segment this process owns; GPU workers and compositors attach to it. When the budget would be
+exceeded, the least recently used avatars with no batch in flight are unloaded (unlinked, and
+the other processes are told to drop their mappings). Everything but the decoding runs on the
+front's thread, budget and eviction included; the loader thread only fills the segment, sets the
+entry's state and then wakes the front.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .avatar import AvatarError, AvatarFiles, AvatarView, GraphInfo, avatar_bytes, avatar_files, discover, read_graph
+from .config import EngineConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class CapacityError(Exception):
+    """The avatar does not fit the background budget even after evicting idle avatars."""
+
+
+@dataclass
+class AvatarEntry:
+    name: str
+    model: ModelConfig
+    files: AvatarFiles
+    graph: GraphInfo
+    state: str = "loading"                 # loading, loaded, failed
+    view: AvatarView | None = None
+    error: str = ""
+    progress: tuple[int, int] = (0, 0)
+    inflight: int = 0
+    requests: int = 0
+    total_ms: float = 0.0
+    loaded_at: float = 0.0
+    last_used: float = 0.0
+    load_ms: float = 0.0
+    reserved: int = 0                      # bytes set aside for it while it loads
+    result: tuple | None = None            # the loader thread's outcome, published by finish()
+    waiters: list[Callable[[AvatarEntry], None]] = field(default_factory=list)
+
+    @property
+    def segment(self) -> str:
+        return self.view.segment.name if self.view is not None else ""
+
+    @property
+    def nbytes(self) -> int:
+        return self.view.nbytes if self.view is not None else self.reserved
+
+    def describe(self) -> dict[str, Any]:
+        v = self.view
+        return {
+            "name": self.name, "loaded": self.state == "loaded", "state": self.state, "error": self.error or None,
+            "progress": list(self.progress), "requests": self.requests,
+            "total_ms": round(self.total_ms, 3), "mean_ms": round(self.total_ms / self.requests, 3) if self.requests else None,
+            "memory_bytes": {"backgrounds": self.nbytes, "network_file": self.files.onnx_bytes},
+            "last_used": _iso(self.last_used), "loaded_at": _iso(self.loaded_at), "load_ms": round(self.load_ms, 1),
+            "frames": v.n if v else len(self.files.frames), "width": v.width if v else None,
+            "height": v.height if v else None, "face": self.graph.face,
+            "image_shape": list(self.graph.image_shape), "audio_shape": list(self.graph.audio_shape), "paste": self.model.paste,
+            "wrap": self.model.wrap,
+        }
+
+
+def _iso(t: float) -> str | None:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t else None
+
+
+class AvatarStore:
+    def __init__(self, cfg: EngineConfig, wake: Callable[[AvatarEntry], None],
+                 on_evict: Callable[[str, str], None]) -> None:
+        self.cfg = cfg
+        self.wake = wake                   # called from the loader thread: "this entry finished loading"
+        self.on_evict = on_evict           # (name, segment) after an avatar left shared memory
+        self.entries: dict[str, AvatarEntry] = {}
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="avatar-loader")
+        self._gen = itertools.count()
+
+    # -- queries -----------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return sorted(set(discover(self.cfg.models_dir)) | set(self.cfg.models) | set(self.entries))
+
+    def used_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def loaded(self) -> list[AvatarEntry]:
+        return [e for e in self.entries.values() if e.state == "loaded"]
+
+    def describe(self) -> list[dict[str, Any]]:
+        out = []
+        for name in self.names():
+            e = self.entries.get(name)
+            if e is not None:
+                out.append(e.describe())
+                continue
+            try:
+                files = avatar_files(self.cfg.models_dir, name, self.cfg.model(name).path)
+                out.append({"name": name, "loaded": False, "state": "on disk", "frames": len(files.frames),
+                            "memory_bytes": {"backgrounds": 0, "network_file": files.onnx_bytes},
+                            "requests": 0, "mean_ms": None, "last_used": None})
+            except AvatarError as err:
+                out.append({"name": name, "loaded": False, "state": "invalid", "error": str(err)})
+        return out
+
+    # -- loading -----------------------------------------------------------------------------------
+    def acquire(self, name: str, waiter: Callable[[AvatarEntry], None]) -> None:
+        """Call ``waiter(entry)`` once the avatar is loaded (or failed); starts loading if needed.
+
+        Raises AvatarError at once when the avatar does not exist or its network is unusable.
+        """
+        e = self.entries.get(name)
+        if e is None or e.state == "failed":
+            mc = self.cfg.model(name)
+            files = avatar_files(self.cfg.models_dir, name, mc.path)
+            graph = read_graph(files.onnx)
+            h, w = _frame_shape(files)
+            need = avatar_bytes(len(files.frames), h, w, graph.face)
+            self.entries.pop(name, None)
+            self._make_room(need, name)
+            e = AvatarEntry(name, mc, files, graph, progress=(0, len(files.frames)), reserved=need)
+            self.entries[name] = e
+            self.pool.submit(self._load, e, f"{self.cfg.server.instance}_av_{name[:40]}_{next(self._gen)}")
+        if e.state == "loaded":
+            waiter(e)
+        else:
+            e.waiters.append(waiter)
+
+    def _load(self, e: AvatarEntry, seg: str) -> None:
+        """Loader thread: decode into a new segment, then wake the front. It only leaves its result
+        in ``e.result``: the entry's state changes on the front's thread, in :meth:`finish`."""
+        t0 = time.perf_counter()
+        try:
+            def progress(done: int, total: int) -> None:
+                e.progress = (done, total)
+            view = AvatarView.create(seg, e.files, e.graph.face, progress)
+            e.load_ms = 1000 * (time.perf_counter() - t0)
+            e.result = ("loaded", view, "")
+        except (AvatarError, OSError, ValueError) as err:
+            e.result = ("failed", None, str(err))
+        except Exception as err:  # noqa: BLE001 - a loader crash must not kill the front
+            log.exception("loading %s failed", e.name)
+            e.result = ("failed", None, f"loading failed: {err}")
+        self.wake(e)
+
+    def finish(self, e: AvatarEntry) -> None:
+        """Front thread, after ``wake(e)``: publish the loader's result and hand the entry to its waiters."""
+        if e.result is None:
+            return
+        e.state, e.view, e.error = e.result
+        e.result = None
+        if e.state == "loaded":
+            e.loaded_at = time.time()
+            log.info("avatar %s: %d frames %dx%d in shared memory (%.1f MB) in %.0f ms", e.name, e.view.n,
+                     e.view.width, e.view.height, e.nbytes / 1e6, e.load_ms)
+        elif e.state == "failed":
+            e.reserved = 0
+            log.error("avatar %s failed to load: %s", e.name, e.error)
+        waiters, e.waiters = e.waiters, []
+        for w in waiters:
+            try:
+                w(e)
+            except Exception:  # noqa: BLE001 - one waiter's failure must not lose the others
+                log.exception("avatar %s: a waiting request failed", e.name)
+
+    def _make_room(self, need: int, for_name: str) -> None:
+        budget = self.cfg.capacity.background_bytes
+        if need > budget:
+            raise CapacityError(f"avatar {for_name} needs {need} bytes of backgrounds, more than "
+                                f"capacity.background_bytes = {budget}")
+        victims = sorted((e for e in self.entries.values() if e.state != "loading" and e.inflight == 0),
+                         key=lambda e: e.last_used)
+        while self.used_bytes() + need > budget:
+            if not victims:
+                raise CapacityError(f"avatar {for_name} needs {need} bytes; {self.used_bytes()} of "
+                                    f"{budget} are held by avatars with batches in flight")
+            self._evict(victims.pop(0), "budget")
+
+    def _evict(self, e: AvatarEntry, why: str) -> None:
+        seg = e.segment
+        if e.view is not None:
+            e.view.close()
+            e.view = None
+        self.entries.pop(e.name, None)
+        log.info("avatar %s unloaded (%s)", e.name, why)
+        self.on_evict(e.name, seg)
+
+    def unload(self, name: str) -> bool:
+        e = self.entries.get(name)
+        if e is None or e.state == "loading":
+            return False
+        if e.inflight:
+            raise CapacityError(f"avatar {name} has {e.inflight} batches in flight")
+        self._evict(e, "unload")
+        return True
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for e in list(self.entries.values()):
+            if e.result is not None and e.result[1] is not None:
+                e.result[1].close()                 # loaded, never published
+            if e.view is not None:
+                e.view.close()
+                e.view = None
+        self.entries.clear()
+
+
+def _frame_shape(files: AvatarFiles) -> tuple[int, int]:
+    import cv2
+    img = cv2.imread(str(files.frames[0]), cv2.IMREAD_COLOR)
+    if img is None:
+        raise AvatarError(f"{files.frames[0]}: cannot be decoded as an image")
+    return img.shape[:2]

@@ -1,0 +1,382 @@
+"""Python clients of the engine's front: blocking (:class:`Client`) and asyncio (:class:`AsyncClient`).
+
+Both speak protocol version 1 through a DEALER socket, so many requests can be in flight on one
+connection; replies are matched to requests by ``id``.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from . import protocol as P
+
+
+class EngineError(Exception):
+    """An error reply: ``code`` is one of the protocol's error codes."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class EngineTimeout(EngineError):
+    def __init__(self, seconds: float) -> None:
+        super().__init__("timeout", f"no reply within {seconds} s")
+
+
+@dataclass
+class CompositeResult:
+    frames: list[bytes]                  # JPEG, one per batch frame
+    info: dict[str, Any]                 # timings, gpu_id, frame_indices, width, height ...
+
+
+@dataclass
+class StreamFrame:
+    """One frame of a stream, in order: ``number`` counts from 0, ``pts_ms`` = number x 40."""
+    number: int
+    pts_ms: int
+    late_ms: float
+    jpeg: bytes
+    last: bool
+    idle: bool
+    avatar_frame: int
+
+
+class StreamClosed(EngineError):
+    """The stream ended with an error event (timeout, worker died, engine stopping)."""
+
+
+def _event_frame(owner: Stream | AsyncStream, ev: P.Reply) -> StreamFrame | None:
+    """A stream event as a frame; None at the stream's end; StreamClosed for an error event."""
+    if ev.event in ("stream_error", "stream_end"):
+        owner.finished = True
+        if ev.event == "stream_end":
+            return None
+        err = ev.error or {}
+        raise StreamClosed(err.get("code", "unknown"), err.get("message", ""))
+    f = _stream_frame(ev)
+    owner.finished = owner.finished or f.last
+    return f
+
+
+def _stream_frame(reply: P.Reply) -> StreamFrame:
+    r = reply.result
+    frame = reply.buffers[0][1]
+    jpeg = bytes(frame.buffer if hasattr(frame, "buffer") else frame)
+    return StreamFrame(r["frame"], r["pts_ms"], r["late_ms"], jpeg, r["last"], r.get("idle", False),
+                       r.get("avatar_frame", -1))
+
+
+def _pcm_buffer(pcm: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    pcm = np.asarray(pcm)
+    if pcm.dtype not in (np.int16, np.float32):
+        pcm = pcm.astype(np.float32)
+    return [("pcm", np.ascontiguousarray(pcm))]
+
+
+def _stream_params(model: str, realtime: bool, start_frame: int, wrap: str | None, idle_frames: bool) -> dict:
+    params: dict[str, Any] = {"model": model, "sample_rate": 16000, "realtime": realtime,
+                              "start_frame": start_frame, "idle_frames": idle_frames}
+    if wrap is not None:
+        params["wrap"] = wrap
+    return params
+
+
+def _request_parts(req_id: int, method: str, params: dict[str, Any],
+                   buffers: list[tuple[str, np.ndarray]] | None) -> list[Any]:
+    return [b"", *P.encode_request(req_id, method, params, buffers)]
+
+
+def _batch_buffers(audio_features: np.ndarray, visual_frames: np.ndarray | None) -> list[tuple[str, np.ndarray]]:
+    bufs = [("audio_features", np.ascontiguousarray(audio_features, np.float32))]
+    if visual_frames is not None:
+        bufs.append(("visual_frames", np.ascontiguousarray(visual_frames, np.float32)))
+    return bufs
+
+
+def _batch_params(model: str, batch: int, start_frame: int, wrap: str | None) -> dict[str, Any]:
+    params: dict[str, Any] = {"model": model, "batch_size": batch, "start_frame": start_frame}
+    if wrap is not None:
+        params["wrap"] = wrap
+    return params
+
+
+def _unwrap(reply: P.Reply) -> P.Reply:
+    if not reply.ok:
+        err = reply.error or {}
+        raise EngineError(err.get("code", "unknown"), err.get("message", ""))
+    return reply
+
+
+def _composite_result(reply: P.Reply) -> CompositeResult:
+    return CompositeResult([bytes(f.buffer if hasattr(f, "buffer") else f) for _, f in reply.buffers], reply.result)
+
+
+def _infer_result(reply: P.Reply) -> tuple[np.ndarray, dict[str, Any]]:
+    desc, frame = reply.buffers[0]
+    buf = frame.buffer if hasattr(frame, "buffer") else frame
+    return np.frombuffer(buf, np.float32).reshape(desc["shape"]), reply.result
+
+
+class Client:
+    """Blocking client. ``submit``/``receive`` pipeline; the named methods wait for their reply."""
+
+    def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", timeout: float = 120.0,
+                 ctx: zmq.Context | None = None) -> None:
+        self.ctx = ctx or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+        self._stash: dict[Any, P.Reply] = {}
+        self._events: dict[str, deque[P.Reply]] = {}
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def submit(self, method: str, params: dict[str, Any] | None = None,
+               buffers: list[tuple[str, np.ndarray]] | None = None) -> int:
+        req_id = next(self._ids)
+        self.sock.send_multipart(_request_parts(req_id, method, params or {}, buffers), copy=False)
+        return req_id
+
+    def receive(self, req_id: Any = None, timeout: float | None = None) -> P.Reply:
+        """The reply to ``req_id`` (or the next reply of any id when None)."""
+        if req_id is not None and req_id in self._stash:
+            return self._stash.pop(req_id)
+        wait = self.timeout if timeout is None else timeout
+        while True:
+            if not self.sock.poll(int(wait * 1000)):
+                raise EngineTimeout(wait)
+            reply = self._recv()
+            if reply.event is not None:
+                self._events.setdefault(reply.stream, deque()).append(reply)
+                continue
+            if req_id is None or reply.id == req_id:
+                return reply
+            self._stash[reply.id] = reply
+
+    def _recv(self) -> P.Reply:
+        frames = self.sock.recv_multipart(copy=False)
+        body = frames[1:] if frames and len(frames[0].buffer) == 0 else frames
+        return P.parse_reply(body)
+
+    def next_event(self, stream: str, timeout: float | None = None) -> P.Reply:
+        """The next event (frame, stream_end, stream_error) of ``stream``, replies stashed meanwhile."""
+        q = self._events.setdefault(stream, deque())
+        wait = self.timeout if timeout is None else timeout
+        while not q:
+            if not self.sock.poll(int(wait * 1000)):
+                raise EngineTimeout(wait)
+            reply = self._recv()
+            if reply.event is not None:
+                self._events.setdefault(reply.stream, deque()).append(reply)
+            else:
+                self._stash[reply.id] = reply
+        return q.popleft()
+
+    def open_stream(self, model: str, realtime: bool = True, start_frame: int = 0, wrap: str | None = None,
+                    idle_frames: bool = True) -> Stream:
+        """Open a stream: push 16 kHz mono PCM as it comes, iterate the frames in order."""
+        result = self.call("stream_open", _stream_params(model, realtime, start_frame, wrap, idle_frames)).result
+        return Stream(self, result["stream"], result)
+
+    def call(self, method: str, params: dict[str, Any] | None = None,
+             buffers: list[tuple[str, np.ndarray]] | None = None, timeout: float | None = None) -> P.Reply:
+        return _unwrap(self.receive(self.submit(method, params, buffers), timeout))
+
+    def composite(self, model: str, audio_features: np.ndarray, visual_frames: np.ndarray | None = None,
+                  start_frame: int = 0, wrap: str | None = None) -> CompositeResult:
+        reply = self.call("composite", _batch_params(model, len(audio_features), start_frame, wrap),
+                          _batch_buffers(audio_features, visual_frames))
+        return _composite_result(reply)
+
+    def infer(self, model: str, audio_features: np.ndarray, visual_frames: np.ndarray | None = None,
+              start_frame: int = 0, wrap: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        reply = self.call("infer", _batch_params(model, len(audio_features), start_frame, wrap),
+                          _batch_buffers(audio_features, visual_frames))
+        return _infer_result(reply)
+
+    def health(self) -> dict[str, Any]:
+        return self.call("health").result
+
+    def models(self) -> list[dict[str, Any]]:
+        return self.call("models").result["models"]
+
+    def load(self, model: str, timeout: float | None = None) -> dict[str, Any]:
+        return self.call("load", {"model": model}, timeout=timeout).result
+
+    def unload(self, model: str) -> dict[str, Any]:
+        return self.call("unload", {"model": model}).result
+
+
+class Stream:
+    """A stream opened by :meth:`Client.open_stream` (one thread uses it, like the client)."""
+
+    def __init__(self, client: Client, stream_id: str, info: dict[str, Any]) -> None:
+        self.client = client
+        self.id = stream_id
+        self.info = info
+        self.ended = False
+        self.finished = False                 # the last frame (or an error event) arrived: the engine closed it
+
+    def push(self, pcm: np.ndarray, end: bool = False) -> dict[str, Any]:
+        """Send audio (float32 in [-1, 1] or int16, 16 kHz mono); ``end`` marks the last chunk."""
+        result = self.client.call("stream_audio", {"stream": self.id, "end": end}, _pcm_buffer(pcm)).result
+        self.ended = self.ended or end
+        return result
+
+    def end(self) -> dict[str, Any]:
+        return self.push(np.zeros(0, np.float32), end=True)
+
+    def poll(self, timeout: float = 0.0) -> list[StreamFrame]:
+        """Frames that have arrived (waiting at most ``timeout`` for the first)."""
+        out: list[StreamFrame] = []
+        try:
+            while not self.finished:
+                f = _event_frame(self, self.client.next_event(self.id, timeout if not out else 0.0))
+                if f is None:
+                    break
+                out.append(f)
+        except EngineTimeout:
+            pass
+        return out
+
+    def frames(self, timeout: float | None = None) -> Iterator[StreamFrame]:
+        """Every frame in order until the last one (after :meth:`end`); StreamClosed on an error event."""
+        while True:
+            f = _event_frame(self, self.client.next_event(self.id, timeout))
+            if f is None:
+                return
+            yield f
+            if f.last:
+                return
+
+    def close(self) -> dict[str, Any]:
+        """Close the stream (a no-op once the engine has ended it)."""
+        if self.finished:
+            return {"stream": self.id, "closed_by_engine": True}
+        return self.client.call("stream_close", {"stream": self.id}).result
+
+
+class AsyncClient:
+    """asyncio client: every method is a coroutine; any number may be awaited concurrently."""
+
+    def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", timeout: float = 120.0) -> None:
+        self.ctx = zmq.asyncio.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._reader: asyncio.Task | None = None
+        self._events: dict[str, asyncio.Queue] = {}
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart(copy=False)
+            body = frames[1:] if frames and len(frames[0].buffer) == 0 else frames
+            try:
+                reply = P.parse_reply(body)
+            except P.ProtocolError:
+                continue                        # not a reply of this protocol: ignore it, keep reading
+            if reply.event is not None:
+                self._events.setdefault(reply.stream, asyncio.Queue()).put_nowait(reply)
+                continue
+            fut = self._waiting.pop(reply.id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(reply)
+
+    async def call(self, method: str, params: dict[str, Any] | None = None,
+                   buffers: list[tuple[str, np.ndarray]] | None = None) -> P.Reply:
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+        req_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting[req_id] = fut
+        await self.sock.send_multipart(_request_parts(req_id, method, params or {}, buffers), copy=False)
+        try:
+            reply = await asyncio.wait_for(fut, self.timeout)
+        except asyncio.TimeoutError:
+            self._waiting.pop(req_id, None)
+            raise EngineTimeout(self.timeout) from None
+        return _unwrap(reply)
+
+    async def composite(self, model: str, audio_features: np.ndarray, visual_frames: np.ndarray | None = None,
+                        start_frame: int = 0, wrap: str | None = None) -> CompositeResult:
+        reply = await self.call("composite", _batch_params(model, len(audio_features), start_frame, wrap),
+                                _batch_buffers(audio_features, visual_frames))
+        return _composite_result(reply)
+
+    async def infer(self, model: str, audio_features: np.ndarray, visual_frames: np.ndarray | None = None,
+                    start_frame: int = 0, wrap: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        reply = await self.call("infer", _batch_params(model, len(audio_features), start_frame, wrap),
+                                _batch_buffers(audio_features, visual_frames))
+        return _infer_result(reply)
+
+    async def health(self) -> dict[str, Any]:
+        return (await self.call("health")).result
+
+    async def models(self) -> list[dict[str, Any]]:
+        return (await self.call("models")).result["models"]
+
+    async def open_stream(self, model: str, realtime: bool = True, start_frame: int = 0, wrap: str | None = None,
+                          idle_frames: bool = True) -> AsyncStream:
+        result = (await self.call("stream_open", _stream_params(model, realtime, start_frame, wrap,
+                                                                 idle_frames))).result
+        self._events.setdefault(result["stream"], asyncio.Queue())
+        return AsyncStream(self, result["stream"], result)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        self.sock.close(0)
+
+
+class AsyncStream:
+    """A stream opened by :meth:`AsyncClient.open_stream`; push and iterate from different tasks."""
+
+    def __init__(self, client: AsyncClient, stream_id: str, info: dict[str, Any]) -> None:
+        self.client = client
+        self.id = stream_id
+        self.info = info
+        self.finished = False
+
+    async def push(self, pcm: np.ndarray, end: bool = False) -> dict[str, Any]:
+        return (await self.client.call("stream_audio", {"stream": self.id, "end": end}, _pcm_buffer(pcm))).result
+
+    async def end(self) -> dict[str, Any]:
+        return await self.push(np.zeros(0, np.float32), end=True)
+
+    async def frames(self) -> AsyncIterator[StreamFrame]:
+        q = self.client._events.setdefault(self.id, asyncio.Queue())
+        while True:
+            f = _event_frame(self, await q.get())
+            if f is None:
+                return
+            yield f
+            if f.last:
+                return
+
+    async def close(self) -> dict[str, Any]:
+        """Close the stream (a no-op once the engine has ended it)."""
+        if self.finished:
+            return {"stream": self.id, "closed_by_engine": True}
+        return (await self.client.call("stream_close", {"stream": self.id})).result

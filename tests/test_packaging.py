@@ -1,0 +1,25 @@
+"""The wheel installs one top-level import package, ``engine``: no ``tools`` or ``frontends`` that
+would collide with other distributions in a user's environment."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_has_only_the_engine_package(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+                    "--disable-pip-version-check", "-w", str(tmp_path), str(ROOT)], check=True,
+                   capture_output=True, timeout=300)
+    wheel = next(tmp_path.glob("lipsync_engine-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert top == {"engine"}, top
+    # what engine-ctl imports is inside the package
+    for module in ("engine/cli.py", "engine/demo_avatars.py", "engine/speech.py", "engine/render.py", "engine/mp4.py"):
+        assert module in names
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "engine-ctl = engine.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

@@ -2,6 +2,7 @@
 would collide with other distributions in a user's environment."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,9 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_has_only_the_engine_package(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-                    "--disable-pip-version-check", "-w", str(tmp_path), str(ROOT)], check=True,
-                   capture_output=True, timeout=300)
+    src = tmp_path / "src"                   # a copy: building writes build/ and *.egg-info into the tree
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "models", "out", ".run", "build",
+                                                             "*.egg-info", "__pycache__", ".pytest_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "--disable-pip-version-check",
+                    "-w", str(tmp_path), str(src)], check=True, capture_output=True, timeout=300)
     wheel = next(tmp_path.glob("lipsync_engine-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}

@@ -52,6 +52,7 @@ __all__ = [
     "frame_count",
     "n_columns",
     "samples_needed",
+    "frames_final",
     "frame_audio_features",
     "StreamingMel",
 ]
@@ -232,6 +233,16 @@ def samples_needed(frame: int | np.ndarray) -> int | np.ndarray:
     k = np.asarray(frame, np.int64)
     out = HOP * ((16 * k) // 5) + HOP * (WINDOW - 1) + PAD
     return int(out) if out.ndim == 0 else out
+
+
+def frames_final(n_samples: int) -> int:
+    """Frames (from frame 0) whose mel window is final once ``n_samples`` have arrived, the clip
+    still going on: the ``k`` with ``samples_needed(k) <= n_samples``. Equal to
+    :meth:`StreamingMel.frames_ready` after pushing those samples, without computing anything."""
+    if n_samples < PAD:
+        return 0
+    m = (n_samples - PAD) // HOP + 1 - WINDOW      # largest usable start column
+    return 0 if m < 0 else (5 * (m + 1) + 15) // 16
 
 
 def window_starts(frames: np.ndarray, total_columns: int | None) -> np.ndarray:

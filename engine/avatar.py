@@ -35,6 +35,7 @@ from .shm import Segment
 
 FRAME_RE = re.compile(r"^frame_(\d+)\.(png|jpg|jpeg)$", re.IGNORECASE)
 HEADER_BYTES = 4096
+MAX_NAME_BYTES = 128                  # an avatar name is a folder name (and part of segment names)
 
 
 class AvatarError(Exception):
@@ -118,10 +119,17 @@ def find_frames(folder: Path) -> tuple[Path, ...]:
 
 def avatar_files(models_dir: Path, name: str, folder: str = "") -> AvatarFiles:
     """Locate an avatar's files; raises AvatarError naming what is missing."""
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise UnknownAvatar(f"invalid avatar name {name!r}")
+    if (not name or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES or "/" in name or "\\" in name
+            or name.startswith(".") or any(ord(ch) < 32 for ch in name)):
+        shown = name if len(name) <= 80 else name[:80] + f"... ({len(name)} characters)"
+        raise UnknownAvatar(f"invalid avatar name {shown!r}: 1 to {MAX_NAME_BYTES} bytes, no '/', '\\', control "
+                            "characters or leading '.'")
     d = models_dir / (folder or name)
-    if not d.is_dir():
+    try:
+        found = d.is_dir()
+    except OSError as e:
+        raise UnknownAvatar(f"unknown avatar {name!r}: {e.strerror}") from None
+    if not found:
         raise UnknownAvatar(f"unknown avatar {name!r}: no folder {d}")
     onnx_path = d / "checkpoint" / "model_best.onnx"
     if not onnx_path.is_file():

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +73,17 @@ def _cfg(ctx: click.Context, local: str | None = None) -> EngineConfig:
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None)
-@click.option("--detach", is_flag=True, help="run in the background; return once the engine is ready")
+@click.option("--detach", is_flag=True, help="run in the background (log: <run_dir>/engine.log unless "
+              "server.log_file says otherwise); return once the engine is ready")
 @click.option("--timeout", default=300.0, show_default=True, help="seconds to wait for ready with --detach")
+@click.option("--log-file", default=None, type=click.Path(dir_okay=False),
+              help="write every process's output here, size-rotated (server.log_file)")
 @click.pass_context
-def start(ctx: click.Context, config_path: str | None, detach: bool, timeout: float) -> None:
+def start(ctx: click.Context, config_path: str | None, detach: bool, timeout: float, log_file: str | None) -> None:
     """Start the supervisor (front, GPU workers, compositors)."""
     cfg = _cfg(ctx, config_path)
+    if log_file is not None:
+        cfg = replace(cfg, server=replace(cfg.server, log_file=str(Path(log_file).resolve())))
     if detach:
         start_detached(cfg, timeout)
         return
@@ -90,11 +96,11 @@ def start_detached(cfg: EngineConfig, timeout: float = 300.0) -> None:
     if running is not None:
         raise click.ClickException(f"an engine already answers on {cfg.control_endpoint}")
     cfg.run_path.mkdir(parents=True, exist_ok=True)
-    log_path = cfg.run_path / "engine.log"
+    log_path = cfg.log_path if cfg.server.log_file else cfg.run_path / "engine.log"
     args = [sys.executable, "-m", "engine.cli"]
     if cfg.source:
         args += ["--config", cfg.source]
-    args += ["start"]
+    args += ["start", "--log-file", str(log_path)]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=str(cfg.root_dir) if cfg.source else None)

@@ -7,7 +7,8 @@ without another copy. A JPEG that does not fit there travels inline in the reply
 Messages::
 
     front -> compositor  {"t": "paste", "ring", "slot", "seq", "start", "count", "avatar", "indices",
-                          "face": [3, F, F], "mode", "quality", "subsampling", "idle"}
+                          "face": [3, F, F], "mode", "quality", "subsampling",
+                          "idle": [bool per frame: silence, send the avatar's own frame]}
                          {"t": "drop", "avatar": segment}
     compositor -> front  {"t": "ready"}
                          {"t": "pasted", "ring", "slot", "seq", "start", "sizes": [...],
@@ -77,9 +78,11 @@ class Compositor(Role):
             start, count = msg["start"], msg["count"]
             out = ring.output(msg["slot"], (start + count, *msg["face"]))
             sizes, inline, blobs = [], [], []
+            idle = msg.get("idle", False)
+            idle = idle if isinstance(idle, list) else [bool(idle)] * count
             for j, k in enumerate(msg["indices"]):
                 i = start + j
-                if msg.get("idle"):
+                if idle[j]:
                     jpeg = enc.encode(view.frames[k])          # silence: the avatar's own frame
                 else:
                     crop = view.crops[k] if msg["mode"] == "synctalk" else None

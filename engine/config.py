@@ -34,6 +34,13 @@ class ServerConfig:
     run_dir: str = ""                       # pid file, logs, ipc sockets; "" = ./.run
     instance: str = "lse"                   # prefix of every shared-memory segment name
     log_level: str = "INFO"
+    log_file: str = ""                      # "" = stderr (engine-ctl start --detach: <run_dir>/engine.log)
+    log_max_bytes: int = 10 << 20           # the log file is rotated at this size ...
+    log_backups: int = 3                    # ... keeping this many old files
+    client_keepalive_s: int = 1             # TCP keepalive idle time and probe interval to clients; 0 = off
+    client_queue_bytes: int = 64 << 20      # bytes sent to one connection that it has not read yet
+    slow_client_timeout_s: float = 10.0     # over client_queue_bytes this long: its streams close
+    max_requests_per_client: int = 64       # requests of one connection waiting for their reply
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,7 @@ class CapacityConfig:
     models_per_device: int = 8          # ONNX sessions a GPU worker keeps
     background_bytes: int = 8 << 30     # decoded backgrounds kept in shared memory
     max_pending: int = 256              # requests queued in the front when every ring is full
+    max_pending_bytes: int = 2 << 30    # their tensors' bytes
 
 
 @dataclass(frozen=True)
@@ -74,9 +82,17 @@ class OutputConfig:
 class StreamsConfig:
     batch_frames: int = 8               # frames of one stream per batch (more only when it fell behind)
     max_streams: int = 64
+    max_per_client: int = 16            # open streams of one connection
     max_inflight_batches: int = 2       # per stream
+    max_audio_ahead_s: float = 60.0     # audio pushed but not yet played out, per stream (then busy)
     idle_timeout_s: float = 30.0        # no audio for this long and nothing left to send: closed
     audio_encoder: str = "audio_encoder.onnx"   # under models_root, or per avatar folder (which wins)
+
+
+@dataclass(frozen=True)
+class SchedulingConfig:
+    run_ahead_s: float = 3.0            # frames of a stream rendered but not yet sent, at most
+    batch_slack_ms: float = 500.0       # a batch request's virtual deadline after its arrival
 
 
 @dataclass(frozen=True)
@@ -108,6 +124,7 @@ class EngineConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     streams: StreamsConfig = field(default_factory=StreamsConfig)
+    scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
     models_root: str = "models"
     models: dict[str, ModelConfig] = field(default_factory=dict)
     source: str = ""                    # the file it was loaded from
@@ -125,6 +142,11 @@ class EngineConfig:
     @property
     def run_path(self) -> Path:
         p = Path(self.server.run_dir or ".run")
+        return p if p.is_absolute() else self.root_dir / p
+
+    @property
+    def log_path(self) -> Path:
+        p = Path(self.server.log_file)
         return p if p.is_absolute() else self.root_dir / p
 
     @property
@@ -179,6 +201,10 @@ def _is_seconds(v: Any) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and v > 0
 
 
+def _is_seconds_or_0(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and v >= 0
+
+
 def _build(cls: type, table: Any, prefix: str, **extra: Any) -> Any:
     _check(isinstance(table, dict), prefix, "a table", table)
     known = {f.name: f for f in fields(cls)}
@@ -201,6 +227,18 @@ def _validate(obj: Any, prefix: str) -> None:
         "run_dir": (lambda v: isinstance(v, str), "a path"),
         "instance": (lambda v: isinstance(v, str) and v.isalnum() and 0 < len(v) <= 16, "1-16 letters or digits"),
         "log_level": (lambda v: v in ("DEBUG", "INFO", "WARNING", "ERROR"), "DEBUG, INFO, WARNING or ERROR"),
+        "log_file": (lambda v: isinstance(v, str), "a path or \"\" (stderr)"),
+        "log_max_bytes": (lambda v: _is_int(v) and v >= 1 << 16, "a byte count >= 65536"),
+        "log_backups": (lambda v: _is_int(v) and 1 <= v <= 100, "an integer 1..100"),
+        "client_keepalive_s": (lambda v: _is_int(v) and 0 <= v <= 3600, "whole seconds 0..3600 (0 = off)"),
+        "client_queue_bytes": (lambda v: _is_int(v) and v >= 1 << 20, "a byte count >= 1048576"),
+        "slow_client_timeout_s": (lambda v: _is_seconds(v), "a positive number of seconds"),
+        "max_requests_per_client": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "max_pending_bytes": (lambda v: _is_int(v) and v >= 1 << 20, "a byte count >= 1048576"),
+        "max_per_client": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "max_audio_ahead_s": (lambda v: _is_seconds(v) and v >= 1, "a number of seconds >= 1"),
+        "run_ahead_s": (lambda v: _is_seconds(v) and v >= 0.5, "a number of seconds >= 0.5"),
+        "batch_slack_ms": (lambda v: _is_seconds_or_0(v) and v <= 60000, "milliseconds 0..60000"),
         "devices": (lambda v: v == "auto" or (isinstance(v, (list, tuple)) and all(_is_int(d) and d >= 0 for d in v)),
                     '"auto" or a list of GPU ids such as [0, 1] ([] = CPU provider)'),
         "slots_per_device": (lambda v: _is_int(v) and 1 <= v <= 64, "an integer 1..64"),
@@ -265,7 +303,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
 def config_from_dict(data: dict[str, Any], source: str = "") -> EngineConfig:
     sections = {"server": ServerConfig, "gpu": GpuConfig, "compositor": CompositorConfig, "ring": RingConfig,
                 "capacity": CapacityConfig, "output": OutputConfig, "supervision": SupervisionConfig,
-                "streams": StreamsConfig}
+                "streams": StreamsConfig, "scheduling": SchedulingConfig}
     kwargs: dict[str, Any] = {"source": source}
     for key, value in data.items():
         if key in sections:

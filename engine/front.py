@@ -1,15 +1,21 @@
-"""The front: the client ROUTER socket, request scheduling and reply assembly.
+"""The front: the client ROUTER socket, request handling and reply assembly.
 
 One thread owns every socket (ZeroMQ sockets are not thread-safe); the avatar loader thread only
-wakes it through a pipe. A composite request goes::
+wakes it through a pipe. What runs next is decided by :class:`engine.scheduler.Scheduler`, asked
+after every turn of the loop. A composite request goes::
 
-    client --ROUTER--> front: parse, validate, pick a GPU worker with a free ring slot,
-                       copy the request tensors from the ZeroMQ frames into the slot (the one copy)
+    client --ROUTER--> front: parse, validate; once its avatar is in memory, queue it
+    scheduler: a free ring slot of some GPU worker, earliest deadline first (streams and batches)
+    front: copy the request tensors from the ZeroMQ frames into the slot (the one input copy)
     front --"run"--> GPU worker: (cut the visual input from the avatar), one Run, output into the slot
     GPU worker --"inferred"--> front --"paste" x chunks--> compositors (least loaded first)
     compositors: paste + JPEG, JPEG bytes into the slot --"pasted"--> front
-    front --ROUTER--> client: header + JPEG frames sent zero-copy from the slot; the slot is freed
-                       when ZeroMQ has released them (MessageTracker)
+    front: the JPEGs copied out of the slot into the reply, the slot freed at once
+    front --ROUTER--> client: header + JPEG frames
+
+Replies are copied out of the ring (a few hundred kB per batch) so that a client that does not
+read never holds a ring slot; what it has not read counts against its own bound instead
+(:mod:`engine.connections`).
 
 Backend messages (ipc ROUTER; workers are DEALERs named g<k> / c<k>, the supervisor is "sup")
 are documented in gpu_worker.py and compositor.py; from the supervisor: ``died`` (role, idx,
@@ -27,19 +33,21 @@ from typing import Any
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from . import __version__
 from . import protocol as P
 from .avatar import AvatarError, UnknownAvatar
 from .avatar_store import AvatarEntry, AvatarStore, CapacityError
 from .config import WRAP_MODES
+from .connections import TRACK_BYTES, Connections
+from .front_streams import StreamMethods
+from .jobs import CompHandle, GpuHandle, Job
 from .kernels import frame_index
 from .process import Role, send_msg
 from .protocol import ProtocolError
 from .ring import BatchRing, SlotState
-from .front_streams import StreamMethods
-from .jobs import CompHandle, GpuHandle, Job
-from .streams import Stream
+from .scheduler import QueueFull, Scheduler, SchedulerConfig, WorkerView
 
 log = logging.getLogger(__name__)
 SUP = b"sup"
@@ -55,43 +63,68 @@ class Front(StreamMethods, Role):
 
     # -- start-up ----------------------------------------------------------------------------------
     def init_process(self) -> None:
+        cfg = self.cfg
         self.ctx = zmq.Context()
         self.backend = self.ctx.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.setsockopt(zmq.SNDHWM, 0)
         self.backend.setsockopt(zmq.RCVHWM, 0)
-        self.backend.bind(self.cfg.backend_endpoint)
-        self.client = self.ctx.socket(zmq.ROUTER)
-        self.client.setsockopt(zmq.LINGER, 0)
-        self.client.setsockopt(zmq.SNDHWM, 100_000)
-        self.client.setsockopt(zmq.RCVHWM, 100_000)
-        self.client.setsockopt(zmq.ROUTER_MANDATORY, 1)     # a send to a gone client fails: streams notice
+        self.backend.bind(cfg.backend_endpoint)
+        self.client = self._client_socket()
+        self.monitor = self.client.get_monitor_socket(
+            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
         self.gpus = [GpuHandle(i, dev, BatchRing.attach(name)) for i, (dev, name) in enumerate(self.gpu_specs)]
         for g in self.gpus:
             g.free = list(range(g.ring.geometry.nslots))
             for s in g.free:
                 g.ring.set_state(s, SlotState.FREE)
-        self.by_ring = {g.ring.name: g for g in self.gpus}
         self.comps = [CompHandle(i) for i in range(self.n_comps)]
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         self.woken: deque[AvatarEntry] = deque()
-        self.store = AvatarStore(self.cfg, self._wake, self._evicted)
-        self.pending: deque[Job] = deque()
+        self.store = AvatarStore(cfg, self._wake, self._evicted)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_batch=cfg.ring.max_batch, batch_frames=cfg.streams.batch_frames,
+            max_inflight_batches=cfg.streams.max_inflight_batches, run_ahead_s=cfg.scheduling.run_ahead_s,
+            batch_slack_s=cfg.scheduling.batch_slack_ms / 1000, max_pending=cfg.capacity.max_pending,
+            max_pending_bytes=cfg.capacity.max_pending_bytes))
+        self.conns = Connections(cfg.server.client_queue_bytes)
         self.comp_waiting: deque[Job] = deque()
-        self.sending: list[tuple[zmq.MessageTracker, GpuHandle, int, int]] = []
         self.seq = itertools.count(int(time.time()) & 0xFFFF)
         self.accepting = False
         self.started = time.time()
         self.batches = 0
         self.frames_out = 0
-        self.streams: dict[str, Stream] = {}
-        for name, mc in self.cfg.models.items():
+        for name, mc in cfg.models.items():
             if mc.preload:
                 try:
                     self.store.acquire(name, lambda e: None)
                 except (AvatarError, CapacityError) as e:
                     log.error("preload of avatar %s failed: %s", name, e)
+
+    def _client_socket(self) -> zmq.Socket:
+        sc = self.cfg.server
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 10_000)              # messages per connection; bytes are bounded by us
+        sock.setsockopt(zmq.RCVHWM, 1_000)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)         # a send to a gone client fails instead of vanishing
+        sock.setsockopt(zmq.MAXMSGSIZE, self._max_frame_bytes())
+        if sc.client_keepalive_s > 0:
+            # TCP keepalive, answered by the peer's kernel, finds a vanished host (a closed socket or
+            # a dead process is seen at once by the monitor). Not ZMTP heartbeats: a PING queued
+            # behind replies a client has not read yet would time out a client that merely reads slowly.
+            sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+            sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, sc.client_keepalive_s)
+            sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, sc.client_keepalive_s)
+            sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 2)
+        return sock
+
+    def _max_frame_bytes(self) -> int:
+        """The largest message part a valid request can have (visual_frames at the largest batch);
+        libzmq drops a connection that sends a bigger one."""
+        face = self.cfg.ring.max_face
+        return self.cfg.ring.max_batch * 6 * face * face * 4 + (1 << 20)
 
     def _wake(self, entry: AvatarEntry) -> None:
         self.woken.append(entry)
@@ -108,11 +141,14 @@ class Front(StreamMethods, Role):
     def run(self) -> None:
         self.poller = zmq.Poller()
         self.poller.register(self.backend, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
         self.poller.register(self.wake_r, zmq.POLLIN)
         last_check = time.monotonic()
         while not self.stopping:
             self.beat()
             events = dict(self.poller.poll(self._poll_timeout()))
+            if self.monitor in events:
+                self._on_monitor()
             if self.backend in events:
                 self._drain(self.backend, self.on_backend)
             if self.accepting and self.client in events:
@@ -124,25 +160,26 @@ class Front(StreamMethods, Role):
                     pass
                 while self.woken:
                     self.store.finish(self.woken.popleft())
-            if self.sending:
-                self._reap_sent()
-            if self.streams:
-                self._deliver_streams()
+            now = time.monotonic()
+            self._check_queues(now)
+            self._deliver_streams(now)
+            self._run_scheduler(now)
             if not self.accepting and self._all_ready():
                 self.client.bind(self.cfg.server.front)
                 self.poller.register(self.client, zmq.POLLIN)
                 self.accepting = True
                 log.info("accepting requests on %s", self.cfg.server.front)
                 self._send_state()
-            now = time.monotonic()
             if now - last_check > 1.0:
                 last_check = now
                 self._expire(now)
 
     def _poll_timeout(self) -> int:
-        timeout = 2 if self.sending else 250
+        if any(c.over_since is not None for c in self.conns.by_id.values()):
+            return 10                                 # watch blocked connections drain
+        timeout = 250
         now = time.monotonic()
-        for s in self.streams.values():
+        for s in self.scheduler.streams.values():
             due = s.next_due()
             if due is not None:
                 timeout = min(timeout, max(0, int(1000 * (due - now)) + 1))
@@ -159,46 +196,115 @@ class Front(StreamMethods, Role):
             except Exception:  # noqa: BLE001 - one bad message must never take the front down
                 log.exception("message dropped")
 
+    def _on_monitor(self) -> None:
+        while True:
+            try:
+                msg = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            for identity in self.conns.on_monitor(int(msg["event"]), int(msg["value"])):
+                self._client_gone(identity, forget=False)
+
+    def _run_scheduler(self, now: float) -> None:
+        views = [WorkerView(g.idx, g.device, len(g.free), len(g.jobs), set(g.models), g.state == "ready")
+                 for g in self.gpus]
+        for d in self.scheduler.schedule(now, views):
+            g = self.gpus[d.worker]
+            job = d.batch if d.batch is not None else self._stream_job(d.streams)
+            self._guard(job, lambda j: self._start(j, g, g.free.pop(0)))
+
     # -- client side -------------------------------------------------------------------------------
     def on_client(self, frames: list[zmq.Frame]) -> None:
         try:
             envelope, body = P.split_envelope(frames)
         except ProtocolError:
             return
-        envelope = [f.bytes for f in envelope]     # identities are tiny; tracked sends need plain bytes
-        req_id = None
+        conn = self.conns.seen(frames[0].bytes, frames[-1])
+        envelope = [f.bytes for f in envelope]     # identities are tiny; replies need plain bytes
+        req = None
         try:
             req = P.parse_request(envelope, body)
-            req_id = req.id
+            limit = self.cfg.server.max_requests_per_client
+            if conn.requests >= limit:
+                raise ProtocolError(P.BUSY, f"this connection has {conn.requests} requests waiting for a reply "
+                                    f"(server.max_requests_per_client = {limit})", req.id)
+            conn.requests += 1
+            req.held = True
             getattr(self, f"do_{req.method}")(req)
         except ProtocolError as e:
-            self.reply_error(envelope, e.req_id if e.req_id is not None else req_id, e.code, e.message)
+            self._answer(req, envelope, P.error_reply(e.req_id if e.req_id is not None else
+                                                      (req.id if req else None), e.code, e.message))
         except Exception as e:  # noqa: BLE001 - never let one request take the front down
             log.exception("request failed")
-            self.reply_error(envelope, req_id, P.INTERNAL, f"internal error: {e}")
+            self._answer(req, envelope, P.error_reply(req.id if req else None, P.INTERNAL, f"internal error: {e}"))
+
+    def _answer(self, req: P.Request | None, envelope: list[Any], header: bytes, body: list[Any] = ()) -> bool:
+        """Send the one reply of a request (its connection's count goes down)."""
+        if req is not None and req.held:
+            req.held = False
+            conn = self.conns.get(envelope[0])
+            if conn is not None:
+                conn.requests -= 1
+        return self._send_client([*envelope, header, *body])
 
     def _send_client(self, parts: list[Any]) -> bool:
-        """Send to a client; False when the client is gone or not reading (its streams close)."""
+        """Send one message to a client; False when it is gone or cannot take more (its streams close).
+        A sizeable message is tracked: its bytes count against the connection until ZeroMQ has
+        handed them to the kernel."""
+        nbytes = sum(len(p) if not isinstance(p, zmq.Frame) else len(p.bytes) for p in parts[1:])
+        tracker = None
+        if nbytes >= TRACK_BYTES and not isinstance(parts[-1], zmq.Frame):
+            last = zmq.Frame(parts[-1], copy=False, track=True)
+            parts = [*parts[:-1], last]
+            tracker = last.tracker
         try:
             self.client.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
-            return True
         except zmq.ZMQError as e:
             if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise
+            if e.errno == zmq.EAGAIN:
+                log.warning("client %s does not read (its send queue is full): dropping it", parts[0].hex())
             self._client_gone(parts[0])
             return False
+        self.conns.sent(parts[0], tracker, nbytes)
+        return True
 
-    def reply_error(self, envelope: list[Any], req_id: Any, code: str, message: str) -> None:
-        self._send_client([*envelope, P.error_reply(req_id, code, message)])
+    def reply_error(self, req: P.Request, code: str, message: str) -> None:
+        self._answer(req, req.envelope, P.error_reply(req.id, code, message))
 
     def reply_ok(self, req: P.Request, result: dict[str, Any]) -> None:
-        self._send_client([*req.envelope, P.ok_reply(req.id, result)])
+        self._answer(req, req.envelope, P.ok_reply(req.id, result))
+
+    def _client_gone(self, identity: bytes, forget: bool = True) -> None:
+        """The client's connection is gone: its streams close, its queued requests are dropped."""
+        for s in [s for s in self.scheduler.streams.values() if s.owner[0] == identity]:
+            log.info("stream %s: client gone, closing it", s.id)
+            self._close_stream(s)
+        for job in [j for j in self.scheduler.pending if j.req.envelope[0] == identity]:
+            self.scheduler.cancel(job)
+            job.done = True
+            self._account(job)
+        if forget:
+            self.conns.forget(identity)
+
+    def _check_queues(self, now: float) -> None:
+        """Connections over their unread-bytes bound for too long lose their streams."""
+        limit = self.cfg.server.slow_client_timeout_s
+        for conn in self.conns.reap(now):
+            if conn.streams and now - conn.over_since > limit:
+                for sid in list(conn.streams):
+                    s = self.scheduler.streams.get(sid)
+                    if s is not None:
+                        self._close_stream(s, (P.SLOW_CLIENT, f"the client has left {conn.queued} bytes unread for "
+                                                              f"more than {limit:g} s (server.client_queue_bytes, "
+                                                              "server.slow_client_timeout_s)"))
 
     def do_health(self, req: P.Request) -> None:
         self.reply_ok(req, self.health())
 
     def health(self) -> dict[str, Any]:
         ready = [g for g in self.gpus if g.state == "ready"]
+        now = time.monotonic()
         return {
             "healthy": self.accepting and bool(ready) and any(c.state == "ready" for c in self.comps),
             "inference_healthy": bool(ready),
@@ -207,7 +313,8 @@ class Front(StreamMethods, Role):
             "version": __version__, "protocol": P.VERSION,
             "provider": sorted({g.provider for g in self.gpus if g.provider}),
             "uptime_s": round(time.time() - self.started, 1),
-            "pending": len(self.pending),
+            "pending": len(self.scheduler.pending), "pending_bytes": self.scheduler.pending_bytes,
+            "connections": len(self.conns),
             "batches": self.batches, "frames": self.frames_out,
             "background_bytes": {"used": self.store.used_bytes(), "budget": self.cfg.capacity.background_bytes},
             "gpu_workers": [{"idx": g.idx, "gpu_id": -1 if g.device is None else g.device, "provider": g.provider,
@@ -216,7 +323,7 @@ class Front(StreamMethods, Role):
                              "frames": g.frames} for g in self.gpus],
             "compositors": [{"idx": c.idx, "state": c.state, "restarts": c.restarts,
                              "outstanding_frames": c.load, "frames": c.frames} for c in self.comps],
-            "streams": [s.describe(time.monotonic()) for s in self.streams.values()],
+            "streams": [s.describe(now) for s in self.scheduler.streams.values()],
         }
 
     def do_models(self, req: P.Request) -> None:
@@ -238,11 +345,18 @@ class Front(StreamMethods, Role):
         def loaded(e: AvatarEntry) -> None:
             if e.state != "loaded":
                 raise ProtocolError(P.MODEL_ERROR, e.error)
-            g = self._pick_gpu(e, any_state=True)
+            g = self._pick_gpu(e)
             if g is not None:
                 send_msg(self.backend, {"t": "load", "model": name, "onnx": str(e.files.onnx)}, to=g.identity)
             self.reply_ok(req, e.describe())
         self._acquire(name, lambda e: self._guard_request(req, loaded, e))
+
+    def _pick_gpu(self, e: AvatarEntry) -> GpuHandle | None:
+        """The GPU worker to load an avatar's network on ahead of its requests."""
+        cands = [g for g in self.gpus if g.state == "ready"]
+        pref = e.model.preferred_gpu
+        return min(cands, key=lambda g: (e.name not in g.models, pref is not None and g.device != pref,
+                                         len(g.jobs), g.idx), default=None)
 
     def do_unload(self, req: P.Request) -> None:
         name = P.check_str(req.params, "model", req_id=req.id)
@@ -266,7 +380,7 @@ class Front(StreamMethods, Role):
         p = req.params
         name = P.check_str(p, "model", req_id=req.id)
         batch = P.check_int(p, "batch_size", 1, self.cfg.ring.max_batch, req_id=req.id)
-        start = P.check_int(p, "start_frame", 0, None, default=0, req_id=req.id)
+        start = P.check_int(p, "start_frame", 0, P.MAX_FRAME - batch, default=0, req_id=req.id)
         wrap = p.get("wrap")
         if wrap is not None:
             wrap = P.check_str(p, "wrap", WRAP_MODES, req_id=req.id)
@@ -279,7 +393,11 @@ class Front(StreamMethods, Role):
         for b in req.buffers.values():
             if b.dtype != "float32":
                 raise ProtocolError(P.BAD_PAYLOAD, f"buffer {b.name}: dtype must be float32, got {b.dtype}", req.id)
-        job = Job(req, name, batch, start, wrap, time.monotonic())
+        if self.conns.blocked(req.envelope[0]):
+            raise ProtocolError(P.BUSY, "this connection has more than server.client_queue_bytes of replies it has "
+                                "not read yet; read them first", req.id)
+        job = Job(req, name, batch, start, wrap, time.monotonic(),
+                  nbytes=sum(b.nbytes for b in req.buffers.values()))
         self._acquire(name, lambda e: self._guard(job, self._avatar_ready, e))
 
     def _guard(self, job: Job, fn, *args) -> None:
@@ -307,47 +425,37 @@ class Front(StreamMethods, Role):
                 or int(np.prod(g.output_shape)) * 4 > geo.output_bytes):
             raise ProtocolError(P.MODEL_ERROR, f"avatar {e.name}'s network tensors {g.image_shape}/{g.audio_shape} "
                                 f"exceed the ring's room (raise ring.max_face)")
+        if self.conns.get(req.envelope[0]) is None:
+            return                                   # the client left while its avatar loaded
         job.entry = e
-        job.indices = np.asarray(frame_index(np.arange(job.start, job.start + b), e.view.n,
+        job.indices = np.asarray(frame_index(np.arange(job.start, job.start + b, dtype=np.int64), e.view.n,
                                              job.wrap or e.model.wrap), np.int64)
+        job.idle = [False] * b
+        try:
+            self.scheduler.enqueue(job)
+        except QueueFull as err:
+            raise ProtocolError(P.BUSY, str(err)) from None
         e.inflight += 1
         e.last_used = time.time()
-        self._submit(job)
 
-    # -- scheduling --------------------------------------------------------------------------------
-    def _pick_gpu(self, e: AvatarEntry, any_state: bool = False) -> GpuHandle | None:
-        cands = [g for g in self.gpus if (any_state or g.free) and g.state == "ready"]
-        if not cands:
-            return None
-        pref = e.model.preferred_gpu
-        return min(cands, key=lambda g: (e.name not in g.models, pref is not None and g.device != pref,
-                                         len(g.jobs), g.idx))
-
-    def _submit(self, job: Job) -> None:
-        g = self._pick_gpu(job.entry)
-        if g is None:
-            if len(self.pending) >= self.cfg.capacity.max_pending:
-                raise ProtocolError(P.BUSY, f"every ring slot is in use and {len(self.pending)} requests are queued")
-            self.pending.append(job)
-            return
-        self._start(job, g, g.free.pop(0))
-
+    # -- jobs --------------------------------------------------------------------------------------
     def _start(self, job: Job, g: GpuHandle, slot: int) -> None:
         e, g_info, b = job.entry, job.entry.graph, job.batch
         seq = next(self.seq) & 0xFFFFFFFF
         ring = g.ring
         ring.set_state(slot, SlotState.FILLED, seq, b)
         job.gpu, job.slot, job.seq = g, slot, seq
+        job.t_start = time.monotonic()
         g.jobs[slot] = job
         fill = {"avatar": e.segment, "indices": job.indices.tolist()}
         extra: dict[str, Any] = {}
         if job.streams is not None:
             wins = [sb.windows for sb in job.streams]
-            nwin = sum(len(w) for w in wins)
-            if nwin and not job.idle:
+            nwin = sum(sb.nwin for sb in job.streams)
+            if nwin and not all(job.idle):
                 np.copyto(ring.audio(slot, (nwin, 1, 80, 16)), np.concatenate(wins))
-            extra["stream"] = {"encoder": job.streams[0].stream.encoder, "idle": job.idle,
-                               "segments": [{"count": sb.count, "pad_before": sb.pad_before, "nwin": len(sb.windows)}
+            extra["stream"] = {"encoder": job.streams[0].stream.encoder, "idle": all(job.idle),
+                               "segments": [{"count": sb.count, "pad_before": sb.pad_before, "nwin": sb.nwin}
                                             for sb in job.streams]}
             for sb in job.streams:
                 sb.windows = None                # in the ring now
@@ -361,26 +469,14 @@ class Front(StreamMethods, Role):
         send_msg(self.backend, {"t": "run", "slot": slot, "seq": seq, "model": e.name, "onnx": str(e.files.onnx),
                                 "batch": b, "fill": fill, **extra}, to=g.identity)
 
-    def _drain_pending(self) -> None:
-        while self.pending:
-            job = self.pending[0]
-            g = self._pick_gpu(job.entry)
-            if g is None:
-                return
-            self.pending.popleft()
-            self._guard(job, lambda j: self._start(j, g, g.free.pop(0)))
-
     def _free(self, g: GpuHandle, slot: int) -> None:
         g.ring.set_state(slot, SlotState.FREE)
         g.jobs.pop(slot, None)
         if slot not in g.free:
             g.free.append(slot)
-        self._drain_pending()
-        if self.streams:
-            self._schedule_streams()
 
     def _fail(self, job: Job, code: str, message: str) -> None:
-        """Error reply for a job; its slot (if any) is freed by the caller's state logic."""
+        """Error reply for a job; its slot (if any) is freed once no compositor holds part of it."""
         if not job.done:
             job.done = True
             if job.streams is not None:
@@ -389,12 +485,12 @@ class Front(StreamMethods, Role):
                     if not b.stream.closed:
                         self._close_stream(b.stream, (code, f"frames {b.first}..{b.first + b.count - 1}: {message}"))
             else:
-                self.reply_error(job.req.envelope, job.req.id, code, message)
+                self.reply_error(job.req, code, message)
             self._account(job)
         if job.gpu is not None and job.chunks_left == 0 and job.gpu.jobs.get(job.slot) is job:
             self._free(job.gpu, job.slot)
-        elif job in self.pending:
-            self.pending.remove(job)
+        else:
+            self.scheduler.cancel(job)
 
     def _account(self, job: Job, ok: bool = False) -> None:
         e = job.entry
@@ -407,10 +503,11 @@ class Front(StreamMethods, Role):
 
     def _expire(self, now: float) -> None:
         limit = self.cfg.supervision.request_timeout_s
-        for job in [j for j in self.pending if now - j.t_recv > limit]:
-            self._fail(job, P.BUSY, f"no GPU worker could take the batch within {limit:.0f} s")
+        for job in self.scheduler.expire(now, limit):
+            self._fail(job, P.BUSY, f"no GPU worker could take the batch within {limit:.0f} s "
+                                    "(supervision.request_timeout_s)")
         idle = self.cfg.streams.idle_timeout_s
-        for s in list(self.streams.values()):
+        for s in list(self.scheduler.streams.values()):
             if (s.total is None and now - s.last_audio > idle and not s.inflight and not s.ready
                     and s.schedulable() == 0):
                 self._close_stream(s, (P.STREAM_TIMEOUT, f"no audio for {idle:.0f} s (streams.idle_timeout_s)"))
@@ -441,8 +538,6 @@ class Front(StreamMethods, Role):
             g.state, g.provider, g.models = "ready", msg["provider"], set(msg.get("models", []))
             log.info("GPU worker %d ready (%s, device %s)", g.idx, g.provider, msg.get("device"))
             self._send_state()
-            self._drain_pending()
-            self._schedule_streams()
             return
         if t == "models":
             g.models = set(msg["models"])
@@ -511,13 +606,19 @@ class Front(StreamMethods, Role):
             chunk = {"t": "paste", "ring": g.ring.name, "slot": job.slot, "seq": job.seq, "start": int(s),
                      "count": int(t - s), "avatar": e.segment, "indices": job.indices[s:t].tolist(),
                      "face": list(e.graph.output_shape), "mode": e.model.paste, "quality": out.jpeg_quality,
-                     "subsampling": out.chroma_subsampling, "idle": job.idle}
+                     "subsampling": out.chroma_subsampling, "idle": job.idle[s:t]}
             self._send_chunk(job, chunk, min(ready, key=lambda c: (c.load, c.idx)))
 
     def _send_chunk(self, job: Job, chunk: dict[str, Any], c: CompHandle) -> None:
         c.outstanding[(chunk["ring"], chunk["slot"], chunk["seq"], chunk["start"])] = (job, chunk)
         job.chunks_left += 1
         send_msg(self.backend, chunk, to=c.identity)
+
+    def _jpegs(self, job: Job) -> list[bytes]:
+        """The batch's JPEGs, copied out of the ring slot."""
+        g = job.gpu
+        return [job.inline[i] if i in job.inline else bytes(g.ring.jpeg_area(job.slot, i)[:job.sizes[i]])
+                for i in range(job.batch)]
 
     def _timing(self, job: Job) -> dict[str, Any]:
         g = job.gpu
@@ -530,51 +631,27 @@ class Front(StreamMethods, Role):
 
     def _send_infer(self, job: Job) -> None:
         g, shape = job.gpu, (job.batch, *job.entry.graph.output_shape)
-        out = g.ring.output(job.slot, shape)
-        header = P.ok_reply(job.req.id, self._timing(job),
-                            [{"name": "output", "dtype": "float32", "shape": list(shape)}])
-        self._send_tracked(job, [*job.req.envelope, header], [memoryview(out).cast("B")])
+        out = bytes(memoryview(g.ring.output(job.slot, shape)).cast("B"))
+        self._reply_job(job, P.ok_reply(job.req.id, self._timing(job),
+                                        [{"name": "output", "dtype": "float32", "shape": list(shape)}]), [out])
 
     def _send_composite(self, job: Job) -> None:
-        g, v = job.gpu, job.entry.view
-        frames = [job.inline[i] if i in job.inline else g.ring.jpeg_area(job.slot, i)[:job.sizes[i]]
-                  for i in range(job.batch)]
+        v = job.entry.view
+        frames = self._jpegs(job)
         result = self._timing(job)
         result.update(composite_time_ms=round(1000 * (time.monotonic() - job.t_comp), 3),
-                      width=v.width, height=v.height,
-                      jpeg_bytes=int(sum(job.sizes)))
-        header = P.ok_reply(job.req.id, result, [{"name": "frames", "dtype": "jpeg", "count": job.batch}])
-        self._send_tracked(job, [*job.req.envelope, header], frames)
+                      width=v.width, height=v.height, jpeg_bytes=int(sum(job.sizes)))
+        self._reply_job(job, P.ok_reply(job.req.id, result, [{"name": "frames", "dtype": "jpeg", "count": job.batch}]),
+                        frames)
         self.batches += 1
         self.frames_out += job.batch
 
-    def _send_tracked(self, job: Job, head: list[Any], body: list[Any]) -> None:
-        """Send a reply whose ``body`` parts may point into the job's ring slot, without copying
-        them; the slot is freed only when ZeroMQ has released every one of those parts."""
-        frames = [zmq.Frame(p, copy=False, track=True) if isinstance(p, memoryview) else p for p in body]
+    def _reply_job(self, job: Job, header: bytes, body: list[bytes]) -> None:
+        """The reply of a finished batch; its slot is free as soon as the bytes are copied out."""
         job.done = True
         self._account(job, ok=True)
-        try:
-            sent = self._send_client([*head, *frames])
-        except Exception:  # noqa: BLE001 - the slot must come back whatever happened
-            log.exception("reply failed")
-            sent = False
-        tracked = [f for f in frames if isinstance(f, zmq.Frame) and f.tracker is not None]
-        if not sent or not tracked:              # the client is gone, or nothing points into the slot
-            self._free(job.gpu, job.slot)
-            return
-        job.gpu.ring.set_state(job.slot, SlotState.SENDING)
-        self.sending.append((zmq.MessageTracker(*tracked), job.gpu, job.slot, job.seq))
-
-    def _reap_sent(self) -> None:
-        still = []
-        for tracker, g, slot, seq in self.sending:
-            if tracker.done:
-                if g.ring.check(slot, seq, SlotState.SENDING):
-                    self._free(g, slot)
-            else:
-                still.append((tracker, g, slot, seq))
-        self.sending = still
+        self._free(job.gpu, job.slot)
+        self._answer(job.req, job.req.envelope, header, body)
 
     # -- supervision -------------------------------------------------------------------------------
     def on_died(self, msg: dict[str, Any]) -> None:
@@ -607,16 +684,18 @@ class Front(StreamMethods, Role):
     def shutdown(self) -> None:
         if not hasattr(self, "ctx"):
             return
-        for s in list(self.streams.values()):
+        for s in list(self.scheduler.streams.values()):
             self._close_stream(s, (P.SHUTTING_DOWN, "the engine is stopping"))
-        for job in [*self.pending, *self.comp_waiting, *(j for g in self.gpus for j in g.jobs.values())]:
+        jobs = [*self.scheduler.pending, *self.comp_waiting, *(j for g in self.gpus for j in g.jobs.values())]
+        for job in jobs:
             if not job.done and job.req is not None:
                 job.done = True
-                self.reply_error(job.req.envelope, job.req.id, P.SHUTTING_DOWN, "the engine is stopping")
+                self.reply_error(job.req, P.SHUTTING_DOWN, "the engine is stopping")
         self.client.setsockopt(zmq.LINGER, 1000)      # let those replies leave
+        self.client.disable_monitor()
+        self.monitor.close(0)
         self.client.close()
         self.store.close()
-        self.sending.clear()
         for g in self.gpus:
             g.ring.close()
         self.ctx.destroy(linger=0)

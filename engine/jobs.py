@@ -21,12 +21,14 @@ class Job:
     wrap: str | None
     t_recv: float
     entry: AvatarEntry | None = None
+    nbytes: int = 0                         # request bytes held while it is queued
     indices: np.ndarray | None = None
     gpu: GpuHandle | None = None
     slot: int = -1
     seq: int = 0
     infer_ms: float = 0.0
     prep_ms: float = 0.0
+    t_start: float = 0.0
     t_comp: float = 0.0
     chunks_left: int = 0
     sizes: list[int] = field(default_factory=list)
@@ -34,7 +36,11 @@ class Job:
     error: tuple[str, str] | None = None
     done: bool = False                      # a reply (ok or error) has been sent
     streams: list[StreamBatch] | None = None
-    idle: bool = False
+    idle: list[bool] = field(default_factory=list)     # per frame: silence, no network output needed
+
+    @property
+    def preferred_gpu(self) -> int | None:
+        return self.entry.model.preferred_gpu if self.entry is not None else None
 
 
 @dataclass(eq=False)

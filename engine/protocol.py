@@ -22,6 +22,7 @@ import numpy as np
 
 VERSION = 1
 MAX_HEADER = 64 * 1024
+MAX_FRAME = (1 << 53) - 1             # frame numbers stay exact in every client's JSON numbers
 METHODS = ("composite", "infer", "health", "models", "load", "unload", "stream_open", "stream_audio", "stream_close")
 DTYPES = {"float32": np.dtype("<f4"), "int16": np.dtype("<i2"), "uint8": np.dtype("u1")}
 
@@ -38,6 +39,7 @@ WORKER_DIED = "worker_died"           # the process holding the batch died; the 
 SHUTTING_DOWN = "shutting_down"
 UNKNOWN_STREAM = "unknown_stream"     # no open stream of that id on this connection
 STREAM_TIMEOUT = "stream_timeout"     # (event) no audio for streams.idle_timeout_s
+SLOW_CLIENT = "slow_client"           # (event) the client left too many bytes unread for too long
 INTERNAL = "internal"
 
 
@@ -74,6 +76,7 @@ class Request:
     method: str
     params: dict[str, Any]
     buffers: dict[str, Buffer] = field(default_factory=dict)
+    held: bool = False                      # counted against its connection until answered (the front's)
 
 
 def _bytes(frame: Any) -> bytes | memoryview:
@@ -106,7 +109,7 @@ def parse_request(envelope: list[Any], body: list[Any]) -> Request:
     req_id = header.get("id")
     if isinstance(req_id, (dict, list)):
         raise ProtocolError(BAD_REQUEST, "id must be a string, a number or null")
-    if type(header.get("v")) is not int or header.get("v") != VERSION:
+    if _integer(header.get("v")) != VERSION:
         raise ProtocolError(UNSUPPORTED_VERSION, f"protocol version {header.get('v')!r} not supported; "
                             f"this engine speaks version {VERSION}", req_id)
     method = header.get("method")
@@ -149,19 +152,32 @@ def _parse_buffer(desc: Any, frame: Any, i: int, req_id: Any) -> Buffer:
         raise ProtocolError(BAD_PAYLOAD, f"buffers[{i}] must be an object with a name", req_id)
     name = desc["name"]
     dtype = desc.get("dtype")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ProtocolError(BAD_PAYLOAD, f"buffer {name!r}: dtype {dtype!r} not supported "
                             f"(expected one of {', '.join(DTYPES)})", req_id)
     shape = desc.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                               for d in shape):
+    dims = [_integer(d) for d in shape] if isinstance(shape, list) else None
+    if dims is None or any(d is None or d < 0 for d in dims):
         raise ProtocolError(BAD_PAYLOAD, f"buffer {name!r}: shape must be a list of non-negative integers", req_id)
+    shape = dims
     size = len(_bytes(frame))
     expected = math.prod(shape) * DTYPES[dtype].itemsize
     if size != expected:
         raise ProtocolError(BAD_PAYLOAD, f"buffer {name!r}: {size} bytes, but {dtype} {shape} needs {expected}",
                             req_id)
     return Buffer(name, dtype, tuple(shape), frame)
+
+
+def _integer(value: Any) -> int | None:
+    """A JSON integer: any number with an integral value (``2`` and ``2.0`` alike, as JSON itself
+    does not tell them apart); None for anything else, booleans included."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
 
 
 def check_int(params: dict[str, Any], key: str, lo: int, hi: int | None, default: int | None = None,
@@ -171,9 +187,19 @@ def check_int(params: dict[str, Any], key: str, lo: int, hi: int | None, default
         value = default
     if value is None:
         raise ProtocolError(BAD_REQUEST, f"params.{key} is required", req_id)
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
+    number = _integer(value)
+    if number is None or number < lo or (hi is not None and number > hi):
         rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
         raise ProtocolError(BAD_REQUEST, f"params.{key} must be an integer {rng}, got {value!r}", req_id)
+    return number
+
+
+def check_bool(params: dict[str, Any], key: str, default: bool, req_id: Any = None) -> bool:
+    value = params.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ProtocolError(BAD_REQUEST, f"params.{key} must be true or false, got {value!r}", req_id)
     return value
 
 
@@ -220,11 +246,13 @@ def error_reply(req_id: Any, code: str, message: str) -> bytes:
 
 def event_message(event: str, stream: str, result: dict[str, Any] | None = None,
                   buffers: list[dict[str, Any]] | None = None, error: tuple[str, str] | None = None) -> bytes:
-    """A message the engine sends without a request: a stream's frame, its end or its failure."""
-    msg: dict[str, Any] = {"v": VERSION, "id": None, "event": event, "stream": stream,
-                           "status": "error" if error else "ok", "result": result or {}, "buffers": buffers or []}
+    """A message the engine sends without a request: a stream's frame, its end or its failure.
+    Same shape as a reply (an error event has ``error`` and neither ``result`` nor ``buffers``)."""
+    msg: dict[str, Any] = {"v": VERSION, "id": None, "event": event, "stream": stream}
     if error:
-        msg["error"] = {"code": error[0], "message": error[1]}
+        msg.update(status="error", error={"code": error[0], "message": error[1]})
+    else:
+        msg.update(status="ok", result=result or {}, buffers=buffers or [])
     return _dumps(msg)
 
 

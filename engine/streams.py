@@ -1,24 +1,35 @@
 """Real-time streams: audio in as it is spoken, JPEG frames out in order at 25 frames/s.
 
 This module holds a stream's state and the decisions about it; it has no sockets (the front owns
-those). A stream goes::
+those) and no clock of its own (times come in as arguments or ``time.monotonic()`` at push). A
+stream goes::
 
-    PCM chunks --StreamingMel--> final mel windows --(scheduler)--> a batch of frames [a, b)
-      needs the mel windows of frames a-8 .. b+7 (the network's audio input of frame i is the
-      encoder output of frames i-8 .. i+7): they travel to a GPU worker, which runs the audio
-      encoder and the lip-sync network; compositors paste and encode; the front puts the JPEGs in
-      the stream's reorder buffer and releases them in order, each at its due time.
+    PCM chunks --push--> raw PCM kept until needed (bounded: streams.max_audio_ahead_s)
+      --(scheduler takes frames [a, b))--> StreamingMel turns just enough PCM into final mel
+      windows: frames a-8 .. b+6 (the network's audio input of frame i is the encoder output of
+      frames i-8 .. i+7); they travel to a GPU worker, which runs the audio encoder and the
+      lip-sync network; compositors paste and encode; the front puts the JPEGs in the stream's
+      reorder buffer and releases them in order, each at its due time.
+
+The mel is computed lazily, a job's worth at a time, so a push of 30 s of audio costs the front a
+copy, not 30 s of spectrogram at once; and the same audio gives the same windows however it is
+chunked (``StreamingMel`` is chunking-invariant).
+
+Silence is decided per frame: frame i is *idle* (no network; the avatar's own frame is sent) when
+the mel windows of its whole audio context, frames i-8 .. i+7 inside the clip, are silence. That
+depends only on the audio, never on how it was chunked or batched.
 
 Latency budget of a frame (real time, audio pushed as it is spoken):
   audio look-ahead   frame i needs audio up to the end of frame i+7's mel window: ~490 ms after
                      frame i's first sample (REFERENCE.md section 5: 8 frames + the 200 ms STFT window)
-  batching           none: a batch is scheduled as soon as frames are ready (at most
-                     ``batch_frames`` of them; more only when the stream fell behind)
+  batching           none: frames are scheduled as soon as their audio is complete and their
+                     deadline comes up (engine/scheduler.py)
   inference + paste  one Run and one JPEG per frame (see docs/performance.md)
   pacing             frames wait for their due time; ``late_ms`` says by how much one missed it
-Due times: frame k of a stream is due at ``t0 + (k - first) / 25``. ``t0`` is set when the first
-frame is ready, and moved later when the stream ran dry because the client's audio had not arrived
-(lateness measures the engine, not the speaker's pauses).
+Due times: frame k of a stream is due at ``t0 + k / 25``. ``t0`` is set when the first frame is
+ready, and moved later when the stream ran dry because the client's audio had not arrived
+(lateness measures the engine, not the speaker's pauses). Before ``t0`` is known the stream's
+opening time stands in for it.
 """
 from __future__ import annotations
 
@@ -30,12 +41,20 @@ from typing import Any
 
 import numpy as np
 
-from .audio import FPS, SILENCE, StreamingMel, frame_count
+from .audio import FPS, SAMPLE_RATE, SILENCE, StreamingMel, frame_count, frames_final, samples_needed
 from .kernels import frame_index
 
 MAX_CHUNK_SAMPLES = 16000 * 30          # one push may carry at most 30 s of audio
 CONTEXT = 8                              # encoder outputs of frames i-8 .. i+7 make frame i's input
 _ids = itertools.count(1)
+
+
+class StreamStateError(ValueError):
+    """A push the stream's state does not allow (its audio already ended)."""
+
+
+class AudioFull(ValueError):
+    """A push beyond the stream's bound on audio not yet played out (back-pressure)."""
 
 
 @dataclass(eq=False)
@@ -45,9 +64,14 @@ class StreamBatch:
     first: int
     count: int
     win_first: int                       # first frame whose mel window is included (>= 0)
-    windows: np.ndarray                  # [n, 1, 80, 16]
+    windows: np.ndarray | None           # [n, 1, 80, 16]; None once copied into the ring
     indices: list[int]                   # avatar frame of each frame
-    idle: bool                           # every window is silence: no network needed
+    idle: list[bool]                     # per frame: its whole audio context is silence
+    nwin: int = 0                        # number of windows (kept when ``windows`` is dropped)
+
+    def __post_init__(self) -> None:
+        if self.windows is not None:
+            self.nwin = len(self.windows)
 
     @property
     def pad_before(self) -> int:
@@ -65,6 +89,8 @@ class Stream:
     realtime: bool
     idle_frames: bool
     mel: StreamingMel = field(default_factory=StreamingMel)
+    pcm: deque = field(default_factory=deque)      # pushed PCM not yet turned into mel columns
+    received: int = 0                    # samples pushed
     next_frame: int = 0                  # next frame (stream-relative) to schedule
     next_out: int = 0                    # next frame to deliver
     total: int | None = None             # frame count once the audio ended
@@ -78,58 +104,105 @@ class Stream:
     max_late_ms: float = 0.0
     first_frame_ms: float | None = None
     closed: bool = False
+    n_avatar: int = 1                    # the avatar's frame count (frame index mapping)
+    preferred_gpu: int | None = None     # the avatar's preferred GPU
     entry: Any = None                    # the front's AvatarEntry (pinned while the stream is open)
     encoder: str = ""                    # audio encoder ONNX path
 
     # -- audio -------------------------------------------------------------------------------------
-    def push(self, pcm: np.ndarray, end: bool) -> None:
+    def push(self, pcm: np.ndarray, end: bool, max_ahead_s: float | None = None) -> None:
+        """Keep a chunk (copied: the caller's buffer may go away). Raises StreamStateError after
+        the end, AudioFull when the chunk would take the audio not yet played out past
+        ``max_ahead_s`` (nothing is kept then)."""
         if self.total is not None:
-            raise ValueError("the stream's audio already ended")
+            raise StreamStateError(f"stream {self.id}'s audio already ended (end=true was sent); "
+                                   "open a new stream for more audio")
+        if max_ahead_s is not None and pcm.size:
+            ahead = (self.received + pcm.size) / SAMPLE_RATE - self.next_out / FPS
+            if ahead > max_ahead_s:
+                raise AudioFull(f"stream {self.id} would hold {ahead:.1f} s of audio not yet played out, more "
+                                f"than streams.max_audio_ahead_s = {max_ahead_s:g} s; push this chunk again once "
+                                f"frames have been delivered")
         if pcm.size:
-            self.mel.push(pcm)
+            self.pcm.append(np.array(pcm))
+            self.received += pcm.size
             self.last_audio = time.monotonic()
         if end:
-            self.mel.finish()
-            self.total = frame_count(self.mel.samples)
+            self.total = frame_count(self.received)
 
     @property
     def audio_seconds(self) -> float:
-        return self.mel.samples / 16000.0
+        return self.received / SAMPLE_RATE
+
+    def audio_ahead_s(self) -> float:
+        """Audio received but not yet played out as delivered frames."""
+        return max(0.0, self.received / SAMPLE_RATE - self.next_out / FPS)
+
+    def frames_final(self) -> int:
+        """Frames (from 0) whose own mel window is final with the audio received so far."""
+        return self.total if self.total is not None else frames_final(self.received)
 
     def schedulable(self) -> int:
         """How many frames from ``next_frame`` on have their whole audio input final."""
-        ready = self.mel.frames_ready()
         if self.total is not None:
             return max(0, self.total - self.next_frame)
         # frame i needs the windows of frames up to i+7
-        return max(0, ready - (CONTEXT - 1) - self.next_frame)
+        return max(0, self.frames_final() - (CONTEXT - 1) - self.next_frame)
 
-    def take(self, count: int, n_avatar: int) -> StreamBatch:
+    def _feed(self, frames: int) -> None:
+        """Turn pushed PCM into mel columns until the windows of frames < ``frames`` are final."""
+        mel = self.mel
+        if mel.finished or mel.frames_ready() >= frames:
+            return
+        if self.total is not None and frames > frames_final(self.received):
+            target = self.received                     # past the last final window: all of it, then the end rule
+        else:
+            target = samples_needed(frames - 1)
+        while self.pcm and mel.samples < target:
+            chunk = self.pcm[0]
+            take = target - mel.samples
+            if take >= chunk.size:
+                mel.push(self.pcm.popleft())
+            else:
+                mel.push(chunk[:take])
+                self.pcm[0] = chunk[take:]
+        if self.total is not None and not self.pcm:
+            mel.finish()
+
+    def take(self, count: int, now: float) -> StreamBatch:
         """The next ``count`` frames as a batch (caller checked ``schedulable``)."""
         a, b = self.next_frame, self.next_frame + count
-        limit = self.total if self.total is not None else self.mel.frames_ready()
+        limit = self.total if self.total is not None else self.frames_final()
         w0, w1 = max(0, a - CONTEXT), min(b + CONTEXT - 1, limit)
+        self._feed(w1)
         windows = self.mel.windows(w0, w1 - w0)
+        silent = (windows <= SILENCE + 1e-6).reshape(len(windows), -1).all(axis=1)
+        idle = [self.idle_frames and bool(silent[max(0, i - CONTEXT) - w0:min(i + CONTEXT, limit) - w0].all())
+                for i in range(a, b)]
         self.next_frame = b
-        ks = np.arange(self.start_frame + a, self.start_frame + b)
-        indices = np.asarray(frame_index(ks, n_avatar, self.wrap)).tolist()
-        idle = self.idle_frames and bool(np.all(windows <= SILENCE + 1e-6))
+        ks = np.arange(self.start_frame + a, self.start_frame + b, dtype=np.int64)
+        indices = np.asarray(frame_index(ks, self.n_avatar, self.wrap)).tolist()
         if self.t0 is not None and self.inflight == 0 and not self.ready and self.realtime:
             # ran dry waiting for audio: the schedule restarts from now
-            self.t0 = max(self.t0, time.monotonic() - a / FPS)
+            self.t0 = max(self.t0, now - a / FPS)
         self.inflight += 1
         return StreamBatch(self, a, count, w0, windows, indices, idle)
 
-    def deadline(self) -> float:
-        """When the next frame to schedule is due (its scheduling priority)."""
+    # -- timing ------------------------------------------------------------------------------------
+    def clock(self, k: int) -> float:
+        """Nominal time of frame ``k``: its due time once the stream has started (``t0``)."""
         base = self.t0 if self.t0 is not None else self.opened
-        return base + self.next_frame / FPS
+        return base + k / FPS
+
+    def lag_ms(self, now: float) -> float:
+        """How late the next frame to send is now, when the engine owes it (its audio is there):
+        0 while the stream waits for the client's audio, and always 0 when not real time."""
+        if not self.realtime or self.t0 is None or self.finished:
+            return 0.0
+        owed = self.next_out in self.ready or self.inflight > 0 or self.schedulable() > 0
+        return max(0.0, 1000 * (now - self.clock(self.next_out))) if owed else 0.0
 
     # -- delivery ----------------------------------------------------------------------------------
-    def due(self, k: int) -> float:
-        assert self.t0 is not None
-        return self.t0 + k / FPS
-
     def deliverable(self, now: float) -> list[tuple[int, bytes, dict[str, Any]]]:
         """Frames to send now, in order (pacing: not before their due time in real-time mode)."""
         out = []
@@ -138,10 +211,10 @@ class Stream:
             if self.t0 is None:
                 self.t0 = now - k / FPS
                 self.first_frame_ms = 1000 * (now - self.opened)
-            if self.realtime and now < self.due(k):
+            if self.realtime and now < self.clock(k):
                 break
             jpeg, meta = self.ready.pop(k)
-            late = max(0.0, 1000 * (now - self.due(k))) if self.realtime else 0.0
+            late = max(0.0, 1000 * (now - self.clock(k))) if self.realtime else 0.0
             self.late_ms = late
             self.max_late_ms = max(self.max_late_ms, late)
             meta.update(frame=k, pts_ms=k * 1000 // FPS, late_ms=round(late, 1),
@@ -153,7 +226,7 @@ class Stream:
 
     def next_due(self) -> float | None:
         if self.realtime and self.next_out in self.ready and self.t0 is not None:
-            return self.due(self.next_out)
+            return self.clock(self.next_out)
         return None
 
     @property
@@ -167,11 +240,12 @@ class Stream:
         return (len(recent) - 1) / max(1e-6, recent[-1] - recent[0])
 
     def describe(self, now: float) -> dict[str, Any]:
+        lag = self.lag_ms(now)
         return {"stream": self.id, "model": self.model, "realtime": self.realtime,
-                "audio_s": round(self.audio_seconds, 3), "frames_sent": self.next_out,
-                "frames_scheduled": self.next_frame, "frames_total": self.total,
-                "rate_fps": round(self.rate(now), 2), "lag_ms": round(self.late_ms, 1),
-                "max_lag_ms": round(self.max_late_ms, 1), "inflight_batches": self.inflight,
+                "audio_s": round(self.audio_seconds, 3), "audio_ahead_s": round(self.audio_ahead_s(), 3),
+                "frames_sent": self.next_out, "frames_scheduled": self.next_frame, "frames_total": self.total,
+                "rate_fps": round(self.rate(now), 2), "lag_ms": round(lag, 1),
+                "max_lag_ms": round(max(self.max_late_ms, lag), 1), "inflight_batches": self.inflight,
                 "first_frame_ms": None if self.first_frame_ms is None else round(self.first_frame_ms, 1),
                 "age_s": round(now - self.opened, 1)}
 
@@ -192,3 +266,4 @@ def check_pcm(pcm: np.ndarray, end: bool) -> np.ndarray:
     if pcm.dtype == np.float32 and pcm.size and not np.isfinite(pcm).all():
         raise ValueError("pcm contains NaN or infinite samples")
     return pcm
+

@@ -18,6 +18,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from .compositor import Compositor
 from .config import EngineConfig
 from .front import Front
 from .gpu_worker import GpuWorker
+from .logs import redirect_std_to
 from .process import EXIT_BOOT, Heartbeats, Role, send_msg, setup_logging
 from .ring import BatchRing, RingGeometry
 from .shm import SHM_DIR, list_segments, remove_stale
@@ -166,7 +168,7 @@ class Supervisor:
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         last_ask = 0.0
-        t_boot = time.monotonic()
+        self.t_boot = time.monotonic()
         while not self.stopping:
             while self.signals:
                 sig = self.signals.popleft()
@@ -185,7 +187,7 @@ class Supervisor:
             if now - last_ask > (1.0 if self.ready else 0.25):
                 last_ask = now
                 send_msg(self.backend, {"t": "status?"})
-            if not self.ready and now - t_boot > self.cfg.supervision.ready_timeout_s:
+            if not self.ready and now - self.t_boot > self.cfg.supervision.ready_timeout_s:
                 raise EngineStopped(f"the engine did not become ready within supervision.ready_timeout_s = "
                                     f"{self.cfg.supervision.ready_timeout_s} s; states: "
                                     + ", ".join(f"{c.label}={c.state}" for c in self.children))
@@ -270,13 +272,18 @@ class Supervisor:
         child.restarts += 1
         log.warning("%s died (exit code %s); respawning (restart %d)", child.label, code, child.restarts)
         if child.role == "front":
-            # every in-flight request lived in the front: restart the whole set, rings start empty
+            # every in-flight request lived in the front: restart the whole set, rings start empty.
+            # Each replaced process counts a restart (it was replaced), not a death (it did not
+            # fail: the crash-loop limit is about processes that die on their own). The engine is
+            # starting again, so it gets supervision.ready_timeout_s again from now.
             self.ready = False
+            self.t_boot = now
             for other in self.children:
                 if other is not child and other.process is not None:
                     other.process.kill()
                     other.process.join(5)
                     other.process = None
+                    other.restarts += 1
             left = remove_stale(f"{self.cfg.server.instance}_av_")
             if left:
                 log.warning("removed the dead front's avatar segments: %s", ", ".join(left))
@@ -341,6 +348,10 @@ def _memory(pid: int | None) -> dict[str, int]:
 
 
 def run_supervisor(cfg: EngineConfig) -> int:
+    if cfg.server.log_file:
+        redirect_std_to(cfg.log_path, cfg.server.log_max_bytes, cfg.server.log_backups)
     setup_logging(cfg.server.log_level, "supervisor")
-    return Supervisor(cfg).run()
+    code = Supervisor(cfg).run()
+    sys.stderr.flush()
+    return code
 

@@ -1,0 +1,192 @@
+"""What runs next: batch requests and live-stream frames onto the GPU workers' ring slots.
+
+Pure policy, in the manner of vLLM's scheduler: no sockets, no threads, no clock of its own. The
+front feeds it (queued batch requests, open streams, each GPU worker's free slots and loaded
+networks, the current time) and calls :meth:`Scheduler.schedule` after every turn of its loop,
+whatever happened (a freed slot, a delivered frame, a push, a worker coming back), so nothing that
+gates a decision can change without the scheduler being asked again. It returns the jobs to start;
+the front starts them. Tested on its own with simulated time (``tests/engine/test_scheduler.py``).
+
+Policy: earliest deadline first over one timeline shared by both kinds of work.
+
+* A stream's frames have due times (``Stream.clock``: ``t0 + k/25``; a non-real-time stream is
+  not paced, but its frames get the same nominal clock as priority). A stream's deadline is the due
+  time of its next frame to schedule minus the *lead*, the time a stream job of that avatar has
+  been taking from scheduling to ready frames (learned, per avatar).
+* A batch request (``composite``/``infer``) has no due time; it gets a virtual deadline of
+  ``t_recv + scheduling.batch_slack_ms``. Batch requests are first-in first-out among themselves.
+* When a ring slot is free, the earliest deadline wins. A stream whose frames are due in less
+  than the slack is served before a batch request that just arrived; a batch request that has
+  waited for the slack is served before any stream frame due later than that.
+
+Starvation-free both ways: a batch request waits at most until every stream frame whose deadline
+is earlier than its own has been scheduled, and each stream job moves its stream's deadline on by
+the frames it took; a stream frame waits at most for the batch requests received before its
+deadline minus the slack. Streams are also bounded on their own: at most
+``streams.max_inflight_batches`` jobs in flight each, and at most ``scheduling.run_ahead_s`` of
+frames rendered but not yet sent (so a stream fed faster than real time does not render, and hold,
+its whole utterance at once, nor take every slot).
+
+A stream job takes, for every eligible stream of the avatar whose stream has the earliest
+deadline, up to ``streams.batch_frames`` frames (three times as many when that stream is already
+late), so one Run serves several streams of an avatar.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .audio import FPS
+from .streams import Stream, StreamBatch
+
+
+class QueueFull(Exception):
+    """A batch request the queue has no room for (the front answers ``busy``)."""
+
+
+class BatchWork(Protocol):
+    model: str
+    t_recv: float
+    preferred_gpu: int | None
+    nbytes: int
+
+
+@dataclass
+class WorkerView:
+    """The scheduler's view of one GPU worker, rebuilt by the front for each call."""
+    idx: int
+    device: int | None
+    free: int                        # free ring slots
+    inflight: int                    # jobs holding one of its slots
+    models: set[str] = field(default_factory=set)
+    ready: bool = True
+
+
+@dataclass
+class Decision:
+    """Start this on worker ``worker``: a queued batch request, or frames of streams of one avatar."""
+    worker: int
+    batch: Any = None
+    streams: list[StreamBatch] | None = None
+
+
+@dataclass
+class SchedulerConfig:
+    max_batch: int = 50              # frames per job
+    batch_frames: int = 8            # frames of one stream per job (x3 when it is late)
+    max_inflight_batches: int = 2    # jobs of one stream in flight
+    run_ahead_s: float = 3.0         # frames rendered but not yet sent, per stream
+    batch_slack_s: float = 0.5       # a batch request's virtual deadline after its arrival
+    max_pending: int = 256           # batch requests queued
+    max_pending_bytes: int = 2 << 30  # their request bytes
+
+
+class Scheduler:
+    LEAD_START_S = 0.1               # lead before the first stream job of an avatar finished
+    LEAD_ALPHA = 0.2                 # weight of a new observation in the lead's moving average
+
+    def __init__(self, cfg: SchedulerConfig) -> None:
+        self.cfg = cfg
+        self.pending: deque[BatchWork] = deque()
+        self.pending_bytes = 0
+        self.streams: dict[str, Stream] = {}
+        self.lead: dict[str, float] = {}
+
+    # -- batch queue -------------------------------------------------------------------------------
+    def enqueue(self, work: BatchWork) -> None:
+        cfg = self.cfg
+        if len(self.pending) >= cfg.max_pending:
+            raise QueueFull(f"every ring slot is in use and {len(self.pending)} requests are queued "
+                            f"(capacity.max_pending)")
+        if self.pending and self.pending_bytes + work.nbytes > cfg.max_pending_bytes:
+            raise QueueFull(f"every ring slot is in use and the queued requests hold {self.pending_bytes} bytes "
+                            f"(capacity.max_pending_bytes)")
+        self.pending.append(work)
+        self.pending_bytes += work.nbytes
+
+    def cancel(self, work: BatchWork) -> bool:
+        try:
+            self.pending.remove(work)
+        except ValueError:
+            return False
+        self.pending_bytes -= work.nbytes
+        return True
+
+    def expire(self, now: float, limit_s: float) -> list[BatchWork]:
+        """Queued requests older than ``limit_s``, removed from the queue (oldest first)."""
+        old = []
+        while self.pending and now - self.pending[0].t_recv > limit_s:
+            old.append(self.pending.popleft())
+            self.pending_bytes -= old[-1].nbytes
+        return old
+
+    # -- streams -----------------------------------------------------------------------------------
+    def add_stream(self, s: Stream) -> None:
+        self.streams[s.id] = s
+
+    def remove_stream(self, s: Stream) -> None:
+        self.streams.pop(s.id, None)
+
+    def observe(self, model: str, seconds: float) -> None:
+        """A stream job of ``model`` took ``seconds`` from scheduling to ready frames."""
+        old = self.lead.get(model)
+        self.lead[model] = seconds if old is None else old + self.LEAD_ALPHA * (seconds - old)
+
+    def stream_deadline(self, s: Stream) -> float:
+        return s.clock(s.next_frame) - self.lead.get(s.model, self.LEAD_START_S)
+
+    def batch_deadline(self, work: BatchWork) -> float:
+        return work.t_recv + self.cfg.batch_slack_s
+
+    def eligible(self, s: Stream) -> bool:
+        cfg = self.cfg
+        return (not s.closed and s.schedulable() > 0 and s.inflight < cfg.max_inflight_batches
+                and s.next_frame - s.next_out < cfg.run_ahead_s * FPS)
+
+    # -- the decision ------------------------------------------------------------------------------
+    def schedule(self, now: float, workers: list[WorkerView]) -> list[Decision]:
+        """Fill free ring slots, earliest deadline first; returns what to start, in order."""
+        decisions: list[Decision] = []
+        while any(w.ready and w.free > 0 for w in workers):
+            ranked = sorted((s for s in self.streams.values() if self.eligible(s)),
+                            key=lambda s: (self.stream_deadline(s), s.inflight, s.opened))
+            head = self.pending[0] if self.pending else None
+            if head is not None and (not ranked or self.batch_deadline(head) <= self.stream_deadline(ranked[0])):
+                w = self._pick(workers, head.model, head.preferred_gpu)
+                self.pending.popleft()
+                self.pending_bytes -= head.nbytes
+                decisions.append(Decision(w.idx, batch=head))
+            elif ranked:
+                lead = ranked[0]
+                w = self._pick(workers, lead.model, lead.preferred_gpu)
+                decisions.append(Decision(w.idx, streams=self._group(now, lead, ranked)))
+            else:
+                break
+            w.free -= 1
+            w.inflight += 1
+            w.models.add(decisions[-1].batch.model if decisions[-1].batch is not None else lead.model)
+        return decisions
+
+    def _group(self, now: float, lead: Stream, ranked: list[Stream]) -> list[StreamBatch]:
+        """Frames of every eligible stream of ``lead``'s avatar (most urgent first) for one job."""
+        cfg, group, frames = self.cfg, [], 0
+        for s in ranked:
+            if s.model != lead.model:
+                continue
+            room = int(cfg.run_ahead_s * FPS) - (s.next_frame - s.next_out)
+            late = s.t0 is not None and s.clock(s.next_frame) < now
+            count = min(s.schedulable(), cfg.batch_frames * (3 if late else 1), room, cfg.max_batch - frames)
+            if count <= 0:
+                break
+            group.append(s.take(count, now))
+            frames += count
+        return group
+
+    @staticmethod
+    def _pick(workers: list[WorkerView], model: str, preferred: int | None) -> WorkerView:
+        """The worker for a job of ``model``: one that has the network loaded, then the avatar's
+        preferred GPU, then the fewest jobs in flight."""
+        cands = [w for w in workers if w.ready and w.free > 0]
+        return min(cands, key=lambda w: (model not in w.models, preferred is not None and w.device != preferred,
+                                         w.inflight, w.idx))

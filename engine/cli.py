@@ -368,9 +368,9 @@ def avatar() -> None:
 @click.option("--end", type=float, default=None, help="seconds into SOURCE to stop at (default: its end)")
 @click.option("--force", is_flag=True, help="replace an avatar of that name")
 @click.option("--crop-scale", default=None, type=click.FloatRange(0.2, 3.0),
-              help="video: crop side / detected face width  [default: 0.87]")
+              help="video: crop side / detected face width  [default: 0.86]")
 @click.option("--crop-top", default=None, type=click.FloatRange(-1.0, 1.5),
-              help="video: crop top below the face box top, in face heights  [default: 0.44]")
+              help="video: crop top below the face box top, in face heights  [default: 0.43]")
 @click.option("--frame-format", type=click.Choice(["png", "jpg"]), default="png", show_default=True,
               help="video: how the frames are stored (png lossless; jpg quality 95, about 5x smaller)")
 @click.pass_context

@@ -26,8 +26,8 @@ import numpy as np
 from .avatar_disk import AvatarError
 from .face_detect import Box
 
-CROP_SCALE = 0.87       # crop side / face box width
-CROP_TOP = 0.44         # crop top below the face box top, in box heights
+CROP_SCALE = 0.86       # crop side / face box width
+CROP_TOP = 0.43         # crop top below the face box top, in box heights
 SIGMA_CENTRE = 2.0      # frames: the centre follows real head motion, not the detector's jitter
 SIGMA_SIZE = 6.0        # frames: the face size changes slowly
 OUTLIER_SPAN = 3        # detections each side in the running median an outlier is judged against

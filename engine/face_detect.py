@@ -8,11 +8,11 @@ its models and pins ``opencv-contrib-python``, and dlib's HOG detector missed a 
 faces of a moving, rotating head.
 
 Speed comes from tracking: the first frame (and any frame after a miss) is searched whole at a
-working width of at most 640 pixels (the largest face wins, among those with twice the usual
-support when there are any); after that only a window of 2.4 face sides around the last box is
+working width of at most 640 pixels (the largest of the best-supported faces wins, see
+:meth:`FaceDetector._full`); after that only a window of 1.8 face sides around the last box is
 searched, at the scale where the face is about 96 pixels wide, for sizes 0.7x to 1.4x the last one.
 The cascade's box depends on the scale and size range searched, so a whole-frame find is measured
-again by a tracked search before it is used.
+again by tracked searches, until its size settles, before it is used.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import numpy as np
 SEARCH_WIDTH = 640          # full-frame searches run at most this wide
 MIN_FACE = 40               # smallest face searched for in a full-frame search, at SEARCH_WIDTH
 TRACK_FACE = 96             # tracked searches scale the frame so that the face is about this wide
-TRACK_WINDOW = 2.4          # tracked search window, in face sides
+TRACK_WINDOW = 1.8          # tracked search window, in face sides
 
 
 @dataclass(frozen=True)
@@ -78,20 +78,31 @@ class FaceDetector:
             box = self._tracked(gray, self.last)
         if box is None:
             box = self._full(gray)
-            if box is not None:                # measured again as a tracked search would, so the
-                box = self._tracked(gray, box) or box   # first box matches the ones that follow
+            for _ in range(4):                 # measured again as tracked searches would, until the
+                again = self._tracked(gray, box) if box is not None else None   # size settles, so
+                if again is None:              # the first box matches the ones that follow
+                    break
+                settled = abs(again.w - box.w) < 0.05 * box.w
+                box = again
+                if settled:
+                    break
         self.last = box
         return box
 
     def _full(self, gray: np.ndarray) -> Box | None:
-        """Whole-frame search: the largest face, among the strongly supported ones if there are any."""
+        """Whole-frame search: the largest of the faces with the most support. The cascade's false
+        faces (hair, a collar) pass with a few neighbouring windows; a real face keeps passing as the
+        required number of neighbours doubles, so the last non-empty level holds it."""
         h, w = gray.shape
         scale = min(1.0, SEARCH_WIDTH / w)
-        for neighbours in (2 * self.neighbours, self.neighbours):
+        best: list[Box] = []
+        neighbours = self.neighbours
+        while neighbours <= 8 * self.neighbours:
             found = self._search(gray, scale, MIN_FACE / scale, min(h, w), neighbours)
-            if found:
-                return max(found, key=lambda b: b.w)
-        return None
+            if not found:
+                break
+            best, neighbours = found, 2 * neighbours
+        return max(best, key=lambda b: b.w, default=None)
 
     def _tracked(self, gray: np.ndarray, last: Box) -> Box | None:
         h, w = gray.shape

@@ -2,10 +2,21 @@
 
 The detector is scikit-image's multi-block LBP cascade (:class:`skimage.feature.Cascade`) with the
 frontal-face cascade that scikit-image ships in its wheel (``lbpcascade_frontalface_opencv.xml``,
-trained by OpenCV). It was chosen by measurement (``tools/face_detector_bench.py``): OpenCV 5
-no longer ships its Haar cascades nor ``CascadeClassifier``, MediaPipe's wheel no longer carries
-its models and pins ``opencv-contrib-python``, and dlib's HOG detector missed a quarter of the
-faces of a moving, rotating head.
+trained by OpenCV). It was chosen by measurement (``tools/face_detector_bench.py``: a moving,
+zooming, turning face photo through H.264, 150 frames 640x360, on this project's 2-core machine):
+
+=============================  =========  ============  ==========  ===========
+detector                       found      boxes         ms a frame  installable
+                                          elsewhere                 with OpenCV 5
+=============================  =========  ============  ==========  ===========
+OpenCV 4 Haar (default, alt2)  150, 150   74, 11        38, 41      no
+dlib HOG (dlib-bin)            106        9             10          yes (missed turned faces)
+scikit-image LBP, whole frame  150        46            110         yes
+this module (LBP, tracking)    150        0             5           yes
+=============================  =========  ============  ==========  ===========
+
+OpenCV 5 ships neither its Haar cascades nor ``CascadeClassifier``; MediaPipe's wheel no longer
+carries its face models and pins ``opencv-contrib-python``.
 
 Speed comes from tracking: the first frame (and any frame after a miss) is searched whole at a
 working width of at most 640 pixels (the largest of the best-supported faces wins, see

@@ -89,3 +89,12 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float) -> Path:
         for p in st.encode():
             out.mux(p)
     return path
+
+
+if __name__ == "__main__":
+    # python -m tests.engine.face_videos head.mp4 [seconds]: the README's sample talking-head video
+    import sys
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "head.mp4")
+    seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 4.0
+    write_video(out, talking_head(int(seconds * 25), 25.0)[0], 25.0)
+    print(f"{out}: {seconds:g} s, 640x360, 25 frames/s, H.264")

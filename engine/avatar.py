@@ -1,10 +1,5 @@
-"""Avatars: the seed's folder layout on disk, and their decoded frames in shared memory.
-
-On disk (REFERENCE.md section 6)::
-
-    <models_root>/<name>/checkpoint/model_best.onnx
-    <models_root>/<name>/frames/frame_0000.png ...      (frame_%04d or frame_%d; png, jpg or jpeg)
-    <models_root>/<name>/crop_rects.json                (one [x1, y1, x2, y2] per frame)
+"""Avatars: their decoded frames in shared memory (the folder layout on disk and its checks are in
+:mod:`engine.avatar_disk`, REFERENCE.md section 6).
 
 In shared memory, one segment per loaded avatar, created and unlinked by the front's
 :class:`~engine.avatar_store.AvatarStore`, attached read-only by every other process::
@@ -19,165 +14,19 @@ In shared memory, one segment per loaded avatar, created and unlinked by the fro
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import cv2
 import numpy as np
-import onnx
 
+# the on-disk layout and its checks live in avatar_disk (shared with engine-ctl avatar check)
+from .avatar_disk import (AvatarError, AvatarFiles, GraphInfo, UnknownAvatar, avatar_files,  # noqa: F401
+                          check_frame_size, discover, find_frames, read_graph, read_rects)
+from .avatar_disk import decode_frame as _decode
 from .kernels import cut_crop
 from .shm import Segment
 
-FRAME_RE = re.compile(r"^frame_(\d+)\.(png|jpg|jpeg)$", re.IGNORECASE)
 HEADER_BYTES = 4096
-MAX_NAME_BYTES = 128                  # an avatar name is a folder name (and part of segment names)
-
-
-class AvatarError(Exception):
-    """An avatar's files are missing or inconsistent; the message names the file and the problem."""
-
-
-class UnknownAvatar(AvatarError):
-    """No avatar of that name under models_root."""
-
-
-@dataclass(frozen=True)
-class GraphInfo:
-    """Names and per-frame shapes of a lip-sync network, read from its graph."""
-    image_input: str
-    audio_input: str
-    output: str
-    image_shape: tuple[int, ...]      # (6, F, F)
-    audio_shape: tuple[int, ...]      # (32, 16, 16) for SyncTalk_2D
-    output_shape: tuple[int, ...]     # (3, F, F)
-    fixed_batch: int | None           # None when the batch axis is dynamic
-
-    @property
-    def face(self) -> int:
-        return self.image_shape[1]
-
-
-def _dims(value_info: Any) -> list[int | None]:
-    return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
-
-
-def read_graph(path: Path) -> GraphInfo:
-    """Find the image input (6 channels), the audio input and the output in an ONNX graph."""
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - onnx raises many kinds
-        raise AvatarError(f"{path}: not a readable ONNX model: {e}") from None
-    inits = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 2 or len(model.graph.output) < 1:
-        raise AvatarError(f"{path}: expected 2 inputs (image, audio) and an output, found "
-                          f"{[i.name for i in inputs]} -> {[o.name for o in model.graph.output]}")
-    shapes = {i.name: _dims(i) for i in inputs}
-    image = next((n for n, s in shapes.items() if len(s) == 4 and s[1] == 6), None)
-    if image is None:
-        raise AvatarError(f"{path}: no input of shape [B, 6, F, F] among {shapes}")
-    audio = next(n for n in shapes if n != image)
-    out = model.graph.output[0]
-    out_dims = _dims(out)
-    for name, dims in [*shapes.items(), (out.name, out_dims)]:
-        if any(d is None for d in dims[1:]):
-            raise AvatarError(f"{path}: {name} has a dynamic non-batch axis {dims}")
-    img_dims = shapes[image]
-    if img_dims[2] != img_dims[3] or len(out_dims) != 4 or out_dims[1:] != [3, img_dims[2], img_dims[3]]:
-        raise AvatarError(f"{path}: image input {img_dims} and output {out_dims} do not match [B,6,F,F] -> [B,3,F,F]")
-    return GraphInfo(image, audio, out.name, tuple(img_dims[1:]), tuple(shapes[audio][1:]),  # type: ignore[arg-type]
-                     tuple(out_dims[1:]), img_dims[0])  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class AvatarFiles:
-    name: str
-    folder: Path
-    onnx: Path
-    frames: tuple[Path, ...]
-    rects: Path
-
-    @property
-    def onnx_bytes(self) -> int:
-        return self.onnx.stat().st_size
-
-
-def find_frames(folder: Path) -> tuple[Path, ...]:
-    found = []
-    for p in folder.iterdir() if folder.is_dir() else []:
-        m = FRAME_RE.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    found.sort()
-    return tuple(p for _, p in found)
-
-
-def avatar_files(models_dir: Path, name: str, folder: str = "") -> AvatarFiles:
-    """Locate an avatar's files; raises AvatarError naming what is missing."""
-    if (not name or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES or "/" in name or "\\" in name
-            or name.startswith(".") or any(ord(ch) < 32 for ch in name)):
-        shown = name if len(name) <= 80 else name[:80] + f"... ({len(name)} characters)"
-        raise UnknownAvatar(f"invalid avatar name {shown!r}: 1 to {MAX_NAME_BYTES} bytes, no '/', '\\', control "
-                            "characters or leading '.'")
-    d = models_dir / (folder or name)
-    try:
-        found = d.is_dir()
-    except OSError as e:
-        raise UnknownAvatar(f"unknown avatar {name!r}: {e.strerror}") from None
-    if not found:
-        raise UnknownAvatar(f"unknown avatar {name!r}: no folder {d}")
-    onnx_path = d / "checkpoint" / "model_best.onnx"
-    if not onnx_path.is_file():
-        raise AvatarError(f"{onnx_path} is missing")
-    rects = d / "crop_rects.json"
-    if not rects.is_file():
-        raise AvatarError(f"{rects} is missing")
-    frames = find_frames(d / "frames")
-    if not frames:
-        raise AvatarError(f"{d / 'frames'} holds no frame_NNNN.png/.jpg files")
-    return AvatarFiles(name, d, onnx_path, frames, rects)
-
-
-def discover(models_dir: Path) -> list[str]:
-    """Names of every folder under ``models_dir`` that looks like an avatar."""
-    if not models_dir.is_dir():
-        return []
-    return sorted(p.name for p in models_dir.iterdir()
-                  if (p / "checkpoint" / "model_best.onnx").is_file() and (p / "crop_rects.json").is_file())
-
-
-def read_rects(path: Path, n: int, width: int, height: int) -> np.ndarray:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AvatarError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(data, list) or len(data) < n:
-        raise AvatarError(f"{path}: expected a list of at least {n} [x1, y1, x2, y2] rectangles, "
-                          f"got {len(data) if isinstance(data, list) else type(data).__name__}")
-    try:
-        rects = np.array(data[:n], dtype=np.int64)
-    except (TypeError, ValueError):
-        raise AvatarError(f"{path}: every entry must be 4 integers [x1, y1, x2, y2]") from None
-    if rects.shape != (n, 4):
-        raise AvatarError(f"{path}: every entry must be 4 integers [x1, y1, x2, y2]")
-    bad = np.nonzero((rects[:, 0] < 0) | (rects[:, 1] < 0) | (rects[:, 2] > width) | (rects[:, 3] > height)
-                     | (rects[:, 2] - rects[:, 0] < 2) | (rects[:, 3] - rects[:, 1] < 2))[0]
-    if bad.size:
-        raise AvatarError(f"{path}: rectangle {int(bad[0])} {rects[bad[0]].tolist()} is empty or outside "
-                          f"the {width}x{height} frame")
-    return rects.astype(np.int32)
-
-
-def _decode(path: Path) -> np.ndarray:
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise AvatarError(f"{path}: cannot be decoded as an image")
-    return img
 
 
 def _layout(n: int, h: int, w: int, face: int) -> dict[str, int]:
@@ -239,9 +88,7 @@ class AvatarView:
 
             def load(i: int) -> None:
                 img = first if i == 0 else _decode(files.frames[i])
-                if img.shape != first.shape:
-                    raise AvatarError(f"{files.frames[i]}: {img.shape[1]}x{img.shape[0]} differs from the first "
-                                      f"frame's {w}x{h}")
+                check_frame_size(files.frames[i], img, h, w)
                 view.frames[i] = img
                 view.crops[i] = cut_crop(img, tuple(rects[i]), face)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .avatar import AvatarError, AvatarFiles, AvatarView, GraphInfo, avatar_bytes, avatar_files, discover, read_graph
+from .avatar_disk import frame_shape
 from .config import EngineConfig, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,13 @@ log = logging.getLogger(__name__)
 
 class CapacityError(Exception):
     """The avatar does not fit the background budget even after evicting idle avatars."""
+
+
+def over_budget(name: str, need: int, budget: int) -> str | None:
+    """Why an avatar needing ``need`` bytes can never be loaded (also ``engine-ctl avatar check``'s words)."""
+    if need > budget:
+        return f"avatar {name} needs {need} bytes of backgrounds, more than capacity.background_bytes = {budget}"
+    return None
 
 
 @dataclass
@@ -121,7 +129,7 @@ class AvatarStore:
             mc = self.cfg.model(name)
             files = avatar_files(self.cfg.models_dir, name, mc.path)
             graph = read_graph(files.onnx)
-            h, w = _frame_shape(files)
+            h, w = frame_shape(files)
             need = avatar_bytes(len(files.frames), h, w, graph.face)
             self.entries.pop(name, None)
             self._make_room(need, name)
@@ -172,9 +180,9 @@ class AvatarStore:
 
     def _make_room(self, need: int, for_name: str) -> None:
         budget = self.cfg.capacity.background_bytes
-        if need > budget:
-            raise CapacityError(f"avatar {for_name} needs {need} bytes of backgrounds, more than "
-                                f"capacity.background_bytes = {budget}")
+        too_big = over_budget(for_name, need, budget)
+        if too_big:
+            raise CapacityError(too_big)
         victims = sorted((e for e in self.entries.values() if e.state != "loading" and e.inflight == 0),
                          key=lambda e: e.last_used)
         while self.used_bytes() + need > budget:
@@ -211,10 +219,3 @@ class AvatarStore:
                 e.view = None
         self.entries.clear()
 
-
-def _frame_shape(files: AvatarFiles) -> tuple[int, int]:
-    import cv2
-    img = cv2.imread(str(files.frames[0]), cv2.IMREAD_COLOR)
-    if img is None:
-        raise AvatarError(f"{files.frames[0]}: cannot be decoded as an image")
-    return img.shape[:2]

@@ -38,6 +38,7 @@ from zmq.utils.monitor import parse_monitor_message
 from . import __version__
 from . import protocol as P
 from .avatar import AvatarError, UnknownAvatar
+from .avatar_disk import ring_room_error
 from .avatar_store import AvatarEntry, AvatarStore, CapacityError
 from .config import WRAP_MODES
 from .connections import TRACK_BYTES, Connections
@@ -418,13 +419,11 @@ class Front(StreamMethods, Role):
             if buf.shape != expect[name]:
                 raise ProtocolError(P.BAD_PAYLOAD, f"buffer {name}: expected float32 {list(expect[name])} for "
                                     f"batch_size {b} and avatar {e.name}, got {list(buf.shape)}")
-        geo = self.gpus[0].ring.geometry if self.gpus else None
-        if geo is None:
+        if not self.gpus:
             raise ProtocolError(P.INTERNAL, "the engine has no GPU worker")
-        if (int(np.prod(g.image_shape)) * 4 > geo.visual_bytes or int(np.prod(g.audio_shape)) * 4 > geo.audio_bytes
-                or int(np.prod(g.output_shape)) * 4 > geo.output_bytes):
-            raise ProtocolError(P.MODEL_ERROR, f"avatar {e.name}'s network tensors {g.image_shape}/{g.audio_shape} "
-                                f"exceed the ring's room (raise ring.max_face)")
+        too_big = ring_room_error(g, self.cfg.ring.max_face)
+        if too_big:
+            raise ProtocolError(P.MODEL_ERROR, f"avatar {e.name}: {too_big}")
         if self.conns.get(req.envelope[0]) is None:
             return                                   # the client left while its avatar loaded
         job.entry = e

@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .avatar import GraphInfo, read_graph
+from .avatar_disk import AvatarError, read_encoder
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,10 @@ class InferenceCore:
         """
         sess = self.encoders.get(path)
         if sess is None:
+            try:
+                read_encoder(Path(path))            # the contract, in engine-ctl avatar check's words
+            except AvatarError as e:
+                raise InferenceError(str(e)) from None
             try:
                 sess = ort.InferenceSession(path, providers=self.providers)
             except Exception as e:  # noqa: BLE001

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -52,7 +53,23 @@ class StreamFrame:
 
 
 class StreamClosed(EngineError):
-    """The stream ended with an error event (timeout, worker died, engine stopping)."""
+    """The stream ended with an error event (timeout, worker died, engine stopping), or the
+    connection it belonged to dropped (code ``disconnected``)."""
+
+
+class Disconnected(EngineError):
+    """The connection to the engine dropped (the engine restarted, or the network failed) before
+    the reply came: the request is lost. Requests have no side effects, so sending it again is safe."""
+
+    def __init__(self) -> None:
+        super().__init__("disconnected", "the connection to the engine dropped before the reply came; "
+                         "requests sent before are lost (send them again)")
+
+
+# a stream's marker event when its connection dropped (never on the wire)
+_DISCONNECTED = P.Reply(None, "error", {}, {"code": "disconnected",
+                                            "message": "the connection to the engine dropped: the stream is gone"},
+                        [], "stream_error", None)
 
 
 def _event_frame(owner: Stream | AsyncStream, ev: P.Reply) -> StreamFrame | None:
@@ -131,18 +148,41 @@ class Client:
     """Blocking client. ``submit``/``receive`` pipeline; the named methods wait for their reply."""
 
     def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", timeout: float = 120.0,
-                 ctx: zmq.Context | None = None) -> None:
+                 ctx: zmq.Context | None = None, sockopts: dict[int, Any] | None = None) -> None:
         self.ctx = ctx or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        for opt, value in (sockopts or {}).items():      # e.g. {zmq.RCVHWM: 10}, set before connecting
+            self.sock.setsockopt(opt, value)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.sock.connect(endpoint)
         self.timeout = timeout
         self._ids = itertools.count(1)
         self._stash: dict[Any, P.Reply] = {}
         self._events: dict[str, deque[P.Reply]] = {}
+        self._sent: set[Any] = set()              # ids sent on the current connection, not answered yet
+        self._lost: set[Any] = set()              # ids whose connection dropped before their reply
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+        self._poller.register(self.monitor, zmq.POLLIN)
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(0)
         self.sock.close(0)
+
+    def _check_connection(self) -> None:
+        """A dropped connection loses every reply and event of what was sent on it (the engine
+        forgets a connection when it goes; ZeroMQ reconnects with a new identity)."""
+        dropped = False
+        while self.monitor.poll(0):
+            self.monitor.recv_multipart()
+            dropped = True
+        if dropped:
+            self._lost |= self._sent
+            self._sent.clear()
+            for q in self._events.values():
+                q.append(_DISCONNECTED)
 
     def __enter__(self) -> Client:
         return self
@@ -152,22 +192,33 @@ class Client:
 
     def submit(self, method: str, params: dict[str, Any] | None = None,
                buffers: list[tuple[str, np.ndarray]] | None = None) -> int:
+        self._check_connection()
         req_id = next(self._ids)
         self.sock.send_multipart(_request_parts(req_id, method, params or {}, buffers), copy=False)
+        self._sent.add(req_id)
         return req_id
 
     def receive(self, req_id: Any = None, timeout: float | None = None) -> P.Reply:
-        """The reply to ``req_id`` (or the next reply of any id when None)."""
+        """The reply to ``req_id`` (or the next reply of any id when None). Raises EngineTimeout,
+        or EngineError ``disconnected`` when the connection dropped before the reply came."""
         if req_id is not None and req_id in self._stash:
             return self._stash.pop(req_id)
-        wait = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
-            if not self.sock.poll(int(wait * 1000)):
-                raise EngineTimeout(wait)
+            self._check_connection()
+            if req_id in self._lost:
+                self._lost.discard(req_id)
+                raise Disconnected()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise EngineTimeout(self.timeout if timeout is None else timeout)
+            if self.sock not in dict(self._poller.poll(int(left * 1000) + 1)):
+                continue
             reply = self._recv()
             if reply.event is not None:
                 self._events.setdefault(reply.stream, deque()).append(reply)
                 continue
+            self._sent.discard(reply.id)
             if req_id is None or reply.id == req_id:
                 return reply
             self._stash[reply.id] = reply
@@ -181,20 +232,43 @@ class Client:
         """The next event (frame, stream_end, stream_error) of ``stream``, replies stashed meanwhile."""
         q = self._events.setdefault(stream, deque())
         wait = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
         while not q:
-            if not self.sock.poll(int(wait * 1000)):
+            self._check_connection()
+            if q:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise EngineTimeout(wait)
+            if self.sock not in dict(self._poller.poll(int(left * 1000) + 1)):
+                continue
             reply = self._recv()
             if reply.event is not None:
                 self._events.setdefault(reply.stream, deque()).append(reply)
             else:
+                self._sent.discard(reply.id)
                 self._stash[reply.id] = reply
         return q.popleft()
+
+    def wait_events(self, seconds: float) -> None:
+        """Read what arrives for ``seconds`` (events queued for their streams, replies stashed)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self._check_connection()
+            if self.sock not in dict(self._poller.poll(int(left * 1000) + 1)):
+                continue
+            reply = self._recv()
+            if reply.event is not None:
+                self._events.setdefault(reply.stream, deque()).append(reply)
+            else:
+                self._sent.discard(reply.id)
+                self._stash[reply.id] = reply
 
     def open_stream(self, model: str, realtime: bool = True, start_frame: int = 0, wrap: str | None = None,
                     idle_frames: bool = True) -> Stream:
         """Open a stream: push 16 kHz mono PCM as it comes, iterate the frames in order."""
         result = self.call("stream_open", _stream_params(model, realtime, start_frame, wrap, idle_frames)).result
+        self._events.setdefault(result["stream"], deque())     # a dropped connection marks it there
         return Stream(self, result["stream"], result)
 
     def call(self, method: str, params: dict[str, Any] | None = None,
@@ -236,9 +310,25 @@ class Stream:
         self.ended = False
         self.finished = False                 # the last frame (or an error event) arrived: the engine closed it
 
-    def push(self, pcm: np.ndarray, end: bool = False) -> dict[str, Any]:
-        """Send audio (float32 in [-1, 1] or int16, 16 kHz mono); ``end`` marks the last chunk."""
-        result = self.client.call("stream_audio", {"stream": self.id, "end": end}, _pcm_buffer(pcm)).result
+    def push(self, pcm: np.ndarray, end: bool = False, wait: bool = True) -> dict[str, Any]:
+        """Send audio (float32 in [-1, 1] or int16, 16 kHz mono); ``end`` marks the last chunk.
+
+        The engine holds at most ``streams.max_audio_ahead_s`` of a stream's audio ahead of the
+        frames it has delivered and answers ``busy`` beyond that. With ``wait`` (default) this
+        waits and sends the chunk again until it is taken (or the client's timeout passes), so a
+        producer faster than real time is slowed to the stream's pace; frames arriving meanwhile
+        are kept for :meth:`frames`/:meth:`poll`."""
+        deadline = time.monotonic() + self.client.timeout
+        delay = 0.02
+        while True:
+            try:
+                result = self.client.call("stream_audio", {"stream": self.id, "end": end}, _pcm_buffer(pcm)).result
+                break
+            except EngineError as e:
+                if e.code != "busy" or not wait or time.monotonic() + delay > deadline:
+                    raise
+            self.client.wait_events(delay)
+            delay = min(0.25, 2 * delay)
         self.ended = self.ended or end
         return result
 
@@ -282,6 +372,7 @@ class AsyncClient:
         self.ctx = zmq.asyncio.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.sock.connect(endpoint)
         self.timeout = timeout
         self._ids = itertools.count(1)
@@ -290,7 +381,22 @@ class AsyncClient:
         self._events: dict[str, asyncio.Queue] = {}
 
     async def _read(self) -> None:
+        poller = zmq.asyncio.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         while True:
+            ready = dict(await poller.poll())
+            if self.monitor in ready:
+                await self.monitor.recv_multipart()
+                # the connection dropped: whatever was sent on it gets no reply and no more events
+                for fut in self._waiting.values():
+                    if not fut.done():
+                        fut.set_exception(Disconnected())
+                self._waiting.clear()
+                for q in self._events.values():
+                    q.put_nowait(_DISCONNECTED)
+            if self.sock not in ready:
+                continue
             frames = await self.sock.recv_multipart(copy=False)
             body = frames[1:] if frames and len(frames[0].buffer) == 0 else frames
             try:
@@ -347,6 +453,8 @@ class AsyncClient:
     def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
+        self.sock.disable_monitor()
+        self.monitor.close(0)
         self.sock.close(0)
 
 
@@ -359,8 +467,21 @@ class AsyncStream:
         self.info = info
         self.finished = False
 
-    async def push(self, pcm: np.ndarray, end: bool = False) -> dict[str, Any]:
-        return (await self.client.call("stream_audio", {"stream": self.id, "end": end}, _pcm_buffer(pcm))).result
+    async def push(self, pcm: np.ndarray, end: bool = False, wait: bool = True) -> dict[str, Any]:
+        """As :meth:`Stream.push`: with ``wait``, a ``busy`` answer (the stream holds
+        ``streams.max_audio_ahead_s`` of audio not played out yet) is retried until taken."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.client.timeout
+        delay = 0.02
+        while True:
+            try:
+                return (await self.client.call("stream_audio", {"stream": self.id, "end": end},
+                                               _pcm_buffer(pcm))).result
+            except EngineError as e:
+                if e.code != "busy" or not wait or loop.time() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(0.25, 2 * delay)
 
     async def end(self) -> dict[str, Any]:
         return await self.push(np.zeros(0, np.float32), end=True)

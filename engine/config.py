@@ -92,7 +92,8 @@ class StreamsConfig:
 @dataclass(frozen=True)
 class SchedulingConfig:
     run_ahead_s: float = 3.0            # frames of a stream rendered but not yet sent, at most
-    batch_slack_ms: float = 500.0       # a batch request's virtual deadline after its arrival
+    batch_slack_ms: float = 1000.0      # a batch request's virtual deadline after its arrival
+    worker_queue: int = 2               # jobs a GPU worker holds before inferring them (running + next)
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,7 @@ def _validate(obj: Any, prefix: str) -> None:
         "max_audio_ahead_s": (lambda v: _is_seconds(v) and v >= 1, "a number of seconds >= 1"),
         "run_ahead_s": (lambda v: _is_seconds(v) and v >= 0.5, "a number of seconds >= 0.5"),
         "batch_slack_ms": (lambda v: _is_seconds_or_0(v) and v <= 60000, "milliseconds 0..60000"),
+        "worker_queue": (lambda v: _is_int(v) and 1 <= v <= 64, "an integer 1..64"),
         "devices": (lambda v: v == "auto" or (isinstance(v, (list, tuple)) and all(_is_int(d) and d >= 0 for d in v)),
                     '"auto" or a list of GPU ids such as [0, 1] ([] = CPU provider)'),
         "slots_per_device": (lambda v: _is_int(v) and 1 <= v <= 64, "an integer 1..64"),

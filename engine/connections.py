@@ -7,7 +7,10 @@ from the socket monitor instead: every message says on which connection (file de
 ``ZMQ_SRCFD``) it arrived, and the monitor reports ``DISCONNECTED`` with that descriptor as soon as
 the TCP or ipc connection closes; TCP keepalive (``server.client_keepalive_s``) turns a connection
 to a vanished host into a closed one. An ``ACCEPTED`` event for a descriptor also retires any
-identity still recorded on it (the kernel reused the number, so that connection is gone).
+identity still recorded on it (the kernel reused the number, so that connection is gone). This relies on the order of events: libzmq's one
+I/O thread reports a connection's ``DISCONNECTED`` before it closes the descriptor, and a new
+connection's ``ACCEPTED`` before its first message; the front reads the monitor before it records
+a new identity, so a descriptor's events are always applied in the order they happened.
 
 **Not reading.** ZeroMQ keeps what a peer has not taken yet, with no limit in bytes. Every sizeable
 message to a client is sent with a tracker; its bytes count against the connection until ZeroMQ

@@ -88,7 +88,7 @@ class Front(StreamMethods, Role):
             max_batch=cfg.ring.max_batch, batch_frames=cfg.streams.batch_frames,
             max_inflight_batches=cfg.streams.max_inflight_batches, run_ahead_s=cfg.scheduling.run_ahead_s,
             batch_slack_s=cfg.scheduling.batch_slack_ms / 1000, max_pending=cfg.capacity.max_pending,
-            max_pending_bytes=cfg.capacity.max_pending_bytes))
+            max_pending_bytes=cfg.capacity.max_pending_bytes, worker_queue=cfg.scheduling.worker_queue))
         self.conns = Connections(cfg.server.client_queue_bytes)
         self.comp_waiting: deque[Job] = deque()
         self.seq = itertools.count(int(time.time()) & 0xFFFF)
@@ -176,8 +176,8 @@ class Front(StreamMethods, Role):
                 self._expire(now)
 
     def _poll_timeout(self) -> int:
-        if any(c.over_since is not None for c in self.conns.by_id.values()):
-            return 10                                 # watch blocked connections drain
+        if any(c.over_since is not None and c.streams for c in self.conns.by_id.values()):
+            return 10                                 # watch blocked connections with frames waiting drain
         timeout = 250
         now = time.monotonic()
         for s in self.scheduler.streams.values():
@@ -207,8 +207,8 @@ class Front(StreamMethods, Role):
                 self._client_gone(identity, forget=False)
 
     def _run_scheduler(self, now: float) -> None:
-        views = [WorkerView(g.idx, g.device, len(g.free), len(g.jobs), set(g.models), g.state == "ready")
-                 for g in self.gpus]
+        views = [WorkerView(g.idx, g.device, len(g.free), len(g.jobs), set(g.models), g.state == "ready",
+                            sum(1 for j in g.jobs.values() if not j.inferred)) for g in self.gpus]
         for d in self.scheduler.schedule(now, views):
             g = self.gpus[d.worker]
             job = d.batch if d.batch is not None else self._stream_job(d.streams)
@@ -220,6 +220,10 @@ class Front(StreamMethods, Role):
             envelope, body = P.split_envelope(frames)
         except ProtocolError:
             return
+        if self.conns.get(frames[0].bytes) is None:
+            # a new connection: take the monitor's news first, so its ACCEPTED event (and the
+            # DISCONNECTED of whatever used that descriptor before) is not read after its messages
+            self._on_monitor()
         conn = self.conns.seen(frames[0].bytes, frames[-1])
         envelope = [f.bytes for f in envelope]     # identities are tiny; replies need plain bytes
         req = None
@@ -551,6 +555,7 @@ class Front(StreamMethods, Role):
             g.batches += 1
             g.frames += job.batch
             job.infer_ms, job.prep_ms = msg["ms"], msg.get("prep_ms", 0.0)
+            job.inferred = True
             if job.done:
                 self._free(g, job.slot)
             elif job.req is not None and job.req.method == "infer":
@@ -616,6 +621,7 @@ class Front(StreamMethods, Role):
     def _jpegs(self, job: Job) -> list[bytes]:
         """The batch's JPEGs, copied out of the ring slot."""
         g = job.gpu
+        g.ring.set_state(job.slot, SlotState.SENDING)
         return [job.inline[i] if i in job.inline else bytes(g.ring.jpeg_area(job.slot, i)[:job.sizes[i]])
                 for i in range(job.batch)]
 
@@ -630,6 +636,7 @@ class Front(StreamMethods, Role):
 
     def _send_infer(self, job: Job) -> None:
         g, shape = job.gpu, (job.batch, *job.entry.graph.output_shape)
+        g.ring.set_state(job.slot, SlotState.SENDING)
         out = bytes(memoryview(g.ring.output(job.slot, shape)).cast("B"))
         self._reply_job(job, P.ok_reply(job.req.id, self._timing(job),
                                         [{"name": "output", "dtype": "float32", "shape": list(shape)}]), [out])

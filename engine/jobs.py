@@ -34,6 +34,7 @@ class Job:
     sizes: list[int] = field(default_factory=list)
     inline: dict[int, Any] = field(default_factory=dict)
     error: tuple[str, str] | None = None
+    inferred: bool = False                  # the GPU worker has run it
     done: bool = False                      # a reply (ok or error) has been sent
     streams: list[StreamBatch] | None = None
     idle: list[bool] = field(default_factory=list)     # per frame: silence, no network output needed

@@ -31,7 +31,8 @@ use of the slot is recognised as stale)::
     QUEUED --gpu: starts Run--> RUNNING --gpu: output written--> INFERRED
     INFERRED --front: jobs to compositors--> COMPOSITING --front: all JPEGs in--> SENDING
     INFERRED --front: "infer" method--> SENDING
-    SENDING --front: ZeroMQ released the buffers (MessageTracker.done)--> FREE
+    SENDING --front: JPEGs (or the output) copied into the reply--> FREE
+    (replies are copied out, so a client that does not read never holds a slot)
     any --front: error reply, or the worker died before INFERRED--> FREE
 """
 from __future__ import annotations

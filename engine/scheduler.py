@@ -19,6 +19,12 @@ Policy: earliest deadline first over one timeline shared by both kinds of work.
   than the slack is served before a batch request that just arrived; a batch request that has
   waited for the slack is served before any stream frame due later than that.
 
+Decisions are made as late as they can be without idling a GPU: a worker is given at most
+``scheduling.worker_queue`` jobs it has not finished inferring (by default 2: the one it runs and
+the next), however many ring slots are free (the others hold batches being composited). So a
+stream that starts, or a frame that becomes urgent, competes for the next Run, not for one behind
+a queue committed earlier.
+
 Starvation-free both ways: a batch request waits at most until every stream frame whose deadline
 is earlier than its own has been scheduled, and each stream job moves its stream's deadline on by
 the frames it took; a stream frame waits at most for the batch requests received before its
@@ -61,6 +67,11 @@ class WorkerView:
     inflight: int                    # jobs holding one of its slots
     models: set[str] = field(default_factory=set)
     ready: bool = True
+    at_gpu: int = 0                  # jobs given to it that it has not finished inferring
+
+    def room(self, queue: int) -> int:
+        """Jobs it can be given now: a free slot, and fewer than ``queue`` not yet inferred."""
+        return min(self.free, queue - self.at_gpu) if self.ready else 0
 
 
 @dataclass
@@ -77,9 +88,10 @@ class SchedulerConfig:
     batch_frames: int = 8            # frames of one stream per job (x3 when it is late)
     max_inflight_batches: int = 2    # jobs of one stream in flight
     run_ahead_s: float = 3.0         # frames rendered but not yet sent, per stream
-    batch_slack_s: float = 0.5       # a batch request's virtual deadline after its arrival
+    batch_slack_s: float = 1.0       # a batch request's virtual deadline after its arrival
     max_pending: int = 256           # batch requests queued
     max_pending_bytes: int = 2 << 30  # their request bytes
+    worker_queue: int = 2            # jobs a GPU worker holds before inferring them (running + next)
 
 
 class Scheduler:
@@ -148,7 +160,7 @@ class Scheduler:
     def schedule(self, now: float, workers: list[WorkerView]) -> list[Decision]:
         """Fill free ring slots, earliest deadline first; returns what to start, in order."""
         decisions: list[Decision] = []
-        while any(w.ready and w.free > 0 for w in workers):
+        while any(w.room(self.cfg.worker_queue) > 0 for w in workers):
             ranked = sorted((s for s in self.streams.values() if self.eligible(s)),
                             key=lambda s: (self.stream_deadline(s), s.inflight, s.opened))
             head = self.pending[0] if self.pending else None
@@ -165,6 +177,7 @@ class Scheduler:
                 break
             w.free -= 1
             w.inflight += 1
+            w.at_gpu += 1
             w.models.add(decisions[-1].batch.model if decisions[-1].batch is not None else lead.model)
         return decisions
 
@@ -175,7 +188,7 @@ class Scheduler:
             if s.model != lead.model:
                 continue
             room = int(cfg.run_ahead_s * FPS) - (s.next_frame - s.next_out)
-            late = s.t0 is not None and s.clock(s.next_frame) < now
+            late = s.t0 is not None and not s.dry() and s.clock(s.next_frame) < now
             count = min(s.schedulable(), cfg.batch_frames * (3 if late else 1), room, cfg.max_batch - frames)
             if count <= 0:
                 break
@@ -183,10 +196,9 @@ class Scheduler:
             frames += count
         return group
 
-    @staticmethod
-    def _pick(workers: list[WorkerView], model: str, preferred: int | None) -> WorkerView:
+    def _pick(self, workers: list[WorkerView], model: str, preferred: int | None) -> WorkerView:
         """The worker for a job of ``model``: one that has the network loaded, then the avatar's
         preferred GPU, then the fewest jobs in flight."""
-        cands = [w for w in workers if w.ready and w.free > 0]
+        cands = [w for w in workers if w.room(self.cfg.worker_queue) > 0]
         return min(cands, key=lambda w: (model not in w.models, preferred is not None and w.device != preferred,
                                          w.inflight, w.idx))

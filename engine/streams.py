@@ -27,9 +27,9 @@ Latency budget of a frame (real time, audio pushed as it is spoken):
   inference + paste  one Run and one JPEG per frame (see docs/performance.md)
   pacing             frames wait for their due time; ``late_ms`` says by how much one missed it
 Due times: frame k of a stream is due at ``t0 + k / 25``. ``t0`` is set when the first frame is
-ready, and moved later when the stream ran dry because the client's audio had not arrived
-(lateness measures the engine, not the speaker's pauses). Before ``t0`` is known the stream's
-opening time stands in for it.
+ready, and moved later, when the first frame after it is ready, if the stream ran dry because the
+client's audio had not arrived (lateness measures the engine, not the speaker's pauses). Before
+``t0`` is known the stream's opening time stands in for it.
 """
 from __future__ import annotations
 
@@ -97,6 +97,7 @@ class Stream:
     inflight: int = 0                    # batches at the GPU workers / compositors
     ready: dict[int, tuple[bytes, dict[str, Any]]] = field(default_factory=dict)
     t0: float | None = None
+    resume_from: int | None = None       # first frame after the stream ran dry (its clock restarts there)
     opened: float = field(default_factory=time.monotonic)
     last_audio: float = field(default_factory=time.monotonic)
     sent_times: deque = field(default_factory=lambda: deque(maxlen=50))
@@ -182,13 +183,16 @@ class Stream:
         self.next_frame = b
         ks = np.arange(self.start_frame + a, self.start_frame + b, dtype=np.int64)
         indices = np.asarray(frame_index(ks, self.n_avatar, self.wrap)).tolist()
-        if self.t0 is not None and self.inflight == 0 and not self.ready and self.realtime:
-            # ran dry waiting for audio: the schedule restarts from now
-            self.t0 = max(self.t0, now - a / FPS)
+        if self.dry():
+            self.resume_from = a                 # the schedule restarts when this frame is ready
         self.inflight += 1
         return StreamBatch(self, a, count, w0, windows, indices, idle)
 
     # -- timing ------------------------------------------------------------------------------------
+    def dry(self) -> bool:
+        """Started, and everything sent: the stream ran dry waiting for the client's audio."""
+        return self.realtime and self.t0 is not None and self.inflight == 0 and not self.ready
+
     def clock(self, k: int) -> float:
         """Nominal time of frame ``k``: its due time once the stream has started (``t0``)."""
         base = self.t0 if self.t0 is not None else self.opened
@@ -211,6 +215,9 @@ class Stream:
             if self.t0 is None:
                 self.t0 = now - k / FPS
                 self.first_frame_ms = 1000 * (now - self.opened)
+            elif k == self.resume_from:
+                self.t0 = max(self.t0, now - k / FPS)   # after a dry spell the clock restarts here
+                self.resume_from = None
             if self.realtime and now < self.clock(k):
                 break
             jpeg, meta = self.ready.pop(k)

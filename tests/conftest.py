@@ -77,27 +77,46 @@ class RunningEngine:
         return self.proc.returncode
 
 
-def write_config(path: Path, models_root: Path, run_dir: Path, instance: str, extra: str = "") -> Path:
-    path.write_text(f"""
-models_root = "{models_root}"
-[server]
-front = "tcp://127.0.0.1:{free_port()}"
-run_dir = "{run_dir}"
-instance = "{instance}"
-[gpu]
-devices = []
-intra_op_threads = 1
-[compositor]
-processes = 2
-[ring]
-slots = 3
-[supervision]
-max_restarts = 3
-heartbeat_timeout_s = 30
-request_timeout_s = 30
-{extra}
-""")
+def write_config(path: Path, models_root: Path, run_dir: Path, instance: str, extra: str = "",
+                 server: str = "") -> Path:
+    """A test engine's config: CPU provider, two compositors, small rings. ``extra`` is TOML whose
+    keys override or add to these (sections may repeat the base ones); ``server``: more lines of
+    the [server] section."""
+    import tomllib
+    base: dict = {"server": {"front": f"tcp://127.0.0.1:{free_port()}", "run_dir": str(run_dir),
+                             "instance": instance},
+                  "gpu": {"devices": [], "intra_op_threads": 1}, "compositor": {"processes": 2},
+                  "ring": {"slots": 3},
+                  "supervision": {"max_restarts": 3, "heartbeat_timeout_s": 30, "request_timeout_s": 30}}
+    more = tomllib.loads(f"[server]\n{server}\n{extra}")
+    for section, table in more.items():
+        if isinstance(table, dict) and isinstance(base.get(section), dict):
+            base[section].update(table)
+        else:
+            base[section] = table
+    lines = [f"models_root = {_toml(str(models_root))}"]
+    for section, table in base.items():
+        if not isinstance(table, dict):
+            lines.insert(0, f"{section} = {_toml(table)}")
+            continue
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in scalars.items()]
+        for name, sub in table.items():
+            if isinstance(sub, dict):
+                lines.append(f"[{section}.{name}]")
+                lines += [f"{k} = {_toml(v)}" for k, v in sub.items()]
+    path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _toml(v) -> str:
+    import json
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return json.dumps(v)
 
 
 def start_engine(cfg_path: Path) -> RunningEngine:
@@ -121,9 +140,10 @@ def engine_factory(tmp_path, models_root):
     """Start engines on demand; every one is stopped and /dev/shm checked clean afterwards."""
     started: list[RunningEngine] = []
 
-    def make(extra: str = "") -> RunningEngine:
+    def make(extra: str = "", server: str = "") -> RunningEngine:
         inst = f"t{os.getpid()}n{next(_counter)}"
-        cfg_path = write_config(tmp_path / f"{inst}.toml", models_root, tmp_path / f"run_{inst}", inst, extra)
+        cfg_path = write_config(tmp_path / f"{inst}.toml", models_root, tmp_path / f"run_{inst}", inst, extra,
+                                server)
         eng = start_engine(cfg_path)
         started.append(eng)
         return eng

@@ -365,3 +365,28 @@ def test_detect_gpus_respects_cuda_visible_devices(monkeypatch: pytest.MonkeyPat
     assert C.detect_gpus() == ()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     assert C.detect_gpus() == tuple(range(min(n, 1)))
+
+
+def test_readme_lists_every_configuration_key():
+    """Docs are part of the product: the README's configuration table names every key."""
+    import dataclasses
+    from pathlib import Path
+
+    from engine.config import EngineConfig, ModelConfig
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = []
+    for section in dataclasses.fields(EngineConfig):
+        if section.name in ("models", "source"):
+            continue
+        if section.name == "models_root":
+            keys = ["`models_root`"]
+        else:
+            keys = [f"`{section.name}.{f.name}`" for f in dataclasses.fields(section.default_factory())]
+        for key in keys:
+            short = "/ `" + key.strip("`").split(".")[-1] + "`"       # `a.x` / `y` rows name two keys
+            if key not in readme and short not in readme:
+                missing.append(key)
+    for f in dataclasses.fields(ModelConfig):
+        if f.name != "name" and f"`[models.NAME]` `{f.name}`" not in readme:
+            missing.append(f"[models.NAME] {f.name}")
+    assert not missing, f"README configuration table lacks {missing}"

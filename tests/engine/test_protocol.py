@@ -331,13 +331,13 @@ def test_descriptor_not_an_object_with_name(desc) -> None:
     _raises([_header(buffers=desc), b"x"], P.BAD_PAYLOAD, "buffers[0]", req_id=7)
 
 
-@pytest.mark.parametrize("dtype", ["float64", "int32", "jpeg", None, 4])
+@pytest.mark.parametrize("dtype", ["float64", "int32", "jpeg", None, 4, {}, [], {"a": 1}, ["float32"]])
 def test_unknown_dtype(dtype) -> None:
     desc = [{"name": "visual_frames", "dtype": dtype, "shape": [1]}]
     _raises([_header(buffers=desc), b"\0" * 8], P.BAD_PAYLOAD, "visual_frames", "dtype", req_id=7)
 
 
-@pytest.mark.parametrize("shape", [[-1], [2, -3], [1.0], [2.5], [True], [False, 2], "3", 3, None, [[1]], [None]])
+@pytest.mark.parametrize("shape", [[-1], [2, -3], [-1.0], [2.5], [True], [False, 2], "3", 3, None, [[1]], [None]])
 def test_bad_shape(shape) -> None:
     desc = [{"name": "audio_features", "dtype": "uint8", "shape": shape}]
     _raises([_header(buffers=desc), b"\0"], P.BAD_PAYLOAD, "audio_features", "shape", req_id=7)
@@ -467,7 +467,7 @@ def test_check_int_missing() -> None:
     _check_err(lambda: P.check_int({"batch_size": None}, "batch_size", 1, 50), "required")
 
 
-@pytest.mark.parametrize("value", ["5", 5.0, [5], {"n": 5}, True, False])
+@pytest.mark.parametrize("value", ["5", 5.5, [5], {"n": 5}, True, False])
 def test_check_int_wrong_type(value) -> None:
     _check_err(lambda: P.check_int({"batch_size": value}, "batch_size", 0, 50, req_id=3),
                "params.batch_size", "integer", "0..50", repr(value), req_id=3)
@@ -508,3 +508,28 @@ def test_all_codes_are_distinct_strings() -> None:
              P.CAPACITY, P.BUSY, P.WORKER_DIED, P.SHUTTING_DOWN, P.INTERNAL]
     assert len(set(codes)) == len(codes)
     assert all(isinstance(c, str) and c for c in codes)
+
+
+def test_an_integer_is_any_json_number_with_an_integral_value() -> None:
+    """JSON has one number type: 2 and 2.0 are the same integer (a client in JavaScript or Go may
+    write either); 2.5 is not an integer, and booleans never are."""
+    assert P.check_int({"batch_size": 2.0}, "batch_size", 1, 50) == 2
+    assert type(P.check_int({"batch_size": 2.0}, "batch_size", 1, 50)) is int
+    req = P.parse_request([], [_header(v=1.0, buffers=[{"name": "a", "dtype": "uint8", "shape": [2.0, 1e0]}]),
+                               b"\0\0"])
+    assert req.buffers["a"].shape == (2, 1)
+    _raises([_header(v=1.5)], P.UNSUPPORTED_VERSION, "version", req_id=7)
+
+
+def test_check_bool() -> None:
+    assert P.check_bool({}, "end", False) is False and P.check_bool({"end": None}, "end", True) is True
+    _check_err(lambda: P.check_bool({"end": 1}, "end", False, req_id=4), "params.end", "true or false", req_id=4)
+
+
+def test_error_events_have_the_error_shape() -> None:
+    """Section 5: an error has no result and no buffers; events are no exception."""
+    msg = json.loads(P.event_message("stream_error", "s1", error=("stream_timeout", "no audio")))
+    assert msg == {"v": 1, "id": None, "event": "stream_error", "stream": "s1", "status": "error",
+                   "error": {"code": "stream_timeout", "message": "no audio"}}
+    ok = json.loads(P.event_message("frame", "s1", {"frame": 0}, [{"name": "frame", "dtype": "jpeg", "count": 1}]))
+    assert ok["status"] == "ok" and ok["result"] == {"frame": 0} and ok["buffers"][0]["count"] == 1

@@ -2,11 +2,18 @@
 
 Both speak protocol version 1 through a DEALER socket, so many requests can be in flight on one
 connection; replies are matched to requests by ``id``.
+
+With ``keys`` (:class:`engine.keys.ClientKeys`) the socket is a CURVE client: encrypted, and
+authenticated by the engine's key allow-list (``docs/protocol.md``, "Security"). A refused client
+gets no reply at all, so each client watches its own handshakes on a socket monitor: when the
+engine refuses its key it raises :class:`EngineRefused` at once, and a timeout says when the
+handshake failed (a wrong server key, or CURVE on one side only).
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -15,8 +22,10 @@ from typing import Any
 import numpy as np
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from . import protocol as P
+from .keys import ClientKeys
 
 
 class EngineError(Exception):
@@ -29,8 +38,66 @@ class EngineError(Exception):
 
 
 class EngineTimeout(EngineError):
-    def __init__(self, seconds: float) -> None:
-        super().__init__("timeout", f"no reply within {seconds} s")
+    def __init__(self, seconds: float, why: str = "") -> None:
+        super().__init__("timeout", f"no reply within {seconds} s" + (f"; {why}" if why else ""))
+
+
+class EngineRefused(EngineError):
+    """The engine refused this client's CURVE key (not in its allow-list). A local code: never on the wire."""
+
+    def __init__(self) -> None:
+        super().__init__("refused", "the engine refused this client's CURVE key (its public key is not in the "
+                         "engine's server.curve_clients folder)")
+
+
+_WATCHED = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+class _HandshakeWatch:
+    """The client socket's handshake outcomes, read from its monitor without blocking."""
+
+    def __init__(self, ctx: zmq.Context, sock: zmq.Socket, curve: bool) -> None:
+        self.curve = curve
+        addr = f"inproc://lse-client-monitor-{id(sock):x}"
+        sock.monitor(addr, _WATCHED)
+        self.mon = ctx.socket(zmq.PAIR)
+        self.mon.setsockopt(zmq.LINGER, 0)
+        self.mon.connect(addr)
+        self.refused = False
+        self.failed = 0                         # handshakes failed since the last one that succeeded
+
+    def check(self) -> None:
+        """Raise EngineRefused once the engine has refused the key."""
+        while True:
+            try:
+                event = int(parse_monitor_message(self.mon.recv_multipart(zmq.NOBLOCK))["event"])
+            except zmq.Again:
+                break
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.failed = 0
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.refused = True
+            else:
+                self.failed += 1
+        if self.refused:
+            raise EngineRefused()
+
+    def why(self) -> str:
+        if not self.failed:
+            return ""
+        if self.curve:
+            return (f"the CURVE handshake with the engine failed {self.failed} time(s): a wrong server public key, "
+                    "or the engine does not use CURVE")
+        return (f"the handshake with the engine failed {self.failed} time(s): the engine requires CURVE "
+                "(give the client keys)")
+
+    def close(self, sock: zmq.Socket) -> None:
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.mon.close(0)
 
 
 @dataclass
@@ -131,10 +198,13 @@ class Client:
     """Blocking client. ``submit``/``receive`` pipeline; the named methods wait for their reply."""
 
     def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", timeout: float = 120.0,
-                 ctx: zmq.Context | None = None) -> None:
+                 ctx: zmq.Context | None = None, keys: ClientKeys | None = None) -> None:
         self.ctx = ctx or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            keys.apply(self.sock)
+        self.watch = _HandshakeWatch(self.ctx, self.sock, keys is not None)
         self.sock.connect(endpoint)
         self.timeout = timeout
         self._ids = itertools.count(1)
@@ -142,7 +212,21 @@ class Client:
         self._events: dict[str, deque[P.Reply]] = {}
 
     def close(self) -> None:
+        self.watch.close(self.sock)
         self.sock.close(0)
+
+    def _wait(self, seconds: float) -> None:
+        """Until a message arrives; EngineRefused as soon as the engine refuses the key, else
+        EngineTimeout after ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while True:
+            self.watch.check()
+            left = deadline - time.monotonic()
+            if self.sock.poll(int(1000 * min(max(left, 0.0), 0.1))):
+                return
+            if left <= 0:
+                self.watch.check()
+                raise EngineTimeout(seconds, self.watch.why())
 
     def __enter__(self) -> Client:
         return self
@@ -162,8 +246,7 @@ class Client:
             return self._stash.pop(req_id)
         wait = self.timeout if timeout is None else timeout
         while True:
-            if not self.sock.poll(int(wait * 1000)):
-                raise EngineTimeout(wait)
+            self._wait(wait)
             reply = self._recv()
             if reply.event is not None:
                 self._events.setdefault(reply.stream, deque()).append(reply)
@@ -182,8 +265,7 @@ class Client:
         q = self._events.setdefault(stream, deque())
         wait = self.timeout if timeout is None else timeout
         while not q:
-            if not self.sock.poll(int(wait * 1000)):
-                raise EngineTimeout(wait)
+            self._wait(wait)
             reply = self._recv()
             if reply.event is not None:
                 self._events.setdefault(reply.stream, deque()).append(reply)
@@ -278,10 +360,14 @@ class Stream:
 class AsyncClient:
     """asyncio client: every method is a coroutine; any number may be awaited concurrently."""
 
-    def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", timeout: float = 120.0) -> None:
+    def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", timeout: float = 120.0,
+                 keys: ClientKeys | None = None) -> None:
         self.ctx = zmq.asyncio.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            keys.apply(self.sock)
+        self.watch = _HandshakeWatch(zmq.Context.shadow(self.ctx.underlying), self.sock, keys is not None)
         self.sock.connect(endpoint)
         self.timeout = timeout
         self._ids = itertools.count(1)
@@ -312,11 +398,22 @@ class AsyncClient:
         fut = asyncio.get_running_loop().create_future()
         self._waiting[req_id] = fut
         await self.sock.send_multipart(_request_parts(req_id, method, params or {}, buffers), copy=False)
+        deadline = time.monotonic() + self.timeout
         try:
-            reply = await asyncio.wait_for(fut, self.timeout)
-        except asyncio.TimeoutError:
+            while True:                          # check the handshakes every 0.1 s while waiting
+                self.watch.check()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise EngineTimeout(self.timeout, self.watch.why())
+                try:
+                    reply = await asyncio.wait_for(asyncio.shield(fut), min(left, 0.1))
+                    break
+                except asyncio.TimeoutError:
+                    continue
+        except BaseException:
             self._waiting.pop(req_id, None)
-            raise EngineTimeout(self.timeout) from None
+            fut.cancel()
+            raise
         return _unwrap(reply)
 
     async def composite(self, model: str, audio_features: np.ndarray, visual_frames: np.ndarray | None = None,
@@ -347,6 +444,7 @@ class AsyncClient:
     def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
+        self.watch.close(self.sock)
         self.sock.close(0)
 
 

@@ -77,13 +77,17 @@ class RunningEngine:
         return self.proc.returncode
 
 
-def write_config(path: Path, models_root: Path, run_dir: Path, instance: str, extra: str = "") -> Path:
+def write_config(path: Path, models_root: Path, run_dir: Path, instance: str, extra: str = "",
+                 server: str = "") -> Path:
+    """``server``: more lines of the [server] table (they may replace front); ``extra``: more tables."""
+    front = "" if "front =" in server else f'front = "tcp://127.0.0.1:{free_port()}"'
     path.write_text(f"""
 models_root = "{models_root}"
 [server]
-front = "tcp://127.0.0.1:{free_port()}"
+{front}
 run_dir = "{run_dir}"
 instance = "{instance}"
+{server}
 [gpu]
 devices = []
 intra_op_threads = 1
@@ -121,9 +125,10 @@ def engine_factory(tmp_path, models_root):
     """Start engines on demand; every one is stopped and /dev/shm checked clean afterwards."""
     started: list[RunningEngine] = []
 
-    def make(extra: str = "") -> RunningEngine:
+    def make(extra: str = "", server: str = "") -> RunningEngine:
         inst = f"t{os.getpid()}n{next(_counter)}"
-        cfg_path = write_config(tmp_path / f"{inst}.toml", models_root, tmp_path / f"run_{inst}", inst, extra)
+        cfg_path = write_config(tmp_path / f"{inst}.toml", models_root, tmp_path / f"run_{inst}", inst, extra,
+                                server)
         eng = start_engine(cfg_path)
         started.append(eng)
         return eng
@@ -151,3 +156,35 @@ def kill(pid: int, sig: int = signal.SIGKILL) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+@dataclass
+class CurveKeys:
+    """Key pairs made with engine.keys: ``server``, clients, and a folder of the authorised ones."""
+    folder: Path
+
+    @property
+    def clients(self) -> Path:
+        return self.folder / "clients"
+
+    def client(self, name: str, server: str = "server"):
+        from engine.keys import ClientKeys
+        return ClientKeys.from_files(self.folder / f"{server}.key", self.folder / f"{name}.key_secret")
+
+    def server_toml(self) -> str:
+        """Lines of the engine's [server] table that turn CURVE on."""
+        return (f'curve_secret_key = "{self.folder / "server.key_secret"}"\n'
+                f'curve_clients = "{self.clients}"\n')
+
+
+def make_keys(folder: Path, names: tuple[str, ...], authorised: tuple[str, ...]) -> CurveKeys:
+    import shutil
+
+    from engine.keys import generate
+    keys = CurveKeys(folder)
+    keys.clients.mkdir(parents=True)
+    for name in ("server", *names):
+        generate(folder, name)
+    for name in authorised:
+        shutil.copy(folder / f"{name}.key", keys.clients / f"{name}.key")
+    return keys

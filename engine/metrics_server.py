@@ -34,6 +34,7 @@ log = logging.getLogger("engine.metrics")
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 ROLES = ("front", "gpu", "compositor")
+GPU_METRICS = ("lse_gpu_utilization_ratio", "lse_gpu_memory_used_bytes", "lse_gpu_memory_total_bytes")
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -141,10 +142,10 @@ class GpuCollector(Collector):
         nv = self._init()
         if nv is None:
             return
-        util = GaugeMetricFamily("lse_gpu_utilization_ratio", "Fraction of the last sample period in which a "
+        util = GaugeMetricFamily(GPU_METRICS[0], "Fraction of the last sample period in which a "
                                  "kernel ran on the GPU (NVML)", labels=["gpu", "name"])
-        used = GaugeMetricFamily("lse_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=["gpu", "name"])
-        total = GaugeMetricFamily("lse_gpu_memory_total_bytes", "GPU memory (NVML)", labels=["gpu", "name"])
+        used = GaugeMetricFamily(GPU_METRICS[1], "GPU memory in use (NVML)", labels=["gpu", "name"])
+        total = GaugeMetricFamily(GPU_METRICS[2], "GPU memory (NVML)", labels=["gpu", "name"])
         try:
             count = nv.nvmlDeviceGetCount()
         except nv.NVMLError:

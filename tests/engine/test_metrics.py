@@ -105,6 +105,34 @@ def test_no_gpu_means_no_gpu_series_and_no_error():
         assert "lse_gpu_utilization_ratio" in text and "lse_gpu_memory_total_bytes" in text
 
 
+def test_dashboard_and_readme_name_only_metrics_that_exist():
+    import json
+    import re
+    from pathlib import Path
+
+    from engine.config import config_from_dict
+    from engine.metrics_server import GPU_METRICS
+    reg = CollectorRegistry()
+    FrontMetrics(True, reg)
+    reg.register(EngineCollector(SimpleNamespace(cfg=config_from_dict({}), ready=True, children=[],
+                                                 front_state={})))
+    names = set(GPU_METRICS)
+    for family in reg.collect():                     # every family, with or without samples yet
+        suffixes = {"counter": ["_total"], "histogram": ["", "_bucket", "_sum", "_count"]}.get(family.type, [""])
+        names.update(family.name + suffix for suffix in suffixes)
+    root = Path(__file__).resolve().parents[2]
+    dash = json.loads((root / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    used = {m for e in exprs for m in re.findall(r"lse_[a-z_]+", e)}
+    assert used and used <= names, used - names
+    readme = (root / "README.md").read_text()
+    table = readme[readme.index("## Monitoring"):readme.index("**Logs.**")]
+    documented = set(re.findall(r"`(lse_[a-z_]+)`", table))
+    bases = {n for n in names if not re.search(r"_(bucket|sum|count)$", n)}
+    assert documented <= bases, documented - bases
+    assert bases - {n for n in bases if n + "_total" in bases} <= documented, bases - documented
+
+
 def test_helpers():
     assert split_address("127.0.0.1:9464") == ("127.0.0.1", 9464)
     assert split_address("[::1]:9464") == ("::1", 9464)

@@ -88,6 +88,7 @@ class AvatarStore:
         self.cfg = cfg
         self.wake = wake                   # called from the loader thread: "this entry finished loading"
         self.on_evict = on_evict           # (name, segment) after an avatar left shared memory
+        self.on_loaded: Callable[[AvatarEntry], None] = lambda e: None   # after finish (metrics)
         self.entries: dict[str, AvatarEntry] = {}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="avatar-loader")
         self._gen = itertools.count()
@@ -171,6 +172,7 @@ class AvatarStore:
         elif e.state == "failed":
             e.reserved = 0
             log.error("avatar %s failed to load: %s", e.name, e.error)
+        self.on_loaded(e)
         waiters, e.waiters = e.waiters, []
         for w in waiters:
             try:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .client import Client
+from .keys import ClientKeys
 
 
 def speech_like_features(batch: int, start: int, shape: tuple[int, ...] = (32, 16, 16), seed: int = 7) -> np.ndarray:
@@ -62,7 +63,8 @@ class BenchResult:
 
 def run_bench(endpoint: str, model: str, batches: int = 5, batch_size: int = 24, clients: int = 1,
               save: Path | None = None, warmup: int = 2, audio_shape: tuple[int, ...] = (32, 16, 16),
-              on_batch: Callable[[int, dict[str, Any]], None] | None = None, timeout: float = 300.0) -> BenchResult:
+              on_batch: Callable[[int, dict[str, Any]], None] | None = None, timeout: float = 300.0,
+              keys: ClientKeys | None = None) -> BenchResult:
     """K clients, each sending ``warmup`` + ``batches`` composite batches one after the other."""
     result = BenchResult(clients, batch_size)
     lock = threading.Lock()
@@ -71,7 +73,7 @@ def run_bench(endpoint: str, model: str, batches: int = 5, batch_size: int = 24,
         save.mkdir(parents=True, exist_ok=True)
 
     def worker(k: int) -> None:
-        with Client(endpoint, timeout=timeout) as c:
+        with Client(endpoint, timeout=timeout, keys=keys) as c:
             start = k * 1000
             try:
                 for w in range(warmup):
@@ -187,7 +189,7 @@ class StreamBenchResult:
 
 
 def run_stream_bench(endpoint: str, model: str, streams: int = 3, seconds: float = 6.0, chunk_ms: int = 40,
-                     timeout: float = 60.0) -> StreamBenchResult:
+                     timeout: float = 60.0, keys: ClientKeys | None = None) -> StreamBenchResult:
     """N clients each speak ``seconds`` of speech-like audio in real time and read the frames.
 
     Audio-to-frame latency of frame k: from the moment the chunk holding frame k's last sample was
@@ -203,7 +205,7 @@ def run_stream_bench(endpoint: str, model: str, streams: int = 3, seconds: float
         pcm = speech_pcm(seconds, seed=3 + n)
         sent_at: list[float] = []
         try:
-            with Client(endpoint, timeout=timeout) as c:
+            with Client(endpoint, timeout=timeout, keys=keys) as c:
                 s = c.open_stream(model, realtime=True)
                 barrier.wait()
                 t_open = time.monotonic()

@@ -41,9 +41,18 @@ def control(cfg: EngineConfig, cmd: str, timeout: float = 5.0) -> dict[str, Any]
         sock.close(0)
 
 
+def _keys(cfg: EngineConfig):
+    """The CURVE keys engine-ctl connects to the front with (None: plain text)."""
+    from .security import SecurityError, client_keys
+    try:
+        return client_keys(cfg)
+    except SecurityError as e:
+        raise click.ClickException(str(e)) from None
+
+
 def _client(cfg: EngineConfig, timeout: float = 60.0):
     from .client import Client
-    return Client(cfg.server.front, timeout=timeout)
+    return Client(cfg.server.front, timeout=timeout, keys=_keys(cfg))
 
 
 def _call(fn):
@@ -61,14 +70,26 @@ def _print(obj: Any) -> None:
 @click.group()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="LSE_CONFIG", default=None,
               help="engine.toml to use (default: ./engine.toml, else built-in defaults)")
+@click.option("--client-key", type=click.Path(exists=True, dir_okay=False), envvar="LSE_CLIENT_KEY", default=None,
+              help="this client's secret certificate (NAME.key_secret) for an engine with CURVE (client.secret_key)")
+@click.option("--server-key", type=click.Path(exists=True, dir_okay=False), envvar="LSE_SERVER_KEY", default=None,
+              help="the engine's public certificate (client.server_key; default: the one in "
+                   "server.curve_secret_key)")
 @click.pass_context
-def main(ctx: click.Context, config_path: str | None) -> None:
+def main(ctx: click.Context, config_path: str | None, client_key: str | None, server_key: str | None) -> None:
     """Real-time lip-sync engine control."""
-    ctx.obj = config_path
+    ctx.obj = {"config": config_path, "client_key": client_key, "server_key": server_key}
 
 
 def _cfg(ctx: click.Context, local: str | None = None) -> EngineConfig:
-    return _load(local or ctx.obj)
+    obj = ctx.obj or {}
+    cfg = _load(local or obj.get("config"))
+    client = cfg.client
+    if obj.get("client_key"):
+        client = replace(client, secret_key=str(Path(obj["client_key"]).resolve()))
+    if obj.get("server_key"):
+        client = replace(client, server_key=str(Path(obj["server_key"]).resolve()))
+    return replace(cfg, client=client)
 
 
 @main.command()
@@ -84,6 +105,12 @@ def start(ctx: click.Context, config_path: str | None, detach: bool, timeout: fl
     cfg = _cfg(ctx, config_path)
     if log_file is not None:
         cfg = replace(cfg, server=replace(cfg.server, log_file=str(Path(log_file).resolve())))
+    from .security import SecurityError, preflight
+    try:
+        for warning in preflight(cfg):
+            click.echo(f"warning: {warning}", err=True)
+    except SecurityError as e:
+        raise click.ClickException(f"configuration: {e}") from None
     if detach:
         start_detached(cfg, timeout)
         return
@@ -267,7 +294,7 @@ def run_bench_cli(cfg: EngineConfig, model: str, batches: int, batch_size: int, 
                        f"inference {info['inference_time_ms']:7.1f} ms  composite {info['composite_time_ms']:7.1f} ms"
                        f"  total {info['total_time_ms']:7.1f} ms  {kb:5.1f} KB/frame")
     click.echo(f"running {batches} batches of {batch_size} on {model!r} with {clients} client(s)...")
-    res = run_bench(cfg.server.front, model, batches, batch_size, clients, save, on_batch=show)
+    res = run_bench(cfg.server.front, model, batches, batch_size, clients, save, on_batch=show, keys=_keys(cfg))
     for e in res.errors:
         click.echo(f"error: {e}", err=True)
     s = res.summary()
@@ -305,7 +332,7 @@ def bench_streams(ctx: click.Context, model: str, counts: str, seconds: float, a
     click.echo(f"{'streams':>8}{'frames':>8}{'min fps':>9}{'first ms':>10}{'lat p50':>9}{'lat p99':>9}"
                f"{'late p99':>10}{'errors':>8}")
     for n in (int(x) for x in counts.split(",")):
-        s = run_stream_bench(cfg.server.front, model, n, seconds).summary()
+        s = run_stream_bench(cfg.server.front, model, n, seconds, keys=_keys(cfg)).summary()
         rows.append(s)
         click.echo(f"{n:>8}{s['frames']:>8}{s['min_rate_fps']:>9}{s['first_frame_ms_max'] or 0:>10}"
                    f"{s['latency_p50_ms']:>9}{s['latency_p99_ms']:>9}{s['late_p99_ms']:>10}{s['errors']:>8}")
@@ -323,7 +350,8 @@ def render(ctx: click.Context, model: str, wav: str, out: str, timeout: float) -
     """Render MODEL speaking a WAV file to an MP4 (H.264 + AAC) through a running engine."""
     from .render import render as do_render, summary_line
     cfg = _cfg(ctx)
-    info = _call(lambda: do_render(cfg.server.front, model, Path(wav), Path(out), timeout))
+    keys = _keys(cfg)
+    info = _call(lambda: do_render(cfg.server.front, model, Path(wav), Path(out), timeout, keys=keys))
     click.echo(summary_line(info))
 
 
@@ -349,13 +377,32 @@ def demo(ctx: click.Context, out: str, batches: int, batch_size: int) -> None:
         run_bench_cli(cfg, "demo", batches, batch_size, 1, out_dir / "frames")
         wav = make_speech_wav(out_dir / "speech.wav", seconds=8.0)
         click.echo(f"rendering the demo avatar speaking {wav} through a stream...")
-        info = render(cfg.server.front, "demo", wav, out_dir / "demo.mp4")
+        info = render(cfg.server.front, "demo", wav, out_dir / "demo.mp4", keys=_keys(cfg))
         click.echo(summary_line(info))
         with _client(cfg, 10) as c:
             h = c.health()
         click.echo(f"provider {', '.join(h['provider'])}; {h['frames']} frames served")
     finally:
         stop_engine(cfg)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--dir", "folder", type=click.Path(file_okay=False), default="keys", show_default=True,
+              help="where to write NAME.key and NAME.key_secret")
+@click.option("--force", is_flag=True, help="replace an existing key pair of that name")
+def keygen(name: str, folder: str, force: bool) -> None:
+    """Write a CURVE key pair: NAME.key (public: give it to the other side) and NAME.key_secret
+    (secret, mode 0600: keep it). The engine's pair is server.curve_secret_key; a client's public
+    NAME.key goes into the engine's server.curve_clients folder, and NAME is its key's name in
+    quotas, logs and metrics."""
+    from .keys import CertificateError, generate, load
+    try:
+        public, secret = generate(folder, name, force)
+    except CertificateError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"public key {load(public)[0].decode()}")
+    click.echo(f"wrote {public} (public) and {secret} (secret, mode 600)")
 
 
 @main.group()

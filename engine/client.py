@@ -2,6 +2,12 @@
 
 Both speak protocol version 1 through a DEALER socket, so many requests can be in flight on one
 connection; replies are matched to requests by ``id``.
+
+With ``keys`` (:class:`engine.keys.ClientKeys`) the socket is a CURVE client: encrypted, and
+authenticated by the engine's key allow-list (``docs/protocol.md``, "Security"). A refused client
+gets no reply at all, so each client watches its own handshakes on a socket monitor: when the
+engine refuses its key it raises :class:`EngineRefused` at once, and a timeout says when the
+handshake failed (a wrong server key, or CURVE on one side only).
 """
 from __future__ import annotations
 
@@ -16,8 +22,10 @@ from typing import Any
 import numpy as np
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from . import protocol as P
+from .keys import ClientKeys
 
 
 class EngineError(Exception):
@@ -30,8 +38,82 @@ class EngineError(Exception):
 
 
 class EngineTimeout(EngineError):
-    def __init__(self, seconds: float) -> None:
-        super().__init__("timeout", f"no reply within {seconds} s")
+    def __init__(self, seconds: float, why: str = "") -> None:
+        super().__init__("timeout", f"no reply within {seconds} s" + (f"; {why}" if why else ""))
+
+
+class Disconnected(EngineError):
+    """The connection to the engine dropped (the engine restarted, or the network failed) before
+    the reply came: the request is lost. Requests have no side effects, so sending it again is safe.
+    A local code: never on the wire."""
+
+    def __init__(self) -> None:
+        super().__init__("disconnected", "the connection to the engine dropped before the reply came; "
+                         "requests sent before are lost (send them again)")
+
+
+class EngineRefused(EngineError):
+    """The engine refused this client's CURVE key (not in its allow-list). A local code: never on the wire."""
+
+    def __init__(self) -> None:
+        super().__init__("refused", "the engine refused this client's CURVE key (its public key is not in the "
+                         "engine's server.curve_clients folder)")
+
+
+_WATCHED = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_DISCONNECTED)
+
+
+class _ConnectionWatch:
+    """The client socket's connection events (handshakes, drops), read from its monitor without
+    blocking (a socket has one monitor, so one watch serves both uses)."""
+
+    def __init__(self, ctx: zmq.Context, sock: zmq.Socket, curve: bool) -> None:
+        self.curve = curve
+        addr = f"inproc://lse-client-monitor-{id(sock):x}"
+        sock.monitor(addr, _WATCHED)
+        self.mon = ctx.socket(zmq.PAIR)
+        self.mon.setsockopt(zmq.LINGER, 0)
+        self.mon.connect(addr)
+        self.refused = False
+        self.failed = 0                         # handshakes failed since the last one that succeeded
+
+    def check(self) -> bool:
+        """Raise EngineRefused once the engine has refused the key; else whether the connection
+        dropped since the last check (what was sent on it is lost)."""
+        dropped = False
+        while True:
+            try:
+                event = int(parse_monitor_message(self.mon.recv_multipart(zmq.NOBLOCK))["event"])
+            except zmq.Again:
+                break
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.failed = 0
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.refused = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                dropped = True
+            else:
+                self.failed += 1
+        if self.refused:
+            raise EngineRefused()
+        return dropped
+
+    def why(self) -> str:
+        if not self.failed:
+            return ""
+        if self.curve:
+            return (f"the CURVE handshake with the engine failed {self.failed} time(s): a wrong server public key, "
+                    "or the engine does not use CURVE")
+        return (f"the handshake with the engine failed {self.failed} time(s): the engine requires CURVE "
+                "(give the client keys)")
+
+    def close(self, sock: zmq.Socket) -> None:
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.mon.close(0)
 
 
 @dataclass
@@ -55,15 +137,6 @@ class StreamFrame:
 class StreamClosed(EngineError):
     """The stream ended with an error event (timeout, worker died, engine stopping), or the
     connection it belonged to dropped (code ``disconnected``)."""
-
-
-class Disconnected(EngineError):
-    """The connection to the engine dropped (the engine restarted, or the network failed) before
-    the reply came: the request is lost. Requests have no side effects, so sending it again is safe."""
-
-    def __init__(self) -> None:
-        super().__init__("disconnected", "the connection to the engine dropped before the reply came; "
-                         "requests sent before are lost (send them again)")
 
 
 # a stream's marker event when its connection dropped (never on the wire)
@@ -148,13 +221,16 @@ class Client:
     """Blocking client. ``submit``/``receive`` pipeline; the named methods wait for their reply."""
 
     def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", timeout: float = 120.0,
-                 ctx: zmq.Context | None = None, sockopts: dict[int, Any] | None = None) -> None:
+                 ctx: zmq.Context | None = None, keys: ClientKeys | None = None,
+                 sockopts: dict[int, Any] | None = None) -> None:
         self.ctx = ctx or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         for opt, value in (sockopts or {}).items():      # e.g. {zmq.RCVHWM: 10}, set before connecting
             self.sock.setsockopt(opt, value)
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        if keys is not None:
+            keys.apply(self.sock)
+        self.watch = _ConnectionWatch(self.ctx, self.sock, keys is not None)
         self.sock.connect(endpoint)
         self.timeout = timeout
         self._ids = itertools.count(1)
@@ -162,27 +238,29 @@ class Client:
         self._events: dict[str, deque[P.Reply]] = {}
         self._sent: set[Any] = set()              # ids sent on the current connection, not answered yet
         self._lost: set[Any] = set()              # ids whose connection dropped before their reply
-        self._poller = zmq.Poller()
-        self._poller.register(self.sock, zmq.POLLIN)
-        self._poller.register(self.monitor, zmq.POLLIN)
 
     def close(self) -> None:
-        self.sock.disable_monitor()
-        self.monitor.close(0)
+        self.watch.close(self.sock)
         self.sock.close(0)
 
     def _check_connection(self) -> None:
-        """A dropped connection loses every reply and event of what was sent on it (the engine
-        forgets a connection when it goes; ZeroMQ reconnects with a new identity)."""
-        dropped = False
-        while self.monitor.poll(0):
-            self.monitor.recv_multipart()
-            dropped = True
-        if dropped:
+        """EngineRefused when the engine refused the key. A dropped connection loses every reply
+        and event of what was sent on it (the engine forgets a connection when it goes; ZeroMQ
+        reconnects with a new identity): those requests and streams fail with ``disconnected``."""
+        if self.watch.check():
             self._lost |= self._sent
             self._sent.clear()
             for q in self._events.values():
                 q.append(_DISCONNECTED)
+
+    def _poll(self, deadline: float, seconds: float) -> bool:
+        """Whether a message is there, waiting at most 0.1 s at a time (the monitor is checked
+        between); EngineTimeout once ``deadline`` has passed."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            self.watch.check()
+            raise EngineTimeout(seconds, self.watch.why())
+        return bool(self.sock.poll(int(1000 * min(left, 0.1)) + 1))
 
     def __enter__(self) -> Client:
         return self
@@ -200,19 +278,17 @@ class Client:
 
     def receive(self, req_id: Any = None, timeout: float | None = None) -> P.Reply:
         """The reply to ``req_id`` (or the next reply of any id when None). Raises EngineTimeout,
-        or EngineError ``disconnected`` when the connection dropped before the reply came."""
+        or Disconnected (code ``disconnected``) when the connection dropped before the reply came."""
         if req_id is not None and req_id in self._stash:
             return self._stash.pop(req_id)
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        wait = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
         while True:
             self._check_connection()
             if req_id in self._lost:
                 self._lost.discard(req_id)
                 raise Disconnected()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise EngineTimeout(self.timeout if timeout is None else timeout)
-            if self.sock not in dict(self._poller.poll(int(left * 1000) + 1)):
+            if not self._poll(deadline, wait):
                 continue
             reply = self._recv()
             if reply.event is not None:
@@ -233,36 +309,29 @@ class Client:
         q = self._events.setdefault(stream, deque())
         wait = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
-        while not q:
+        while True:
             self._check_connection()
             if q:
-                break
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise EngineTimeout(wait)
-            if self.sock not in dict(self._poller.poll(int(left * 1000) + 1)):
-                continue
-            reply = self._recv()
-            if reply.event is not None:
-                self._events.setdefault(reply.stream, deque()).append(reply)
-            else:
-                self._sent.discard(reply.id)
-                self._stash[reply.id] = reply
-        return q.popleft()
+                return q.popleft()
+            if self._poll(deadline, wait):
+                self._take_one()
+
+    def _take_one(self) -> None:
+        """Read one message: an event to its stream's queue, a reply to the stash."""
+        reply = self._recv()
+        if reply.event is not None:
+            self._events.setdefault(reply.stream, deque()).append(reply)
+        else:
+            self._sent.discard(reply.id)
+            self._stash[reply.id] = reply
 
     def wait_events(self, seconds: float) -> None:
         """Read what arrives for ``seconds`` (events queued for their streams, replies stashed)."""
         deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
+        while time.monotonic() < deadline:
             self._check_connection()
-            if self.sock not in dict(self._poller.poll(int(left * 1000) + 1)):
-                continue
-            reply = self._recv()
-            if reply.event is not None:
-                self._events.setdefault(reply.stream, deque()).append(reply)
-            else:
-                self._sent.discard(reply.id)
-                self._stash[reply.id] = reply
+            if self.sock.poll(int(1000 * max(0.0, min(deadline - time.monotonic(), 0.1))) + 1):
+                self._take_one()
 
     def open_stream(self, model: str, realtime: bool = True, start_frame: int = 0, wrap: str | None = None,
                     idle_frames: bool = True) -> Stream:
@@ -368,11 +437,14 @@ class Stream:
 class AsyncClient:
     """asyncio client: every method is a coroutine; any number may be awaited concurrently."""
 
-    def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", timeout: float = 120.0) -> None:
+    def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", timeout: float = 120.0,
+                 keys: ClientKeys | None = None) -> None:
         self.ctx = zmq.asyncio.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        if keys is not None:
+            keys.apply(self.sock)
+        self.watch = _ConnectionWatch(zmq.Context.shadow(self.ctx.underlying), self.sock, keys is not None)
         self.sock.connect(endpoint)
         self.timeout = timeout
         self._ids = itertools.count(1)
@@ -381,22 +453,7 @@ class AsyncClient:
         self._events: dict[str, asyncio.Queue] = {}
 
     async def _read(self) -> None:
-        poller = zmq.asyncio.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.monitor, zmq.POLLIN)
         while True:
-            ready = dict(await poller.poll())
-            if self.monitor in ready:
-                await self.monitor.recv_multipart()
-                # the connection dropped: whatever was sent on it gets no reply and no more events
-                for fut in self._waiting.values():
-                    if not fut.done():
-                        fut.set_exception(Disconnected())
-                self._waiting.clear()
-                for q in self._events.values():
-                    q.put_nowait(_DISCONNECTED)
-            if self.sock not in ready:
-                continue
             frames = await self.sock.recv_multipart(copy=False)
             body = frames[1:] if frames and len(frames[0].buffer) == 0 else frames
             try:
@@ -418,12 +475,35 @@ class AsyncClient:
         fut = asyncio.get_running_loop().create_future()
         self._waiting[req_id] = fut
         await self.sock.send_multipart(_request_parts(req_id, method, params or {}, buffers), copy=False)
+        deadline = time.monotonic() + self.timeout
         try:
-            reply = await asyncio.wait_for(fut, self.timeout)
-        except asyncio.TimeoutError:
+            while True:                          # check the connection every 0.1 s while waiting
+                self._check()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise EngineTimeout(self.timeout, self.watch.why())
+                try:
+                    reply = await asyncio.wait_for(asyncio.shield(fut), min(left, 0.1))
+                    break
+                except asyncio.TimeoutError:
+                    continue
+        except BaseException:
             self._waiting.pop(req_id, None)
-            raise EngineTimeout(self.timeout) from None
+            fut.cancel()
+            raise
         return _unwrap(reply)
+
+    def _check(self) -> None:
+        """EngineRefused when the engine refused the key; when the connection dropped, every
+        request waiting on it fails with Disconnected and every stream gets a ``disconnected``
+        error event."""
+        if self.watch.check():
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_exception(Disconnected())
+            self._waiting.clear()
+            for q in self._events.values():
+                q.put_nowait(_DISCONNECTED)
 
     async def composite(self, model: str, audio_features: np.ndarray, visual_frames: np.ndarray | None = None,
                         start_frame: int = 0, wrap: str | None = None) -> CompositeResult:
@@ -453,8 +533,7 @@ class AsyncClient:
     def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
-        self.sock.disable_monitor()
-        self.monitor.close(0)
+        self.watch.close(self.sock)
         self.sock.close(0)
 
 
@@ -489,7 +568,12 @@ class AsyncStream:
     async def frames(self) -> AsyncIterator[StreamFrame]:
         q = self.client._events.setdefault(self.id, asyncio.Queue())
         while True:
-            f = _event_frame(self, await q.get())
+            try:
+                ev = await asyncio.wait_for(q.get(), 0.1)
+            except asyncio.TimeoutError:
+                self.client._check()                 # a dropped connection ends the stream
+                continue
+            f = _event_frame(self, ev)
             if f is None:
                 return
             yield f

@@ -17,6 +17,7 @@ from typing import Any, Literal
 PasteMode = Literal["synctalk", "stretch"]
 WrapMode = Literal["pingpong", "modulo"]
 Subsampling = Literal["444", "422", "420", "411"]
+LogFormat = Literal["text", "json"]
 
 PASTE_MODES = ("synctalk", "stretch")
 WRAP_MODES = ("pingpong", "modulo")
@@ -41,6 +42,51 @@ class ServerConfig:
     client_queue_bytes: int = 64 << 20      # bytes sent to one connection that it has not read yet
     slow_client_timeout_s: float = 10.0     # over client_queue_bytes this long: its streams close
     max_requests_per_client: int = 64       # requests of one connection waiting for their reply
+    curve_secret_key: str = ""              # the server's secret certificate (zmq.auth format); "" = no CURVE
+    curve_clients: str = ""                 # folder of authorised clients' public certificates (*.key)
+    allow_plaintext: bool = False           # serve a non-loopback, non-ipc server.front without CURVE
+    metrics: str = ""                       # Prometheus endpoint "HOST:PORT" (served by the supervisor); "" = off
+    log_format: LogFormat = "text"          # "text" or "json" (one JSON object per line)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How engine-ctl (health, load, bench, render ...) connects to ``server.front``."""
+    secret_key: str = ""                    # this client's secret certificate; needed when the engine uses CURVE
+    server_key: str = ""                    # the server's public certificate; "" = from server.curve_secret_key
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Limits for the clients of one CURVE key, over all of its connections together."""
+    streams: int = 16                       # open streams
+    requests: int = 256                     # requests waiting for their reply
+    frames_per_second: float = 0.0          # frames asked for (batch sizes, stream audio); 0 = no limit
+
+
+@dataclass(frozen=True)
+class QuotaOverride:
+    """``[quotas.clients.NAME]``: what differs from ``[quotas]`` for client NAME (its certificate's name)."""
+    name: str
+    streams: int | None = None
+    requests: int | None = None
+    frames_per_second: float | None = None
+
+
+@dataclass(frozen=True)
+class QuotasConfig:
+    streams: int = 16
+    requests: int = 256
+    frames_per_second: float = 0.0
+    clients: dict[str, QuotaOverride] = field(default_factory=dict)
+
+    def for_client(self, name: str) -> Quota:
+        o = self.clients.get(name)
+        base = Quota(self.streams, self.requests, self.frames_per_second)
+        if o is None:
+            return base
+        return Quota(*(getattr(base, k) if getattr(o, k) is None else getattr(o, k)
+                       for k in ("streams", "requests", "frames_per_second")))
 
 
 @dataclass(frozen=True)
@@ -126,6 +172,8 @@ class EngineConfig:
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     streams: StreamsConfig = field(default_factory=StreamsConfig)
     scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    quotas: QuotasConfig = field(default_factory=QuotasConfig)
     models_root: str = "models"
     models: dict[str, ModelConfig] = field(default_factory=dict)
     source: str = ""                    # the file it was loaded from
@@ -147,8 +195,17 @@ class EngineConfig:
 
     @property
     def log_path(self) -> Path:
-        p = Path(self.server.log_file)
+        return self.path(self.server.log_file)
+
+    def path(self, value: str) -> Path:
+        """A path setting, relative to the config file's folder."""
+        p = Path(value)
         return p if p.is_absolute() else self.root_dir / p
+
+    @property
+    def curve(self) -> bool:
+        """Whether the front uses CURVE (encryption and the client key allow-list)."""
+        return self.server.curve_secret_key != ""
 
     @property
     def control_endpoint(self) -> str:
@@ -206,6 +263,14 @@ def _is_seconds_or_0(v: Any) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and v >= 0
 
 
+def _host_port(v: str) -> bool:
+    """``HOST:PORT``: an IPv4 address or a name, or ``[IPv6]``, and a port 1..65535."""
+    host, sep, port = v.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or not host:
+        return False
+    return (host.startswith("[") and host.endswith("]")) or ":" not in host
+
+
 def _build(cls: type, table: Any, prefix: str, **extra: Any) -> Any:
     _check(isinstance(table, dict), prefix, "a table", table)
     known = {f.name: f for f in fields(cls)}
@@ -235,6 +300,17 @@ def _validate(obj: Any, prefix: str) -> None:
         "client_queue_bytes": (lambda v: _is_int(v) and v >= 1 << 20, "a byte count >= 1048576"),
         "slow_client_timeout_s": (lambda v: _is_seconds(v), "a positive number of seconds"),
         "max_requests_per_client": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "curve_secret_key": (lambda v: isinstance(v, str), "a path to the server's secret certificate or \"\""),
+        "curve_clients": (lambda v: isinstance(v, str), "a folder of client public certificates or \"\""),
+        "allow_plaintext": (lambda v: isinstance(v, bool), "true or false"),
+        "metrics": (lambda v: isinstance(v, str) and (v == "" or _host_port(v)), 'an address "HOST:PORT" '
+                    '(such as "127.0.0.1:9464") or "" (off)'),
+        "log_format": (lambda v: v in ("text", "json"), '"text" or "json"'),
+        "secret_key": (lambda v: isinstance(v, str), "a path to a secret certificate or \"\""),
+        "server_key": (lambda v: isinstance(v, str), "a path to the server's public certificate or \"\""),
+        "streams": (lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0"),
+        "requests": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1"),
+        "frames_per_second": (lambda v: v is None or _is_seconds_or_0(v), "a number of frames >= 0 (0 = no limit)"),
         "max_pending_bytes": (lambda v: _is_int(v) and v >= 1 << 20, "a byte count >= 1048576"),
         "max_per_client": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
         "max_audio_ahead_s": (lambda v: _is_seconds(v) and v >= 1, "a number of seconds >= 1"),
@@ -305,11 +381,13 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
 def config_from_dict(data: dict[str, Any], source: str = "") -> EngineConfig:
     sections = {"server": ServerConfig, "gpu": GpuConfig, "compositor": CompositorConfig, "ring": RingConfig,
                 "capacity": CapacityConfig, "output": OutputConfig, "supervision": SupervisionConfig,
-                "streams": StreamsConfig, "scheduling": SchedulingConfig}
+                "streams": StreamsConfig, "scheduling": SchedulingConfig, "client": ClientConfig}
     kwargs: dict[str, Any] = {"source": source}
     for key, value in data.items():
         if key in sections:
             kwargs[key] = _build(sections[key], value, key)
+        elif key == "quotas":
+            kwargs[key] = _build_quotas(value)
         elif key == "models_root":
             _check(isinstance(value, str) and value != "", key, "a folder path", value)
             kwargs[key] = value
@@ -317,8 +395,24 @@ def config_from_dict(data: dict[str, Any], source: str = "") -> EngineConfig:
             _check(isinstance(value, dict), key, "a table of [models.NAME] sections", value)
             kwargs[key] = {name: _build(ModelConfig, t, f"models.{name}", name=name) for name, t in value.items()}
         else:
-            raise ConfigError(f"{key}: unknown key (known: {', '.join([*sections, 'models_root', 'models'])})")
+            raise ConfigError(f"{key}: unknown key (known: {', '.join([*sections, 'quotas', 'models_root', 'models'])})")
     cfg = EngineConfig(**kwargs)
+    sc = cfg.server
+    if bool(sc.curve_secret_key) != bool(sc.curve_clients):
+        missing = "server.curve_clients" if sc.curve_secret_key else "server.curve_secret_key"
+        raise ConfigError(f"{missing}: required with "
+                          f"{'server.curve_secret_key' if sc.curve_secret_key else 'server.curve_clients'} "
+                          "(CURVE needs the server's secret certificate and the folder of authorised client keys)")
     if isinstance(cfg.gpu.devices, list):
         cfg = replace(cfg, gpu=replace(cfg.gpu, devices=tuple(cfg.gpu.devices)))
     return cfg
+
+
+def _build_quotas(table: Any) -> QuotasConfig:
+    _check(isinstance(table, dict), "quotas", "a table", table)
+    table = dict(table)
+    clients = table.pop("clients", {})
+    _check(isinstance(clients, dict), "quotas.clients", "a table of [quotas.clients.NAME] sections", clients)
+    base = _build(QuotasConfig, table, "quotas", clients={})
+    overrides = {name: _build(QuotaOverride, t, f"quotas.clients.{name}", name=name) for name, t in clients.items()}
+    return replace(base, clients=overrides)

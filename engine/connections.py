@@ -34,6 +34,7 @@ class Connection:
     identity: bytes
     fd: int = -1
     socket_type: str = ""              # the peer's ZMTP socket type: "DEALER", "REQ", ...
+    key: str = ""                      # its CURVE client key's name (ZAP User-Id); "" without CURVE
     queued: int = 0                    # bytes sent to it that ZeroMQ has not handed to the kernel yet
     sends: deque = field(default_factory=deque)     # (tracker, nbytes), oldest first
     requests: int = 0                  # its requests not answered yet
@@ -46,6 +47,7 @@ class Connections:
         self.queue_cap = queue_cap
         self.by_id: dict[bytes, Connection] = {}
         self.by_fd: dict[int, set[bytes]] = {}
+        self.by_key: dict[str, set[bytes]] = {}
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -65,7 +67,17 @@ class Connections:
                 pass
             if conn.fd >= 0:
                 self.by_fd.setdefault(conn.fd, set()).add(identity)
+            try:
+                conn.key = str(frame.get("User-Id"))   # set by the ZAP handler (engine.security)
+            except (zmq.ZMQError, AttributeError, TypeError, ValueError):
+                pass
+            if conn.key:
+                self.by_key.setdefault(conn.key, set()).add(identity)
         return conn
+
+    def of_key(self, key: str) -> list[Connection]:
+        """Every connection of one client key (quotas are per key)."""
+        return [self.by_id[i] for i in self.by_key.get(key, ())]
 
     def on_monitor(self, event: int, value: int) -> list[bytes]:
         """A monitor event; returns the identities whose connection is gone."""
@@ -82,6 +94,11 @@ class Connections:
             ids.discard(identity)
             if not ids:
                 del self.by_fd[conn.fd]
+        ids = self.by_key.get(conn.key)
+        if ids is not None:
+            ids.discard(identity)
+            if not ids:
+                del self.by_key[conn.key]
         return True
 
     # -- outgoing bytes --------------------------------------------------------------------------

@@ -42,19 +42,22 @@ from .avatar_disk import ring_room_error
 from .avatar_store import AvatarEntry, AvatarStore, CapacityError
 from .config import WRAP_MODES
 from .connections import TRACK_BYTES, Connections
+from .front_guards import Guards
 from .front_streams import StreamMethods
 from .jobs import CompHandle, GpuHandle, Job
 from .kernels import frame_index
+from .logs import request_scope
 from .process import Role, send_msg
 from .protocol import ProtocolError
 from .ring import BatchRing, SlotState
 from .scheduler import QueueFull, Scheduler, SchedulerConfig, WorkerView
+from .security import MONITOR_EVENTS
 
 log = logging.getLogger(__name__)
 SUP = b"sup"
 
 
-class Front(StreamMethods, Role):
+class Front(StreamMethods, Guards, Role):
     role = "front"
 
     def __init__(self, cfg, idx: int, hb_slot: int, gpus: list[tuple[int | None, str]], compositors: int) -> None:
@@ -73,7 +76,7 @@ class Front(StreamMethods, Role):
         self.backend.bind(cfg.backend_endpoint)
         self.client = self._client_socket()
         self.monitor = self.client.get_monitor_socket(
-            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
+            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED | MONITOR_EVENTS)
         self.gpus = [GpuHandle(i, dev, BatchRing.attach(name)) for i, (dev, name) in enumerate(self.gpu_specs)]
         for g in self.gpus:
             g.free = list(range(g.ring.geometry.nslots))
@@ -90,6 +93,7 @@ class Front(StreamMethods, Role):
             batch_slack_s=cfg.scheduling.batch_slack_ms / 1000, max_pending=cfg.capacity.max_pending,
             max_pending_bytes=cfg.capacity.max_pending_bytes, worker_queue=cfg.scheduling.worker_queue))
         self.conns = Connections(cfg.server.client_queue_bytes)
+        self._init_guards()                          # CURVE + ZAP on self.client (before it binds), quotas, metrics
         self.comp_waiting: deque[Job] = deque()
         self.seq = itertools.count(int(time.time()) & 0xFFFF)
         self.accepting = False
@@ -144,10 +148,12 @@ class Front(StreamMethods, Role):
         self.poller.register(self.backend, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
         self.poller.register(self.wake_r, zmq.POLLIN)
+        self._register_guards(self.poller)
         last_check = time.monotonic()
         while not self.stopping:
             self.beat()
             events = dict(self.poller.poll(self._poll_timeout()))
+            self._poll_guards(events)
             if self.monitor in events:
                 self._on_monitor()
             if self.backend in events:
@@ -174,6 +180,7 @@ class Front(StreamMethods, Role):
             if now - last_check > 1.0:
                 last_check = now
                 self._expire(now)
+                self.security.tick()
 
     def _poll_timeout(self) -> int:
         if any(c.over_since is not None and c.streams for c in self.conns.by_id.values()):
@@ -203,6 +210,7 @@ class Front(StreamMethods, Role):
                 msg = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
+            self.security.on_monitor(int(msg["event"]), int(msg["value"]))
             for identity in self.conns.on_monitor(int(msg["event"]), int(msg["value"])):
                 self._client_gone(identity, forget=False)
 
@@ -215,6 +223,7 @@ class Front(StreamMethods, Role):
             self._guard(job, lambda j: self._start(j, g, g.free.pop(0)))
 
     # -- client side -------------------------------------------------------------------------------
+    @request_scope
     def on_client(self, frames: list[zmq.Frame]) -> None:
         try:
             envelope, body = P.split_envelope(frames)
@@ -229,6 +238,7 @@ class Front(StreamMethods, Role):
         req = None
         try:
             req = P.parse_request(envelope, body)
+            self._admit(conn, req)                   # logs name the request; per-key quotas
             limit = self.cfg.server.max_requests_per_client
             if conn.requests >= limit:
                 raise ProtocolError(P.BUSY, f"this connection has {conn.requests} requests waiting for a reply "
@@ -245,6 +255,7 @@ class Front(StreamMethods, Role):
 
     def _answer(self, req: P.Request | None, envelope: list[Any], header: bytes, body: list[Any] = ()) -> bool:
         """Send the one reply of a request (its connection's count goes down)."""
+        self._replied(req, header)                   # metrics, access log (DEBUG)
         if req is not None and req.held:
             req.held = False
             conn = self.conns.get(envelope[0])
@@ -405,6 +416,7 @@ class Front(StreamMethods, Role):
                   nbytes=sum(b.nbytes for b in req.buffers.values()))
         self._acquire(name, lambda e: self._guard(job, self._avatar_ready, e))
 
+    @request_scope
     def _guard(self, job: Job, fn, *args) -> None:
         try:
             fn(job, *args)
@@ -656,6 +668,7 @@ class Front(StreamMethods, Role):
         """The reply of a finished batch; its slot is free as soon as the bytes are copied out."""
         job.done = True
         self._account(job, ok=True)
+        self.metrics.batch_done(job)
         self._free(job.gpu, job.slot)
         self._answer(job.req, job.req.envelope, header, body)
 

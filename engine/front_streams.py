@@ -13,6 +13,7 @@ from . import protocol as P
 from .avatar_store import AvatarEntry
 from .config import WRAP_MODES
 from .jobs import Job
+from .logs import request_scope
 from .protocol import ProtocolError
 from .streams import AudioFull, Stream, StreamBatch, StreamStateError, check_pcm, new_stream_id
 
@@ -22,6 +23,7 @@ log = logging.getLogger("engine.front")
 class StreamMethods:
     """Stream handling of the front (a mixin: it runs on the front's thread, with its state)."""
 
+    @request_scope
     def _guard_request(self, req: P.Request, fn, *args) -> None:
         try:
             fn(*args)
@@ -47,6 +49,7 @@ class StreamMethods:
         if conn is not None and len(conn.streams) >= cfg.max_per_client:
             raise ProtocolError(P.BUSY, f"this connection has {len(conn.streams)} streams open "
                                 f"(streams.max_per_client)", req_id)
+        self.quotas.check_streams(identity, req_id)    # per-key quota (CURVE)
 
     def do_stream_open(self, req: P.Request) -> None:
         p = req.params
@@ -82,6 +85,7 @@ class StreamMethods:
             e.last_used = time.time()
             self.scheduler.add_stream(s)
             conn.streams.add(s.id)
+            self.metrics.stream_opened()
             log.info("stream %s opened on %s (realtime %s)", s.id, name, s.realtime)
             self.reply_ok(req, {"stream": s.id, "model": name, "fps": 25, "sample_rate": 16000,
                                 "samples_per_frame": 640, "lookahead_ms": 490, "realtime": s.realtime,
@@ -161,6 +165,7 @@ class StreamMethods:
         job.done = True
         self.scheduler.observe(job.model, time.monotonic() - job.t_recv)
         self._account(job, ok=True)
+        self.metrics.stream_job_done(job)
         self.frames_out += job.batch
         self._free(job.gpu, job.slot)
         self._deliver_streams(time.monotonic())
@@ -171,6 +176,7 @@ class StreamMethods:
                 continue                              # the client is not reading: its frames wait
             for k, jpeg, meta in s.deliverable(now):
                 header = P.event_message("frame", s.id, meta, [{"name": "frame", "dtype": "jpeg", "count": 1}])
+                self.metrics.stream_frame(s, meta)
                 if not self._send_client([*s.owner, header, jpeg]):
                     break
             if s.finished and not s.closed:

@@ -1,4 +1,14 @@
-"""The engine's log file: everything every engine process writes to stdout/stderr, size-bounded.
+"""The engine's logs: their format (text or JSON lines, with the request a line is about), and the
+log file: everything every engine process writes to stdout/stderr, size-bounded.
+
+**Format.** ``server.log_format = "text"`` writes ``time level [role pid] logger: message``;
+``"json"`` writes one JSON object per line: ``ts`` (UTC, ISO 8601 with milliseconds), ``level``,
+``role``, ``pid``, ``logger``, ``msg``, and ``exc`` (the traceback) when there is one. A line
+written while the front handles a request carries the request: ``request_id`` (the ``id`` the
+client sent), ``client`` (its CURVE key's name, or its connection's routing identity in hex) and
+``method``; in text they are appended as ``[client=... id=... method]``. The front marks its
+handlers with :func:`request_scope` and names the request with :func:`set_request`; a context
+variable carries it to every log call underneath, so no log call has to pass it.
 
 The supervisor points its own stdout and stderr at a pipe before it spawns anything; every child
 inherits them, so Python logging, tracebacks and what native libraries (ONNX Runtime, CUDA) print
@@ -9,9 +19,98 @@ fill the disk through the log.
 """
 from __future__ import annotations
 
+import contextvars
+import functools
+import json
+import logging
 import os
+import sys
 import threading
+import time
 from pathlib import Path
+from typing import Any, Callable
+
+_request: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("lse_request", default=None)
+REQUEST_FIELDS = ("request_id", "client", "method")
+
+
+def set_request(request_id: Any, client: str, method: str) -> None:
+    """The request the current handler is about (inside a :func:`request_scope`)."""
+    _request.set({"request_id": request_id, "client": client, "method": method})
+
+
+def request_scope(handler: Callable) -> Callable:
+    """Decorate a front method: log lines inside it carry the request it handles. When its first
+    argument is a request (``.method`` and ``.envelope``) or holds one (``.req``), that request;
+    else the handler names it with :func:`set_request`. The previous value is restored after."""
+    @functools.wraps(handler)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        token = _request.set(None)
+        try:
+            first = args[0] if args else None
+            req = getattr(first, "req", first)
+            if req is not None and hasattr(req, "method") and hasattr(req, "envelope"):
+                describe = getattr(self, "client_label", None)
+                client = describe(req.envelope[0]) if describe else req.envelope[0].hex()
+                set_request(req.id, client, req.method)
+            return handler(self, *args, **kwargs)
+        finally:
+            _request.reset(token)
+    return wrapper
+
+
+class _RequestFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        current = _request.get()
+        for key in REQUEST_FIELDS:
+            if not hasattr(record, key):
+                setattr(record, key, current.get(key) if current else None)
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self, role: str) -> None:
+        super().__init__(f"%(asctime)s %(levelname)-5s [{role} %(process)d] %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        if getattr(record, "method", None) is not None:
+            tail = f" [client={record.client} id={json.dumps(record.request_id)} {record.method}]"
+            head, nl, rest = line.partition("\n")     # before a traceback, if any
+            line = head + tail + nl + rest
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (a traceback is a field, never extra lines)."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__()
+        self.role = role
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = record.created
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z",
+            "level": record.levelname, "role": self.role, "pid": record.process, "logger": record.name,
+            "msg": record.getMessage()}
+        for key in REQUEST_FIELDS:
+            value = getattr(record, key, None)
+            if value is not None or (key == "request_id" and getattr(record, "method", None) is not None):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["exc"] = record.exc_text
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str, role: str, fmt: str = "text") -> None:
+    """Every engine process's logging: to stderr, in ``server.log_format``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(role) if fmt == "json" else TextFormatter(role))
+    handler.addFilter(_RequestFilter())
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 class RotatingWriter:

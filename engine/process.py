@@ -21,17 +21,13 @@ import numpy as np
 import zmq
 
 from .config import EngineConfig
+from .logs import setup_logging  # noqa: F401  (every process's logging; re-exported for the supervisor)
 from .shm import Segment
 
 EXIT_BOOT = 3
 HEARTBEAT_SLOTS = 1024
 
 log = logging.getLogger(__name__)
-
-
-def setup_logging(level: str, role: str) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr, force=True,
-                        format=f"%(asctime)s %(levelname)-5s [{role} %(process)d] %(name)s: %(message)s")
 
 
 def send_msg(sock: zmq.Socket, obj: dict[str, Any], *frames: Any, to: bytes | None = None) -> None:
@@ -88,7 +84,7 @@ class Role:
 
     def main(self) -> None:
         """Entry point in the child (spawned)."""
-        setup_logging(self.cfg.server.log_level, self.label)
+        setup_logging(self.cfg.server.log_level, self.label, self.cfg.server.log_format)
         self.parent = os.getppid()
         # Ctrl-C reaches the whole process group: only the supervisor reacts, then stops us cleanly
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -40,6 +40,7 @@ SHUTTING_DOWN = "shutting_down"
 UNKNOWN_STREAM = "unknown_stream"     # no open stream of that id on this connection
 STREAM_TIMEOUT = "stream_timeout"     # (event) no audio for streams.idle_timeout_s
 SLOW_CLIENT = "slow_client"           # (event) the client left too many bytes unread for too long
+QUOTA_EXCEEDED = "quota_exceeded"     # the client key is over one of its quotas ([quotas], CURVE only)
 INTERNAL = "internal"
 
 
@@ -77,6 +78,7 @@ class Request:
     params: dict[str, Any]
     buffers: dict[str, Buffer] = field(default_factory=dict)
     held: bool = False                      # counted against its connection until answered (the front's)
+    t_recv: float = 0.0                     # when the front received it (its access log)
 
 
 def _bytes(frame: Any) -> bytes | memoryview:
@@ -242,6 +244,19 @@ def ok_reply(req_id: Any, result: dict[str, Any], buffers: list[dict[str, Any]] 
 
 def error_reply(req_id: Any, code: str, message: str) -> bytes:
     return _dumps({"v": VERSION, "id": req_id, "status": "error", "error": {"code": code, "message": message}})
+
+
+def reply_code(header: bytes) -> str:
+    """``"ok"`` or the error code of a reply header made by :func:`ok_reply`/:func:`error_reply`
+    (for counting replies without decoding every one). Their keys come in the order v, id,
+    status; the id is a JSON scalar, so the first unescaped ``,"status":"`` is the status key's."""
+    i = header.find(b',"status":"')
+    if header.startswith(b'ok"', i + 11):
+        return "ok"
+    try:
+        return str(json.loads(header)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return "invalid"
 
 
 def event_message(event: str, stream: str, result: dict[str, Any] | None = None,

@@ -17,19 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from .client import Client
+from .keys import ClientKeys
 from .mp4 import write_mp4
 from .speech import SAMPLE_RATE, read_wav, resample
 
 CHUNK = SAMPLE_RATE // 5
 
 
-def render(endpoint: str, model: str, wav: Path, out: Path, timeout: float = 120.0) -> dict[str, Any]:
+def render(endpoint: str, model: str, wav: Path, out: Path, timeout: float = 120.0,
+           keys: ClientKeys | None = None) -> dict[str, Any]:
     pcm, rate = read_wav(wav)
     if rate != SAMPLE_RATE:
         pcm = resample(pcm, rate, SAMPLE_RATE)
     t0 = time.perf_counter()
     frames: list[bytes] = []
-    with Client(endpoint, timeout=timeout) as c:
+    with Client(endpoint, timeout=timeout, keys=keys) as c:
         stream = c.open_stream(model, realtime=False)
         for off in range(0, len(pcm), CHUNK):
             stream.push(pcm[off:off + CHUNK])
@@ -54,8 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--wav", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--server-key", type=Path, help="the engine's public certificate (an engine with CURVE)")
+    ap.add_argument("--client-key", type=Path, help="this client's secret certificate, NAME.key_secret")
     args = ap.parse_args(argv)
-    info = render(args.engine, args.model, args.wav, args.out)
+    keys = None
+    if args.server_key or args.client_key:
+        if not (args.server_key and args.client_key):
+            ap.error("--server-key and --client-key go together")
+        keys = ClientKeys.from_files(args.server_key, args.client_key)
+    info = render(args.engine, args.model, args.wav, args.out, keys=keys)
     print(summary_line(info))
     return 0
 

@@ -33,8 +33,10 @@ from .config import EngineConfig
 from .front import Front
 from .gpu_worker import GpuWorker
 from .logs import redirect_std_to
+from .metrics_server import MetricsServer
 from .process import EXIT_BOOT, Heartbeats, Role, send_msg, setup_logging
 from .ring import BatchRing, RingGeometry
+from .security import SecurityError, preflight
 from .shm import SHM_DIR, list_segments, remove_stale
 
 log = logging.getLogger("engine.supervisor")
@@ -91,6 +93,7 @@ class Supervisor:
     def _prepare(self) -> None:
         cfg = self.cfg
         inst = cfg.server.instance
+        self._preflight()                           # secure by default; key files (engine.security)
         cfg.run_path.mkdir(parents=True, exist_ok=True)
         other = read_pid(cfg)
         if other is not None and other != os.getpid():
@@ -134,6 +137,23 @@ class Supervisor:
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.connect(cfg.backend_endpoint)
         self.mp = mp.get_context("spawn")
+        self._start_metrics()                       # before any child: they inherit the metrics folder
+
+    def _preflight(self) -> None:
+        try:
+            for warning in preflight(self.cfg):
+                log.warning("%s", warning)
+        except SecurityError as e:
+            raise EngineStopped(str(e)) from None
+
+    def _start_metrics(self) -> None:
+        self.metrics: MetricsServer | None = None
+        if self.cfg.server.metrics:
+            self.metrics = MetricsServer(self)
+            try:
+                self.metrics.start()
+            except OSError as e:
+                raise EngineStopped(str(e)) from None
 
     def _spawn(self, child: Child) -> None:
         role = child.make()
@@ -319,6 +339,8 @@ class Supervisor:
                 log.warning("%s did not stop in 10 s: killing it", p.name)
                 p.kill()
                 p.join(5)
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.stop()
         for ring in getattr(self, "rings", []):
             ring.close()
         if hasattr(self, "heartbeats"):
@@ -350,7 +372,7 @@ def _memory(pid: int | None) -> dict[str, int]:
 def run_supervisor(cfg: EngineConfig) -> int:
     if cfg.server.log_file:
         redirect_std_to(cfg.log_path, cfg.server.log_max_bytes, cfg.server.log_backups)
-    setup_logging(cfg.server.log_level, "supervisor")
+    setup_logging(cfg.server.log_level, "supervisor", cfg.server.log_format)
     code = Supervisor(cfg).run()
     sys.stderr.flush()
     return code

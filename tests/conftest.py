@@ -171,3 +171,35 @@ def kill(pid: int, sig: int = signal.SIGKILL) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+@dataclass
+class CurveKeys:
+    """Key pairs made with engine.keys: ``server``, clients, and a folder of the authorised ones."""
+    folder: Path
+
+    @property
+    def clients(self) -> Path:
+        return self.folder / "clients"
+
+    def client(self, name: str, server: str = "server"):
+        from engine.keys import ClientKeys
+        return ClientKeys.from_files(self.folder / f"{server}.key", self.folder / f"{name}.key_secret")
+
+    def server_toml(self) -> str:
+        """Lines of the engine's [server] table that turn CURVE on."""
+        return (f'curve_secret_key = "{self.folder / "server.key_secret"}"\n'
+                f'curve_clients = "{self.clients}"\n')
+
+
+def make_keys(folder: Path, names: tuple[str, ...], authorised: tuple[str, ...]) -> CurveKeys:
+    import shutil
+
+    from engine.keys import generate
+    keys = CurveKeys(folder)
+    keys.clients.mkdir(parents=True)
+    for name in ("server", *names):
+        generate(folder, name)
+    for name in authorised:
+        shutil.copy(folder / f"{name}.key", keys.clients / f"{name}.key")
+    return keys

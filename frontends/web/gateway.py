@@ -39,6 +39,11 @@ the connection stays usable; nothing a browser sends stops the gateway.
 Command line::
 
     python -m frontends.web.gateway --engine tcp://127.0.0.1:5555 --host 127.0.0.1 --port 8080
+        [--server-key keys/server.key --client-key keys/gateway.key_secret]    (an engine with CURVE)
+
+With keys, every engine connection of the gateway is a CURVE client with that one key: the engine
+sees one client (its quotas apply to all the gateway's browsers together). The gateway's own HTTP
+side has no authentication: keep it on a trusted interface, or behind a proxy that has.
 """
 from __future__ import annotations
 
@@ -58,6 +63,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from engine.client import AsyncClient, AsyncStream, EngineError, StreamClosed
+from engine.keys import CertificateError, ClientKeys
 
 __all__ = ["make_app", "pack_frame", "unpack_frame", "main", "STATIC_DIR"]
 
@@ -69,6 +75,7 @@ PCM_FORMATS = {"f32": np.dtype("<f4"), "float32": np.dtype("<f4"), "s16": np.dty
 SPEECH_SECONDS = 6.0
 
 ENDPOINT = web.AppKey("engine_endpoint", str)
+KEYS = web.AppKey("engine_keys", object)
 TIMEOUT = web.AppKey("engine_timeout", float)
 CACHE_DIR = web.AppKey("cache_dir", Path)
 API_CLIENT = web.AppKey("api_client", dict)
@@ -105,9 +112,11 @@ class _BadRequest(Exception):
 class _Session:
     """One browser connection: at most one engine stream at a time."""
 
-    def __init__(self, ws: web.WebSocketResponse, endpoint: str, timeout: float) -> None:
+    def __init__(self, ws: web.WebSocketResponse, endpoint: str, timeout: float,
+                 keys: ClientKeys | None = None) -> None:
         self.ws = ws
         self.endpoint = endpoint
+        self.keys = keys
         self.timeout = timeout
         self.client: AsyncClient | None = None
         self.stream: AsyncStream | None = None
@@ -173,7 +182,7 @@ class _Session:
         if fmt not in PCM_FORMATS:
             raise _BadRequest(f"open: format must be one of {sorted(PCM_FORMATS)}, got {fmt!r}")
         if self.client is None:
-            self.client = AsyncClient(self.endpoint, timeout=self.timeout)
+            self.client = AsyncClient(self.endpoint, timeout=self.timeout, keys=self.keys)
         stream = await self.client.open_stream(avatar, realtime=realtime, start_frame=start,
                                                idle_frames=idle_frames)
         if self.ws.closed:                       # the browser left while the avatar was loading
@@ -275,7 +284,7 @@ class _Session:
 async def _ws_handler(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=MAX_WS_MESSAGE, compress=False)
     await ws.prepare(request)
-    session = _Session(ws, request.app[ENDPOINT], request.app[TIMEOUT])
+    session = _Session(ws, request.app[ENDPOINT], request.app[TIMEOUT], request.app[KEYS])
     request.app[SESSIONS].add(session)
     try:
         async for msg in ws:
@@ -307,7 +316,7 @@ async def _ws_handler(request: web.Request) -> web.WebSocketResponse:
 def _api_client(app: web.Application) -> AsyncClient:
     holder = app[API_CLIENT]
     if "client" not in holder:
-        holder["client"] = AsyncClient(app[ENDPOINT], timeout=min(app[TIMEOUT], 10.0))
+        holder["client"] = AsyncClient(app[ENDPOINT], timeout=min(app[TIMEOUT], 10.0), keys=app[KEYS])
     return holder["client"]
 
 
@@ -371,14 +380,17 @@ async def _on_cleanup(app: web.Application) -> None:
         client.close()
 
 
-def make_app(engine_endpoint: str, *, timeout: float = 60.0, cache_dir: str | Path | None = None) -> web.Application:
+def make_app(engine_endpoint: str, *, timeout: float = 60.0, cache_dir: str | Path | None = None,
+             keys: ClientKeys | None = None) -> web.Application:
     """The gateway application for the engine at ``engine_endpoint`` (its client ROUTER socket).
 
     ``timeout``: seconds an engine request may take (opening a stream loads its avatar);
-    ``cache_dir``: where ``speech.wav`` is generated (default ``~/.cache/lipsync-engine/web``).
+    ``cache_dir``: where ``speech.wav`` is generated (default ``~/.cache/lipsync-engine/web``);
+    ``keys``: the CURVE keys to connect with, for an engine with CURVE.
     """
     app = web.Application()
     app[ENDPOINT] = engine_endpoint
+    app[KEYS] = keys
     app[TIMEOUT] = float(timeout)
     app[CACHE_DIR] = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     app[API_CLIENT] = {}
@@ -403,9 +415,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds an engine request may take (default: 60)")
     ap.add_argument("--cache-dir", type=Path, default=None, help="where speech.wav is generated")
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--server-key", type=Path, default=None,
+                    help="the engine's public certificate (server.key), for an engine with CURVE")
+    ap.add_argument("--client-key", type=Path, default=None,
+                    help="the gateway's secret certificate (NAME.key_secret; NAME.key in the engine's server.curve_clients)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = make_app(args.engine, timeout=args.timeout, cache_dir=args.cache_dir)
+    keys = None
+    if args.server_key or args.client_key:
+        if not (args.server_key and args.client_key):
+            ap.error("--server-key and --client-key go together")
+        try:
+            keys = ClientKeys.from_files(args.server_key, args.client_key)
+        except CertificateError as e:
+            ap.error(str(e))
+    app = make_app(args.engine, timeout=args.timeout, cache_dir=args.cache_dir, keys=keys)
     print(f"gateway: http://{args.host}:{args.port}/ (engine {args.engine})", flush=True)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
     return 0

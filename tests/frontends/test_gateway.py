@@ -259,3 +259,29 @@ def test_engine_unreachable_gives_errors_not_a_crash(tmp_path) -> None:
             await ws.close()
             assert (await c.get("/")).status == 200
     run(go())
+
+
+def test_gateway_with_keys_against_an_engine_with_curve(engine_factory, models_root, tmp_path) -> None:
+    from tests.conftest import make_keys
+    make_audio_encoder(models_root)
+    keys = make_keys(tmp_path / "keys", ("gateway",), ("gateway",))
+    eng = engine_factory(server=keys.server_toml())
+    pcm = speech_pcm(1.0)
+
+    async def go():
+        async with gateway(eng.endpoint, tmp_path, keys=keys.client("gateway")) as c:
+            r = await c.get("/api/health")
+            assert r.status == 200 and (await r.json())["healthy"]
+            ws = await c.ws_connect("/ws")
+            await ws.send_str(json.dumps({"type": "open", "avatar": "demo", "realtime": False}))
+            assert (await next_json(ws))["type"] == "opened"
+            await ws.send_bytes(pcm.astype("<f4").tobytes())
+            await ws.send_str(json.dumps({"type": "end"}))
+            frames, end = await collect(ws)
+            assert end["type"] == "end"
+            check_frames(frames, 25)
+            await ws.close()
+        async with gateway(eng.endpoint, tmp_path) as c:            # no keys: the engine answers nothing
+            r = await c.get("/api/health")
+            assert r.status == 502 and (await r.json())["error"]["code"] == "timeout"
+    run(go(), 90)

@@ -76,6 +76,7 @@ class _ConnectionWatch:
         self.mon.setsockopt(zmq.LINGER, 0)
         self.mon.connect(addr)
         self.refused = False
+        self.connected = False                  # a handshake succeeded and no drop came since
         self.failed = 0                         # handshakes failed since the last one that succeeded
 
     def check(self) -> bool:
@@ -89,10 +90,14 @@ class _ConnectionWatch:
                 break
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.failed = 0
+                self.connected = True
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self.refused = True
             elif event == zmq.EVENT_DISCONNECTED:
-                dropped = True
+                # only a connection that completed its handshake can have carried (and lost) requests;
+                # what waits for a failed one stays queued for the next attempt
+                dropped = dropped or self.connected
+                self.connected = False
             else:
                 self.failed += 1
         if self.refused:

@@ -95,17 +95,17 @@ def write_config(path: Path, models_root: Path, run_dir: Path, instance: str, ex
         else:
             base[section] = table
     lines = [f"models_root = {_toml(str(models_root))}"]
-    for section, table in base.items():
-        if not isinstance(table, dict):
-            lines.insert(0, f"{section} = {_toml(table)}")
-            continue
-        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml(v)}" for k, v in scalars.items()]
-        for name, sub in table.items():
-            if isinstance(sub, dict):
-                lines.append(f"[{section}.{name}]")
-                lines += [f"{k} = {_toml(v)}" for k, v in sub.items()]
+    lines += [f"{k} = {_toml(v)}" for k, v in base.items() if not isinstance(v, dict)]
+
+    def table(name: str, t: dict) -> None:
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {_toml(v)}" for k, v in t.items() if not isinstance(v, dict))
+        for k, v in t.items():
+            if isinstance(v, dict):
+                table(f"{name}.{k}", v)
+    for name, t in base.items():
+        if isinstance(t, dict):
+            table(name, t)
     path.write_text("\n".join(lines) + "\n")
     return path
 

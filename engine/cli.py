@@ -273,7 +273,7 @@ def run_bench_cli(cfg: EngineConfig, model: str, batches: int, batch_size: int, 
     if bare:
         click.echo("running the bare in-process loop on the same network and batch...")
         b = bare_loop(cfg.models_dir, model, batches, batch_size, cfg.model(model).paste,
-                      cfg.output.jpeg_quality, cfg.output.chroma_subsampling)
+                      cfg.output.jpeg_quality, cfg.output.chroma_subsampling, encoder=cfg.output.encoder)
         out["bare"] = b
         click.echo(f"bare loop {b['fps']} frames/s; engine / bare = {s['fps'] / b['fps']:.2f}")
     if save:

@@ -35,11 +35,13 @@ def mask_box(face: int) -> tuple[int, int, int, int]:
     return 5, face - 10, 5, face - 5
 
 
-def cut_crop(frame: np.ndarray, rect: tuple[int, int, int, int], face: int) -> np.ndarray:
-    """The (F+8) x (F+8) bicubic resize of ``frame[y1:y2, x1:x2]`` (uint8, HWC)."""
+def cut_crop(frame: np.ndarray, rect: tuple[int, int, int, int], face: int,
+             dst: np.ndarray | None = None) -> np.ndarray:
+    """The (F+8) x (F+8) bicubic resize of ``frame[y1:y2, x1:x2]`` (uint8, HWC); it reads only the
+    rectangle's pixels, so cutting it from any array holding them gives the same crop."""
     x1, y1, x2, y2 = (int(v) for v in rect)
     side = face + 2 * BORDER
-    return cv2.resize(frame[y1:y2, x1:x2], (side, side), interpolation=cv2.INTER_CUBIC)
+    return cv2.resize(frame[y1:y2, x1:x2], (side, side), dst=dst, interpolation=cv2.INTER_CUBIC)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -205,7 +205,11 @@ def test_models_load_unload(shared_engine):
         names = {m["name"]: m for m in c.models()}
         assert "demo" in names
         info = c.load("demo")
-        assert info["loaded"] and info["frames"] == 12 and info["memory_bytes"]["backgrounds"] > 12 * 1280 * 720 * 3
+        assert info["loaded"] and info["frames"] == 12 and info["layout"] == "splice"
+        mem = info["memory_bytes"]
+        # spliced form: background JPEGs + face regions, <= 0.25 MB per 1280x720 frame (decoded: 2.76 MB)
+        assert mem["backgrounds"] == mem["parts"]["total"] <= 12 * 250_000
+        assert mem["parts"]["jpeg"] > 12 * 20_000 and mem["parts"]["regions"] > 12 * 100_000
         assert c.unload("demo")["unloaded"] is True
         assert not next(m for m in c.models() if m["name"] == "demo")["loaded"]
         assert not [s for s in list_segments(shared_engine.prefix) if "_av_" in s]

@@ -64,6 +64,7 @@ class JpegLayout:
     comp_dc: tuple[int, ...]            # DC table of each component (SOS)
     comp_ac: tuple[int, ...]
     tables: bytes                       # DQT + DHT segments, to check that two JPEGs share them
+    sof: int                            # offset of the SOF marker
     sos: int                            # offset of the SOS marker
     scan: int                           # offset of the first entropy-coded byte
     restart: int                        # DRI interval (0: none)
@@ -91,7 +92,7 @@ def parse_jpeg(data: bytes | np.ndarray) -> JpegLayout:
     b = bytes(data[:65536]) if isinstance(data, np.ndarray) else bytes(data[:65536])
     if b[:2] != b"\xff\xd8":
         raise JpegError("not a JPEG (no SOI marker)")
-    p, sof, restart, tables, dht = 2, None, 0, [], []
+    p, sof, sof_at, restart, tables, dht = 2, None, 0, 0, [], []
     while True:
         if p + 4 > len(b) or b[p] != 0xFF:
             raise JpegError(f"malformed JPEG header at byte {p}")
@@ -99,7 +100,7 @@ def parse_jpeg(data: bytes | np.ndarray) -> JpegLayout:
         length = int.from_bytes(b[p + 2:p + 4], "big")
         seg = b[p + 4:p + 2 + length]
         if marker in (SOF0, SOF1):
-            sof = seg
+            sof, sof_at = seg, p
         elif 0xC2 <= marker <= 0xCF and marker not in (DHT, 0xC8, 0xCC):
             raise JpegError(f"SOF{marker - 0xC0} (progressive, lossless or arithmetic) cannot be spliced")
         elif marker == DRI:
@@ -126,7 +127,7 @@ def parse_jpeg(data: bytes | np.ndarray) -> JpegLayout:
             return JpegLayout(
                 width=int.from_bytes(sof[3:5], "big"), height=int.from_bytes(sof[1:3], "big"), comp_h=h, comp_v=v,
                 comp_dc=tuple(sel[i] >> 4 for i in ids), comp_ac=tuple(sel[i] & 15 for i in ids),
-                tables=b"".join(tables), sos=p, scan=p + 2 + length, restart=restart, dht=tuple(dht))
+                tables=b"".join(tables), sof=sof_at, sos=p, scan=p + 2 + length, restart=restart, dht=tuple(dht))
         p += 2 + length
 
 
@@ -482,11 +483,15 @@ def _plan_frame(s, a, b, k, mcux, nint, box, blocks, ncomp, lut, d, info, recs):
 
 
 @numba.njit(cache=True, nogil=True)
-def _splice(header, bg, recs, rs, a, b, bw, bh, bx0, by0, blocks, ncomp, lut, dcenc, comp_dc, o, d, scratch,
-            info):
+def _splice(header, ref, dims, bg, recs, rs, a, b, bw, bh, bx0, by0, blocks, ncomp, lut, dcenc, comp_dc, o, d,
+            scratch, info):
     """``o`` = header + the background scan ``bg`` with the region's MCUs (scan ``rs[a:b]`` of the
     region JPEG: bw x bh MCUs at MCU (bx0, by0)) spliced in + EOI. Returns the size; -1 when the
-    region does not decode, -2 when ``o`` is too small."""
+    region does not decode, -2 when ``o`` is too small, -3 when the region's header differs from
+    ``ref`` (a frame's header of these settings) other than in the 4 size bytes at ``dims``."""
+    for i in range(a):
+        if rs[i] != ref[i] and not dims <= i < dims + 4:
+            return -3
     one = np.zeros(1, np.int64)
     one2 = np.zeros(1, np.int64)
     _unstuff(rs, a, b, d, one, one2)
@@ -559,6 +564,8 @@ def add_restarts(jpeg: bytes, k: int) -> bytes:
     """``jpeg`` (baseline, no restart markers) re-coded losslessly with a restart every ``k`` MCUs:
     the bytes libjpeg writes when it encodes the same image with ``restart_interval = k``."""
     layout = parse_jpeg(jpeg)
+    if layout.restart:
+        raise JpegError("the JPEG already has restart markers")
     huff = huffman_arrays(layout)
     s = np.frombuffer(jpeg, np.uint8)
     a, b = layout.scan, _scan_end(jpeg)
@@ -612,6 +619,7 @@ class FrameCodec:
         self.nint = self.mcux * self.mcuy // self.interval
         self.huff = huffman_arrays(lay)
         self.header = np.frombuffer(_dri_header(probe, lay, self.interval), np.uint8).copy()
+        self._ref = np.frombuffer(probe[:lay.scan], np.uint8).copy()      # a region's header, but for its size
         self._info = np.empty((self.mcux * self.mcuy + 1, 1 + 4 * 3), np.int64)
         self._data = np.empty(0, np.uint8)
         self._scratch = np.empty(0, np.uint8)
@@ -682,8 +690,10 @@ class FrameCodec:
             self._scratch = np.empty(scan.shape[0] + 4096, np.uint8)
         mx0, my0, mx1, my1 = self.mcu_box(rect)
         h = self.huff
-        n = _splice(self.header, scan, recs, r, a, b, mx1 - mx0, my1 - my0, mx0, my0, h.blocks, 3, h.lut, h.dcenc,
+        n = _splice(self.header, self._ref, self.layout.sof + 5, scan, recs, r, a, b, mx1 - mx0, my1 - my0, mx0, my0, h.blocks, 3, h.lut, h.dcenc,
                     h.comp_dc, out, self._data, self._scratch, self._info)
+        if n == -3:
+            raise JpegError("the region JPEG was not encoded with this codec's settings")
         if n < 0:
             raise JpegError("the region JPEG does not decode with this codec's tables")
         return n

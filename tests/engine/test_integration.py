@@ -301,6 +301,21 @@ def test_asyncio_client_concurrent_requests(shared_engine):
     assert out.shape == (1, 3, 320, 320) and info["frame_indices"] == [0]
 
 
+def test_full_and_splice_encoders_give_the_same_pixels(shared_engine, engine_factory):
+    """output.encoder = "full" (today's path) and "splice" (the default): the same frames decoded,
+    the spliced ones at most 3% larger (restart markers)."""
+    full = engine_factory('[output]\nencoder = "full"\n')
+    audio = loud(6)
+    with Client(shared_engine.endpoint) as c:
+        spliced = c.composite("demo", audio, start_frame=4).frames
+    with Client(full.endpoint) as c:
+        whole = c.composite("demo", audio, start_frame=4).frames
+        assert next(m for m in c.models() if m["name"] == "demo")["layout"] == "decoded"
+    for a, b in zip(spliced, whole):
+        assert np.array_equal(simplejpeg.decode_jpeg(a), simplejpeg.decode_jpeg(b))
+        assert len(b) < len(a) <= 1.03 * len(b)
+
+
 def test_optional_params_may_be_null(shared_engine):
     reply = _raw(shared_engine.endpoint, _hdr(params={"model": "demo", "batch_size": 1, "start_frame": None,
                                                       "wrap": None}, buffers=[dict(AUDIO, shape=[1, 32, 16, 16])]),

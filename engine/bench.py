@@ -108,6 +108,24 @@ def run_bench(endpoint: str, model: str, batches: int = 5, batch_size: int = 24,
     return result
 
 
+def engine_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by the engine's supervisor ``pid`` and its children."""
+    import psutil
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 class BareLoop:
     """The engine's work in one process, no engine around it: cut input, one Run, paste, encode,
     with the same ``encoder`` as the engine (``splice``: the avatar's spliced form, its crops cut

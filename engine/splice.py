@@ -296,10 +296,13 @@ def _walk(d, p, nmcu, blocks, ncomp, lut, pred, info):
     block's DC and the last block's DC. Returns the end bit, or -1 on a code the tables lack.
     ``blocks`` [3, nb]: component, DC LUT row and AC LUT row of each block of an MCU."""
     nb = blocks.shape[1]
+    dlen = d.shape[0]
     q = p >> 3
     acc = np.int64(0)
     n = 0
     while n <= 48:
+        if q >= dlen:
+            return -1
         acc = (acc << 8) | np.int64(d[q])
         q += 1
         n += 8
@@ -309,6 +312,8 @@ def _walk(d, p, nmcu, blocks, ncomp, lut, pred, info):
         prev = -1
         for blk in range(nb):
             if n < 27:
+                if q + 8 > dlen:              # a scan that runs past its data: corrupt
+                    return -1
                 while n <= 48:
                     acc = (acc << 8) | np.int64(d[q])
                     q += 1
@@ -337,6 +342,8 @@ def _walk(d, p, nmcu, blocks, ncomp, lut, pred, info):
             ac = blocks[2, blk]
             while k < 64:
                 if n < 27:
+                    if q + 8 > dlen:
+                        return -1
                     while n <= 48:
                         acc = (acc << 8) | np.int64(d[q])
                         q += 1

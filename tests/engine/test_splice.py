@@ -182,3 +182,12 @@ def test_what_cannot_be_spliced_is_named():
         codec.splice(parts.scan, parts.recs, other, (8, 8, 40, 40), np.zeros(100_000, np.uint8))
     with pytest.raises(ValueError, match="subsampling"):
         FrameCodec(64, 64, Settings(75, "440"))
+    # a damaged region (its scan cut short): an error, never a read past the buffers
+    big = textured(256, 256)
+    codec = FrameCodec(256, 256, Settings())
+    parts = prepared(codec, big, (40, 40, 220, 220))
+    region = SpliceCompositor(codec).region_jpeg(parts, face_output(0))
+    a = codec.layout.scan
+    short = region[:a + (len(region) - a) // 3] + b"\xff\xd9"
+    with pytest.raises(JpegError, match="decode"):
+        codec.splice(parts.scan, parts.recs, short, (40, 40, 220, 220), np.zeros(1 << 20, np.uint8))

@@ -34,7 +34,6 @@ from .kernels import FacePaster
 SOI, EOI, SOF0, SOF1, DHT, SOS, DQT, DRI = 0xD8, 0xD9, 0xC0, 0xC1, 0xC4, 0xDA, 0xDB, 0xDD
 ENCODER_VERSION = f"simplejpeg-{simplejpeg.__version__}"
 SUBSAMPLING_FACTORS = {"444": (1, 1), "422": (2, 1), "420": (2, 2), "411": (4, 1)}
-INTERVAL_PX = 256           # restart interval target width (docs/performance.md, "Restart interval")
 
 # One record (int32) per interval of a background frame that the region touches. Offsets are in
 # bytes of the frame's stuffed scan; C's bit positions count from C's first byte, unstuffed.
@@ -290,13 +289,15 @@ def _unstuff(s, a, b, d, starts, ends):
 
 
 @numba.njit(cache=True, nogil=True)
-def _walk(d, p, nmcu, blocks, ncomp, lut, pred, info):
-    """Decode ``nmcu`` MCUs of ``d`` from bit ``p``; ``pred`` holds the DC predictors (updated).
+def _walk(d, p, n, nmcu, blocks, ncomp, lut, pred, info):
+    """Decode ``nmcu`` MCUs of ``d`` (``n`` data bytes, then zero padding) from bit ``p``; ``pred``
+    holds the DC predictors (updated).
     info[m] = MCU start bit, then per component c at 1+4c: DC code start and end bit, the first
-    block's DC and the last block's DC. Returns the end bit, or -1 on a code the tables lack.
+    block's DC and the last block's DC. Returns the end bit, or -1 on a code the tables lack or
+    when the MCUs run past the data.
     ``blocks`` [3, nb]: component, DC LUT row and AC LUT row of each block of an MCU."""
     nb = blocks.shape[1]
-    dlen = d.shape[0]
+    dlen = n + 16                    # never read past the padding _unstuff wrote
     q = p >> 3
     acc = np.int64(0)
     n = 0
@@ -393,10 +394,10 @@ def _restart(s, a, b, k, nmcu, blocks, ncomp, lut, dcenc, comp_dc, o, d, info):
     Returns the bytes written, or -1 when the scan does not decode."""
     starts = np.zeros(1, np.int64)
     ends = np.zeros(1, np.int64)
-    _unstuff(s, a, b, d, starts, ends)
+    n, _ = _unstuff(s, a, b, d, starts, ends)
     pred = np.zeros(ncomp, np.int64)
-    end = _walk(d, 0, nmcu, blocks, ncomp, lut, pred, info)
-    if end < 0:
+    end = _walk(d, 0, n, nmcu, blocks, ncomp, lut, pred, info)
+    if end < 0 or end > 8 * n:
         return -1
     st = np.zeros(3, np.int64)
     dcpos = np.zeros(2 * ncomp, np.int64)
@@ -450,8 +451,8 @@ def _plan_frame(s, a, b, k, mcux, nint, box, blocks, ncomp, lut, d, info, recs):
             hi = min(mx1, c0 + k)
             base = starts[j] * 8
             pred[:] = 0
-            end = _walk(d, base, k, blocks, ncomp, lut, pred, info)
-            if end < 0:
+            end = _walk(d, base, n, k, blocks, ncomp, lut, pred, info)
+            if end < 0 or end > 8 * (starts[j + 1] if j + 1 < cnt else n):
                 return -1
             rec = recs[r]
             rec[R_J] = j
@@ -501,10 +502,12 @@ def _splice(header, ref, dims, bg, recs, rs, a, b, bw, bh, bx0, by0, blocks, nco
             return -3
     one = np.zeros(1, np.int64)
     one2 = np.zeros(1, np.int64)
-    _unstuff(rs, a, b, d, one, one2)
+    n, _ = _unstuff(rs, a, b, d, one, one2)
     pred = np.zeros(ncomp, np.int64)
     nreg = bw * bh
-    rend = _walk(d, 0, nreg, blocks, ncomp, lut, pred, info)
+    rend = _walk(d, 0, n, nreg, blocks, ncomp, lut, pred, info)
+    if rend > 8 * n:                 # decoded into the padding: the region's scan is short
+        return -1
     if rend < 0:
         return -1
     info[nreg, 0] = rend
@@ -590,11 +593,13 @@ def add_restarts(jpeg: bytes, k: int) -> bytes:
 class Settings:
     """The JPEG settings of an avatar's prepared form: a region splices only into backgrounds
     encoded with the same ones. ``interval_px``: the restart interval's target width in pixels
-    (the interval is the largest whole number of MCUs not wider that divides the MCU row)."""
+    (the largest whole number of MCUs not wider that divides the MCU row); 0, the default: half an
+    MCU row (measured in docs/performance.md: the marker overhead stays near 1% while the splice
+    costs no more than with shorter intervals)."""
     quality: int = 75
     subsampling: str = "420"
     fastdct: bool = True
-    interval_px: int = INTERVAL_PX
+    interval_px: int = 0
 
     def encode(self, pixels: np.ndarray) -> bytes:
         return simplejpeg.encode_jpeg(pixels, quality=self.quality, colorspace="BGR",
@@ -622,7 +627,8 @@ class FrameCodec:
         if (lay.width, lay.height) != (width, height) or len(lay.comp_h) != 3:
             raise JpegError(f"the encoder wrote a {lay.width}x{lay.height} JPEG with {len(lay.comp_h)} components")
         self.mcu_w, self.mcu_h, self.mcux, self.mcuy = lay.mcu_w, lay.mcu_h, lay.mcux, lay.mcuy
-        self.interval = restart_interval(self.mcux, max(1, settings.interval_px // self.mcu_w))
+        target = settings.interval_px // self.mcu_w if settings.interval_px else self.mcux // 2
+        self.interval = restart_interval(self.mcux, max(1, target))
         self.nint = self.mcux * self.mcuy // self.interval
         self.huff = huffman_arrays(lay)
         self.header = np.frombuffer(_dri_header(probe, lay, self.interval), np.uint8).copy()

@@ -70,6 +70,8 @@ def test_add_restarts_writes_what_libjpeg_writes(shape, subsampling):
 def test_restart_interval_divides_the_mcu_row():
     assert restart_interval(80, 16) == 16 and restart_interval(63, 16) == 9 and restart_interval(45, 16) == 15
     assert restart_interval(120, 16) == 15 and restart_interval(7, 16) == 7 and restart_interval(13, 4) == 1
+    # the default: half a row, or the largest divisor below it (1280, 1000 and 720 pixels wide at 4:2:0)
+    assert [FrameCodec(64, w, Settings()).interval for w in (1280, 1000, 720)] == [40, 21, 15]
 
 
 # -- the splice: byte for byte the full-frame encode -----------------------------------------------------
@@ -101,11 +103,11 @@ def test_splice_is_the_full_frame_encode_byte_for_byte(shape, subsampling):
 
 
 @pytest.mark.parametrize("quality", [5, 50, 90, 100])
-@pytest.mark.parametrize("interval_px", [8, 64, 100_000])
+@pytest.mark.parametrize("interval_px", [8, 64, 0, 100_000])
 def test_splice_at_any_quality_and_interval(quality, interval_px):
     frame = textured(240, 416, seed=quality)
     codec = FrameCodec(240, 416, Settings(quality, "420", interval_px=interval_px))
-    assert codec.interval == restart_interval(26, max(1, interval_px // 16))
+    assert codec.interval == {8: 1, 64: 2, 0: 13, 100_000: 26}[interval_px]
     sc = SpliceCompositor(codec)
     for n, rect in enumerate([(100, 50, 200, 150), (316, 140, 416, 240), (0, 0, 64, 64)]):
         parts = prepared(codec, frame, rect)

@@ -217,15 +217,22 @@ def _copy_bits(o, st, d, b0, b1):
     while b1 - b0 >= 32:
         acc = (acc << 32) | _peek(d, b0, 32)
         b0 += 32
-        nb += 32
-        while nb >= 8:
-            nb -= 8
-            byte = (acc >> nb) & 255
-            o[op] = byte
-            op += 1
-            if byte == 255:
-                o[op] = 0
+        w = (acc >> nb) & 0xFFFFFFFF            # the next 4 output bytes (nb < 8 bits stay pending)
+        x = ~w & 0xFFFFFFFF
+        if ((x - 0x01010101) & ~x & 0x80808080) == 0:      # no 0xFF byte: nothing to stuff
+            o[op] = w >> 24
+            o[op + 1] = (w >> 16) & 255
+            o[op + 2] = (w >> 8) & 255
+            o[op + 3] = w & 255
+            op += 4
+        else:
+            for sh in (24, 16, 8, 0):
+                byte = (w >> sh) & 255
+                o[op] = byte
                 op += 1
+                if byte == 255:
+                    o[op] = 0
+                    op += 1
         acc &= (np.int64(1) << nb) - 1
     st[0], st[1], st[2] = op, acc, nb
     if b1 > b0:

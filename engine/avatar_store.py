@@ -183,7 +183,7 @@ class AvatarStore:
         e.state, e.view, e.error = e.result
         e.result = None
         if e.state == "loaded":
-            e.loaded_at = e.last_used = time.time()
+            e.loaded_at = time.time()
             log.info("avatar %s: %d frames %dx%d in shared memory (%s layout, %.1f MB) in %.0f ms", e.name,
                      e.view.n, e.view.width, e.view.height, e.view.layout, e.nbytes / 1e6, e.load_ms)
             self._enforce_budget(e)

@@ -108,21 +108,17 @@ def run_bench(endpoint: str, model: str, batches: int = 5, batch_size: int = 24,
     return result
 
 
-def engine_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds used so far by the engine's supervisor ``pid`` and its children."""
+def engine_cpu_seconds(roles: dict[int, str]) -> dict[str, float]:
+    """User + system CPU seconds used so far by the engine's processes (``{pid: role}``, from
+    ``engine-ctl status``), summed per role."""
     import psutil
-    total = 0.0
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    for p in procs:
+    total: dict[str, float] = {}
+    for pid, role in roles.items():
         try:
-            t = p.cpu_times()
-            total += t.user + t.system
+            t = psutil.Process(pid).cpu_times()
         except psutil.NoSuchProcess:
-            pass
+            continue
+        total[role] = total.get(role, 0.0) + t.user + t.system
     return total
 
 

@@ -165,6 +165,55 @@ def test_restart_interval(benchmark, demo720, interval_px, capsys):
                 f"over the plain encode, {len(parts.recs)} intervals re-built per frame")
 
 
+@pytest.mark.parametrize("interval_px", [256, 0, 100_000], ids=["256px", "half-row", "row"])
+@pytest.mark.parametrize("subsampling", ["420", "444"])
+@pytest.mark.parametrize("size", list(SIZES))
+def test_restart_interval_nine_positions(benchmark, models_root, demo720, size, subsampling, interval_px, capsys):
+    """The splice alone for the face rectangle at nine positions across the frame (one call splices
+    all nine): where the interval boundaries fall against the face decides the work."""
+    _, _, crop720, face = demo720
+    h, w, scale = SIZES[size]
+    bg = cv2.imread(str(models_root / "demo" / "frames" / "frame_0000.png"))
+    bg = cv2.resize(bg, (w, h), interpolation=cv2.INTER_CUBIC) if scale != 1 else bg
+    benchmark.group = f"splice-interval-9-positions-{size}-{subsampling}"
+    codec = FrameCodec(h, w, Settings(75, subsampling, interval_px=interval_px))
+    jpeg = codec.encode_full(bg)
+    side = int(183 * scale)
+    jobs = []
+    for x in np.linspace(0, w - side, 9).astype(int):
+        rect = (int(x), int(0.4 * h), int(x) + side, int(0.4 * h) + side)
+        x0, y0, x1, y1 = codec.box(rect)
+        parts = FrameParts(np.frombuffer(jpeg, np.uint8)[len(codec.header):-2].copy(), codec.plan(jpeg, rect),
+                           bg[y0:y1, x0:x1].copy(), rect, crop_border(cut_crop(bg, rect, 320)))
+        sc = SpliceCompositor(codec)
+        jobs.append((sc, parts, sc.region_jpeg(parts, face)))
+    out = np.empty(4 << 20, np.uint8)
+
+    def nine() -> None:
+        for sc, parts, region in jobs:
+            sc.splice_into(parts, region, out)
+    benchmark(nine)
+    plain = len(simplejpeg.encode_jpeg(bg, 75, "BGR", subsampling, True))
+    say(capsys, f"{size} {subsampling} interval {codec.interval} MCUs: background +{100 * (len(jpeg) / plain - 1):.2f}%")
+
+
+def test_restart_marker_overhead(models_root, capsys):
+    """Printed: the background's size with restart markers against the plain encode, every
+    subsampling, 256-px / half-row / whole-row intervals, both sizes."""
+    bg0 = cv2.imread(str(models_root / "demo" / "frames" / "frame_0000.png"))
+    lines = []
+    for size, (h, w, scale) in SIZES.items():
+        bg = cv2.resize(bg0, (w, h), interpolation=cv2.INTER_CUBIC) if scale != 1 else bg0
+        for sub in ("444", "422", "420", "411"):
+            plain = len(simplejpeg.encode_jpeg(bg, 75, "BGR", sub, True))
+            cells = []
+            for px, name in ((256, "256px"), (0, "half-row"), (100_000, "row")):
+                codec = FrameCodec(h, w, Settings(75, sub, interval_px=px))
+                cells.append(f"{name} +{100 * (len(codec.encode_full(bg)) / plain - 1):.2f}%")
+            lines.append(f"{size} {sub}: " + ", ".join(cells))
+    say(capsys, "\n".join(lines))
+
+
 # -- avatar loading: decoding the frames, building the spliced form, reading it back -------------------
 def test_load_decoded(benchmark, models_root):
     benchmark.group = "avatar-load"

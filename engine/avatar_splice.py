@@ -38,7 +38,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from .avatar import HEADER_BYTES, AvatarError, AvatarFiles, decode_frame, read_rects

@@ -1,5 +1,5 @@
 """Restart-interval splicing (engine/splice.py): byte equality with a full-frame encode of the same
-composited frame, libjpeg's own restart coding, decoders, edges, subsamplings, qualities, pastes."""
+composited frame, decoders, edges, subsamplings, qualities, pastes."""
 from __future__ import annotations
 
 import io
@@ -11,8 +11,7 @@ import simplejpeg
 from PIL import Image
 
 from engine.kernels import FrameCompositor, crop_border, cut_crop
-from engine.splice import (FrameCodec, FrameParts, JpegError, Settings, SpliceCompositor, add_restarts, parse_jpeg,
-                           restart_interval)
+from engine.splice import FrameCodec, FrameParts, JpegError, Settings, SpliceCompositor, restart_interval
 
 FACE = 64
 
@@ -54,17 +53,6 @@ def prepared(codec: FrameCodec, frame: np.ndarray, rect) -> FrameParts:
 def full_path(frame: np.ndarray, rect, face: np.ndarray, mode: str) -> np.ndarray:
     """Today's full path: the whole frame composited (FrameCompositor, output.encoder = "full")."""
     return FrameCompositor().composite(frame, face, rect, cut_crop(frame, rect, FACE), mode).copy()
-
-
-# -- restart coding: the same bytes as libjpeg's own -------------------------------------------------
-@pytest.mark.parametrize("shape", [(720, 1280), (562, 1000), (37, 53)])
-@pytest.mark.parametrize("subsampling", ["4:4:4", "4:2:2", "4:2:0"])
-def test_add_restarts_writes_what_libjpeg_writes(shape, subsampling):
-    img = textured(*shape, seed=shape[0])
-    plain = pillow_jpeg(img, subsampling)
-    mcux = parse_jpeg(plain).mcux
-    for k in sorted({1, 3, 7, restart_interval(mcux, 16), mcux, 1000}):
-        assert add_restarts(plain, k) == pillow_jpeg(img, subsampling, restart_marker_blocks=k), k
 
 
 def test_restart_interval_divides_the_mcu_row():
@@ -172,12 +160,6 @@ def test_splice_into_a_small_buffer_says_how_much_it_needs():
 def test_what_cannot_be_spliced_is_named():
     frame = textured(64, 64)
     codec = FrameCodec(64, 64, Settings())
-    with pytest.raises(JpegError, match="progressive"):
-        parse_jpeg(pillow_jpeg(frame, "4:2:0", progressive=True))
-    with pytest.raises(JpegError, match="SOI"):
-        parse_jpeg(b"not a jpeg")
-    with pytest.raises(JpegError, match="already"):
-        add_restarts(add_restarts(codec.settings.encode(frame), 2), 2)
     parts = prepared(codec, frame, (8, 8, 40, 40))
     other = Settings(90).encode(frame[:32, :32].copy())       # other tables
     with pytest.raises(JpegError):

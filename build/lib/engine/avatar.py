@@ -7,11 +7,9 @@ On disk (REFERENCE.md section 6)::
     <models_root>/<name>/crop_rects.json                (one [x1, y1, x2, y2] per frame)
 
 In shared memory, one segment per loaded avatar, created and unlinked by the front's
-:class:`~engine.avatar_store.AvatarStore`, attached read-only by every other process. Two layouts:
-``output.encoder = "splice"`` (the default) keeps each frame's background JPEG and the pixels a
-paste can change (:mod:`engine.avatar_splice`); ``"full"`` keeps the decoded frames, here::
+:class:`~engine.avatar_store.AvatarStore`, attached read-only by every other process::
 
-    0            JSON header (name, n, h, w, face), padded to 4096 bytes
+    0            JSON header (name, n, h, w, face, offsets), padded to 4096 bytes
     rects_off    int32   [n, 4]                 crop rectangles
     frames_off   uint8   [n, h, w, 3]           backgrounds, BGR, 3 bytes per pixel
     crops_off    uint8   [n, F+8, F+8, 3]       each frame's bicubic crop (the network face is
@@ -167,7 +165,7 @@ def read_rects(path: Path, n: int, width: int, height: int) -> np.ndarray:
     return rects.astype(np.int32)
 
 
-def decode_frame(path: Path) -> np.ndarray:
+def _decode(path: Path) -> np.ndarray:
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise AvatarError(f"{path}: cannot be decoded as an image")
@@ -184,15 +182,11 @@ def _layout(n: int, h: int, w: int, face: int) -> dict[str, int]:
 
 
 def avatar_bytes(n: int, h: int, w: int, face: int) -> int:
-    """Segment size of an avatar in the decoded (``output.encoder = "full"``) layout; the spliced
-    layout's is :func:`engine.avatar_splice.estimate_bytes` (exact once built: ``view.nbytes``)."""
     return _layout(n, h, w, face)["total"]
 
 
 class AvatarView:
-    """Numpy views of one avatar in shared memory, decoded layout (any process)."""
-
-    layout = "decoded"
+    """Numpy views of one avatar in shared memory (any process)."""
 
     def __init__(self, segment: Segment) -> None:
         self.segment = segment
@@ -212,15 +206,6 @@ class AvatarView:
     def nbytes(self) -> int:
         return self.segment.size
 
-    def memory(self) -> dict[str, int]:
-        """Bytes by part (``models`` shows them)."""
-        return {"total": self.nbytes, "frames": self.frames.nbytes, "crops": self.crops.nbytes,
-                "per_frame": self.nbytes // max(1, self.n)}
-
-    def crops_for(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(crops, index into them) for :func:`~engine.kernels.fill_visual`: the stored crops."""
-        return self.crops, np.asarray(indices, np.int64)
-
     @classmethod
     def attach(cls, segment_name: str) -> AvatarView:
         return cls(Segment(segment_name))
@@ -229,7 +214,7 @@ class AvatarView:
     def create(cls, segment_name: str, files: AvatarFiles, face: int,
                progress: Callable[[int, int], None] | None = None, threads: int = 4) -> AvatarView:
         """Decode the avatar's frames once, straight into a new segment (the caller owns it)."""
-        first = decode_frame(files.frames[0])
+        first = _decode(files.frames[0])
         if first.ndim != 3 or first.shape[2] != 3:
             raise AvatarError(f"{files.frames[0]}: expected a colour image")
         h, w = first.shape[:2]
@@ -238,15 +223,14 @@ class AvatarView:
         lay = _layout(n, h, w, face)
         seg = Segment(segment_name, lay["total"], create=True)
         try:
-            header = json.dumps({"layout": "decoded", "name": files.name, "n": n, "h": h, "w": w,
-                                 "face": face}).encode()
+            header = json.dumps({"name": files.name, "n": n, "h": h, "w": w, "face": face}).encode()
             seg.buf[:len(header)] = header
             view = cls(seg)
             view.rects[:] = rects
             done = 0
 
             def load(i: int) -> None:
-                img = first if i == 0 else decode_frame(files.frames[i])
+                img = first if i == 0 else _decode(files.frames[i])
                 if img.shape != first.shape:
                     raise AvatarError(f"{files.frames[i]}: {img.shape[1]}x{img.shape[0]} differs from the first "
                                       f"frame's {w}x{h}")
@@ -268,32 +252,17 @@ class AvatarView:
         self.segment.close()
 
 
-def attach_view(segment_name: str) -> Any:
-    """Attach an avatar segment of either layout (its JSON header says which)."""
-    seg = Segment(segment_name)
-    try:
-        meta = json.loads(bytes(seg.buf[:HEADER_BYTES]).rstrip(b"\0"))
-        if meta.get("layout") == "splice":
-            from .avatar_splice import SplicedAvatarView
-            return SplicedAvatarView(seg)
-        return AvatarView(seg)
-    except BaseException:
-        seg.close()
-        raise
-
-
 class AttachedAvatars:
     """The avatar segments a worker process has mapped: attached on first use, dropped on request
     (the front evicted or unloaded that avatar)."""
 
     def __init__(self) -> None:
-        self.views: dict[str, Any] = {}
+        self.views: dict[str, AvatarView] = {}
 
-    def get(self, segment: str) -> Any:
-        """The segment's view: :class:`AvatarView` or :class:`~engine.avatar_splice.SplicedAvatarView`."""
+    def get(self, segment: str) -> AvatarView:
         view = self.views.get(segment)
         if view is None:
-            view = self.views[segment] = attach_view(segment)
+            view = self.views[segment] = AvatarView.attach(segment)
         return view
 
     def drop(self, segment: str) -> None:

@@ -2,9 +2,11 @@
 :mod:`engine.avatar_disk`, REFERENCE.md section 6).
 
 In shared memory, one segment per loaded avatar, created and unlinked by the front's
-:class:`~engine.avatar_store.AvatarStore`, attached read-only by every other process::
+:class:`~engine.avatar_store.AvatarStore`, attached read-only by every other process. Two layouts:
+``output.encoder = "splice"`` (the default) keeps each frame's background JPEG and the pixels a
+paste can change (:mod:`engine.avatar_splice`); ``"full"`` keeps the decoded frames, here::
 
-    0            JSON header (name, n, h, w, face, offsets), padded to 4096 bytes
+    0            JSON header (layout, name, n, h, w, face), padded to 4096 bytes
     rects_off    int32   [n, 4]                 crop rectangles
     frames_off   uint8   [n, h, w, 3]           backgrounds, BGR, 3 bytes per pixel
     crops_off    uint8   [n, F+8, F+8, 3]       each frame's bicubic crop (the network face is
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -39,11 +42,15 @@ def _layout(n: int, h: int, w: int, face: int) -> dict[str, int]:
 
 
 def avatar_bytes(n: int, h: int, w: int, face: int) -> int:
+    """Segment size of an avatar in the decoded (``output.encoder = "full"``) layout; the spliced
+    layout's is :func:`engine.avatar_splice.estimate_bytes` (exact once built: ``view.nbytes``)."""
     return _layout(n, h, w, face)["total"]
 
 
 class AvatarView:
-    """Numpy views of one avatar in shared memory (any process)."""
+    """Numpy views of one avatar in shared memory, decoded layout (any process)."""
+
+    layout = "decoded"
 
     def __init__(self, segment: Segment) -> None:
         self.segment = segment
@@ -63,6 +70,15 @@ class AvatarView:
     def nbytes(self) -> int:
         return self.segment.size
 
+    def memory(self) -> dict[str, int]:
+        """Bytes by part (``models`` shows them)."""
+        return {"total": self.nbytes, "frames": self.frames.nbytes, "crops": self.crops.nbytes,
+                "per_frame": self.nbytes // max(1, self.n)}
+
+    def crops_for(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(crops, index into them) for :func:`~engine.kernels.fill_visual`: the stored crops."""
+        return self.crops, np.asarray(indices, np.int64)
+
     @classmethod
     def attach(cls, segment_name: str) -> AvatarView:
         return cls(Segment(segment_name))
@@ -80,7 +96,8 @@ class AvatarView:
         lay = _layout(n, h, w, face)
         seg = Segment(segment_name, lay["total"], create=True)
         try:
-            header = json.dumps({"name": files.name, "n": n, "h": h, "w": w, "face": face}).encode()
+            header = json.dumps({"layout": "decoded", "name": files.name, "n": n, "h": h, "w": w,
+                                 "face": face}).encode()
             seg.buf[:len(header)] = header
             view = cls(seg)
             view.rects[:] = rects
@@ -107,17 +124,32 @@ class AvatarView:
         self.segment.close()
 
 
+def attach_view(segment_name: str) -> Any:
+    """Attach an avatar segment of either layout (its JSON header says which)."""
+    seg = Segment(segment_name)
+    try:
+        meta = json.loads(bytes(seg.buf[:HEADER_BYTES]).rstrip(b"\0"))
+        if meta.get("layout") == "splice":
+            from .avatar_splice import SplicedAvatarView
+            return SplicedAvatarView(seg)
+        return AvatarView(seg)
+    except BaseException:
+        seg.close()
+        raise
+
+
 class AttachedAvatars:
     """The avatar segments a worker process has mapped: attached on first use, dropped on request
     (the front evicted or unloaded that avatar)."""
 
     def __init__(self) -> None:
-        self.views: dict[str, AvatarView] = {}
+        self.views: dict[str, Any] = {}
 
-    def get(self, segment: str) -> AvatarView:
+    def get(self, segment: str) -> Any:
+        """The segment's view: :class:`AvatarView` or :class:`~engine.avatar_splice.SplicedAvatarView`."""
         view = self.views.get(segment)
         if view is None:
-            view = self.views[segment] = AvatarView.attach(segment)
+            view = self.views[segment] = attach_view(segment)
         return view
 
     def drop(self, segment: str) -> None:

@@ -17,11 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from .avatar import avatar_bytes
 from .avatar_disk import (AvatarError, avatar_files, check_encoder_fits, check_frame_size, decode_frame,
                           describe_graph, find_encoder, frame_shape, read_encoder, read_graph, read_rects,
                           ring_room_error)
-from .avatar_store import over_budget
+from .avatar_store import over_budget, shared_bytes
 from .config import EngineConfig
 
 JUMP_WARN = 0.15          # a rectangle moving more than this share of its side between two frames
@@ -130,15 +129,19 @@ def check_avatar(cfg: EngineConfig, name: str, run_network: bool = True,
             rep.add("error", "encoder", f"{e} (streams of this avatar will fail)")
 
     if graph is not None:
-        need = avatar_bytes(n, h, w, graph.face)
+        try:
+            need = shared_bytes(cfg, files, graph.face)
+        except AvatarError as e:                 # the rectangles are unusable: reported above
+            rep.add("warn", "memory", f"shared memory not estimated: {e}")
+            return rep
         budget = cfg.capacity.background_bytes
         rep.figures["shared_memory_bytes"] = need
         too_big = over_budget(name, need, budget)
         if too_big:
             rep.add("error", "memory", too_big)
         else:
-            rep.add("ok", "memory", f"{need / 1e6:.1f} MB of shared memory when loaded ({need / n / 1e6:.2f} MB a frame;"
-                    f" capacity.background_bytes {budget / 1e9:.2f} GB)")
+            rep.add("ok", "memory", f"{need / 1e6:.1f} MB of shared memory when loaded ({need / n / 1e6:.2f} MB a frame, "
+                    f"output.encoder = {cfg.output.encoder}; capacity.background_bytes {budget / 1e9:.2f} GB)")
     return rep
 
 

@@ -1,11 +1,15 @@
-"""The front's avatar store: which avatars are decoded in shared memory, under a byte budget.
+"""The front's avatar store: which avatars are in shared memory, under a byte budget.
 
-Each avatar is decoded once per host (:meth:`AvatarView.create`) in a loader thread, into a
-segment this process owns; GPU workers and compositors attach to it. When the budget would be
-exceeded, the least recently used avatars with no batch in flight are unloaded (unlinked, and
-the other processes are told to drop their mappings). Everything but the decoding runs on the
-front's thread, budget and eviction included; the loader thread only fills the segment, sets the
-entry's state and then wakes the front.
+Each avatar is loaded once per host in a loader thread, into a segment this process owns; GPU
+workers and compositors attach to it. With ``output.encoder = "splice"`` the segment holds the
+spliced form (:class:`~engine.avatar_splice.SplicedAvatarView`: background JPEGs and face regions,
+read from the prepared file beside the avatar when it is current), with ``"full"`` the decoded
+frames (:class:`~engine.avatar.AvatarView`). ``capacity.background_bytes`` counts the segments'
+real sizes: a load reserves an estimate (exact when the prepared file exists), and once loaded the
+avatar counts for what it holds. When the budget would be exceeded, the least recently used
+avatars with no batch in flight are unloaded (unlinked, and the other processes are told to drop
+their mappings). Everything but the loading runs on the front's thread, budget and eviction
+included; the loader thread only fills the segment, sets the entry's state and then wakes the front.
 """
 from __future__ import annotations
 
@@ -18,8 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .avatar import AvatarError, AvatarFiles, AvatarView, GraphInfo, avatar_bytes, avatar_files, discover, read_graph
-from .avatar_disk import frame_shape
+from .avatar_disk import frame_shape, read_rects
+from .avatar_splice import SplicedAvatarView, estimate_bytes, prepared_size
 from .config import EngineConfig, ModelConfig
+from .splice import JpegError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +34,24 @@ class CapacityError(Exception):
     """The avatar does not fit the background budget even after evicting idle avatars."""
 
 
+def shared_bytes(cfg: EngineConfig, files: AvatarFiles, face: int) -> int:
+    """The shared memory an avatar takes in the configured layout (``output.encoder``): exact for
+    the decoded layout and for a spliced one already prepared on disk, estimated otherwise."""
+    h, w = frame_shape(files)
+    n = len(files.frames)
+    if cfg.output.encoder == "full":
+        return avatar_bytes(n, h, w, face)
+    out = cfg.output
+    size = prepared_size(files, Settings(out.jpeg_quality, out.chroma_subsampling, out.fastdct), face)
+    if size:
+        return size
+    return estimate_bytes(n, h, w, face, read_rects(files.rects, n, w, h), out.chroma_subsampling)
+
+
 def over_budget(name: str, need: int, budget: int) -> str | None:
     """Why an avatar needing ``need`` bytes can never be loaded (also ``engine-ctl avatar check``'s words)."""
     if need > budget:
-        return f"avatar {name} needs {need} bytes of backgrounds, more than capacity.background_bytes = {budget}"
+        return f"avatar {name} needs {need} bytes in shared memory, more than capacity.background_bytes = {budget}"
     return None
 
 
@@ -42,7 +62,7 @@ class AvatarEntry:
     files: AvatarFiles
     graph: GraphInfo
     state: str = "loading"                 # loading, loaded, failed
-    view: AvatarView | None = None
+    view: AvatarView | SplicedAvatarView | None = None
     error: str = ""
     progress: tuple[int, int] = (0, 0)
     inflight: int = 0
@@ -69,7 +89,9 @@ class AvatarEntry:
             "name": self.name, "loaded": self.state == "loaded", "state": self.state, "error": self.error or None,
             "progress": list(self.progress), "requests": self.requests,
             "total_ms": round(self.total_ms, 3), "mean_ms": round(self.total_ms / self.requests, 3) if self.requests else None,
-            "memory_bytes": {"backgrounds": self.nbytes, "network_file": self.files.onnx_bytes},
+            "memory_bytes": {"backgrounds": self.nbytes, "network_file": self.files.onnx_bytes,
+                             **({"parts": v.memory()} if v else {})},
+            "layout": v.layout if v else None,
             "last_used": _iso(self.last_used), "loaded_at": _iso(self.loaded_at), "load_ms": round(self.load_ms, 1),
             "frames": v.n if v else len(self.files.frames), "width": v.width if v else None,
             "height": v.height if v else None, "face": self.graph.face,
@@ -130,8 +152,7 @@ class AvatarStore:
             mc = self.cfg.model(name)
             files = avatar_files(self.cfg.models_dir, name, mc.path)
             graph = read_graph(files.onnx)
-            h, w = frame_shape(files)
-            need = avatar_bytes(len(files.frames), h, w, graph.face)
+            need = self._estimate(files, graph.face)
             self.entries.pop(name, None)
             self._make_room(need, name)
             e = AvatarEntry(name, mc, files, graph, progress=(0, len(files.frames)), reserved=need)
@@ -142,17 +163,28 @@ class AvatarStore:
         else:
             e.waiters.append(waiter)
 
+    def settings(self) -> Settings:
+        out = self.cfg.output
+        return Settings(out.jpeg_quality, out.chroma_subsampling, out.fastdct)
+
+    def _estimate(self, files: AvatarFiles, face: int) -> int:
+        """Bytes to reserve while the avatar loads (the real size replaces it once loaded)."""
+        return shared_bytes(self.cfg, files, face)
+
     def _load(self, e: AvatarEntry, seg: str) -> None:
-        """Loader thread: decode into a new segment, then wake the front. It only leaves its result
+        """Loader thread: load into a new segment, then wake the front. It only leaves its result
         in ``e.result``: the entry's state changes on the front's thread, in :meth:`finish`."""
         t0 = time.perf_counter()
         try:
             def progress(done: int, total: int) -> None:
                 e.progress = (done, total)
-            view = AvatarView.create(seg, e.files, e.graph.face, progress)
+            if self.cfg.output.encoder == "full":
+                view = AvatarView.create(seg, e.files, e.graph.face, progress)
+            else:
+                view = SplicedAvatarView.create(seg, e.files, e.graph.face, self.settings(), progress)
             e.load_ms = 1000 * (time.perf_counter() - t0)
             e.result = ("loaded", view, "")
-        except (AvatarError, OSError, ValueError) as err:
+        except (AvatarError, JpegError, OSError, ValueError) as err:
             e.result = ("failed", None, str(err))
         except Exception as err:  # noqa: BLE001 - a loader crash must not kill the front
             log.exception("loading %s failed", e.name)
@@ -167,8 +199,9 @@ class AvatarStore:
         e.result = None
         if e.state == "loaded":
             e.loaded_at = time.time()
-            log.info("avatar %s: %d frames %dx%d in shared memory (%.1f MB) in %.0f ms", e.name, e.view.n,
-                     e.view.width, e.view.height, e.nbytes / 1e6, e.load_ms)
+            log.info("avatar %s: %d frames %dx%d in shared memory (%s layout, %.1f MB) in %.0f ms", e.name,
+                     e.view.n, e.view.width, e.view.height, e.view.layout, e.nbytes / 1e6, e.load_ms)
+            self._enforce_budget(e)
         elif e.state == "failed":
             e.reserved = 0
             log.error("avatar %s failed to load: %s", e.name, e.error)
@@ -192,6 +225,18 @@ class AvatarStore:
                 raise CapacityError(f"avatar {for_name} needs {need} bytes; {self.used_bytes()} of "
                                     f"{budget} are held by avatars with batches in flight")
             self._evict(victims.pop(0), "budget")
+
+    def _enforce_budget(self, keep: AvatarEntry) -> None:
+        """After a load whose real size exceeded its reservation: evict idle avatars (least recently
+        used first, never ``keep``) until the budget holds again, or say why it cannot."""
+        budget = self.cfg.capacity.background_bytes
+        victims = sorted((x for x in self.entries.values()
+                          if x is not keep and x.state == "loaded" and x.inflight == 0), key=lambda x: x.last_used)
+        while self.used_bytes() > budget and victims:
+            self._evict(victims.pop(0), "budget")
+        if self.used_bytes() > budget:
+            log.warning("avatars hold %d bytes, over capacity.background_bytes = %d (the rest is in use)",
+                        self.used_bytes(), budget)
 
     def _evict(self, e: AvatarEntry, why: str) -> None:
         seg = e.segment

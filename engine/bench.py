@@ -110,15 +110,33 @@ def run_bench(endpoint: str, model: str, batches: int = 5, batch_size: int = 24,
     return result
 
 
+def engine_cpu_seconds(roles: dict[int, str]) -> dict[str, float]:
+    """User + system CPU seconds used so far by the engine's processes (``{pid: role}``, from
+    ``engine-ctl status``), summed per role."""
+    import psutil
+    total: dict[str, float] = {}
+    for pid, role in roles.items():
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total[role] = total.get(role, 0.0) + t.user + t.system
+    return total
+
+
 class BareLoop:
-    """The engine's work in one process, no engine around it: cut input, one Run, paste, encode."""
+    """The engine's work in one process, no engine around it: cut input, one Run, paste, encode,
+    with the same ``encoder`` as the engine (``splice``: the avatar's spliced form, its crops cut
+    from the face regions; ``full``: decoded frames, whole-frame JPEGs)."""
 
     def __init__(self, models_dir: Path, model: str, batch_size: int = 24, paste: str = "synctalk",
-                 quality: int = 75, subsampling: str = "420", threads: int = 0) -> None:
+                 quality: int = 75, subsampling: str = "420", threads: int = 0, encoder: str = "splice") -> None:
         import onnxruntime as ort
 
         from .avatar import AvatarView, avatar_files, read_graph
+        from .avatar_splice import SplicedAvatarView
         from .kernels import FrameCompositor
+        from .splice import FrameCodec, Settings, SpliceCompositor
 
         files = avatar_files(models_dir, model)
         self.graph = read_graph(files.onnx)
@@ -126,8 +144,15 @@ class BareLoop:
         if threads:
             opts.intra_op_num_threads = threads
         self.sess = ort.InferenceSession(str(files.onnx), opts, providers=["CPUExecutionProvider"])
-        self.view = AvatarView.create(f"lsebare_{os.getpid()}_{model}", files, self.graph.face)
-        self.enc = FrameCompositor(quality, subsampling)
+        seg = f"lsebare_{os.getpid()}_{model}"
+        self.encoder = encoder
+        if encoder == "splice":
+            settings = Settings(quality, subsampling)
+            self.view = SplicedAvatarView.create(seg, files, self.graph.face, settings)
+            self.splicer = SpliceCompositor(FrameCodec(self.view.height, self.view.width, settings))
+        else:
+            self.view = AvatarView.create(seg, files, self.graph.face)
+            self.enc = FrameCompositor(quality, subsampling)
         self.paste = paste
         self.batch_size = batch_size
         self.image = np.empty((batch_size, *self.graph.image_shape), np.float32)
@@ -136,9 +161,13 @@ class BareLoop:
         from .kernels import fill_visual, frame_index
         g, v, b = self.graph, self.view, self.batch_size
         idx = np.asarray(frame_index(np.arange(i * b, (i + 1) * b), v.n), np.int64)
-        fill_visual(v.crops, self.image, idx)
+        crops, local = v.crops_for(idx)
+        fill_visual(crops, self.image, local)
         audio = speech_like_features(b, i * b, g.audio_shape)
         out = self.sess.run([g.output], {g.image_input: self.image, g.audio_input: audio})[0]
+        if self.encoder == "splice":
+            return [self.splicer(v.parts(int(k), border=self.paste == "synctalk"), out[j], self.paste)
+                    for j, k in enumerate(idx)]
         return [self.enc(v.frames[k], out[j], tuple(v.rects[k]), v.crops[k] if self.paste == "synctalk" else None,
                          self.paste) for j, k in enumerate(idx)]
 
@@ -147,9 +176,10 @@ class BareLoop:
 
 
 def bare_loop(models_dir: Path, model: str, batches: int = 5, batch_size: int = 24, paste: str = "synctalk",
-              quality: int = 75, subsampling: str = "420", threads: int = 0, warmup: int = 2) -> dict[str, Any]:
+              quality: int = 75, subsampling: str = "420", threads: int = 0, warmup: int = 2,
+              encoder: str = "splice") -> dict[str, Any]:
     """Frames/s of :class:`BareLoop` over ``batches`` batches after ``warmup``."""
-    loop = BareLoop(models_dir, model, batch_size, paste, quality, subsampling, threads)
+    loop = BareLoop(models_dir, model, batch_size, paste, quality, subsampling, threads, encoder)
     try:
         for i in range(warmup):
             loop.batch(i)
@@ -161,7 +191,7 @@ def bare_loop(models_dir: Path, model: str, batches: int = 5, batch_size: int = 
         loop.close()
     return {"batches": batches, "batch_size": batch_size, "frames": batches * batch_size,
             "wall_s": round(total, 3), "fps": round(batches * batch_size / total, 2),
-            "batch_ms": round(1000 * total / batches, 1)}
+            "batch_ms": round(1000 * total / batches, 1), "encoder": encoder}
 
 
 @dataclass

@@ -306,7 +306,7 @@ def run_bench_cli(cfg: EngineConfig, model: str, batches: int, batch_size: int, 
     if bare:
         click.echo("running the bare in-process loop on the same network and batch...")
         b = bare_loop(cfg.models_dir, model, batches, batch_size, cfg.model(model).paste,
-                      cfg.output.jpeg_quality, cfg.output.chroma_subsampling)
+                      cfg.output.jpeg_quality, cfg.output.chroma_subsampling, encoder=cfg.output.encoder)
         out["bare"] = b
         click.echo(f"bare loop {b['fps']} frames/s; engine / bare = {s['fps'] / b['fps']:.2f}")
     if save:
@@ -325,17 +325,29 @@ def run_bench_cli(cfg: EngineConfig, model: str, batches: int, batch_size: int, 
 @click.option("--json", "as_json", type=click.Path(dir_okay=False), default=None)
 @click.pass_context
 def bench_streams(ctx: click.Context, model: str, counts: str, seconds: float, as_json: str | None) -> None:
-    """Real-time streams: rate, time to first frame, audio-to-frame latency p50/p99 for N streams."""
-    from .bench import run_stream_bench
+    """Real-time streams: rate, time to first frame, audio-to-frame latency p50/p99 for N streams,
+    and the engine's CPU time per stream: all its processes, and its compositors, in % of one core
+    per 25 frames/s stream (on this host; the clients' threads are not counted)."""
+    from .bench import engine_cpu_seconds, run_stream_bench
     cfg = _cfg(ctx)
+    st = control(cfg, "status")
+    roles = {p["pid"]: p["role"] for p in (st or {}).get("processes", []) if p.get("pid")}
     rows = []
     click.echo(f"{'streams':>8}{'frames':>8}{'min fps':>9}{'first ms':>10}{'lat p50':>9}{'lat p99':>9}"
-               f"{'late p99':>10}{'errors':>8}")
+               f"{'late p99':>10}{'errors':>8}{'cpu/stream':>12}{'compositors':>13}")
     for n in (int(x) for x in counts.split(",")):
+        cpu0 = engine_cpu_seconds(roles)
         s = run_stream_bench(cfg.server.front, model, n, seconds, keys=_keys(cfg)).summary()
+        cpu1 = engine_cpu_seconds(roles)
+        per_role = {r: round(100 * (cpu1[r] - cpu0.get(r, 0.0)) / (n * seconds), 1) for r in cpu1}
+        s["cpu_per_stream_pct"] = {"total": round(sum(per_role.values()), 1), **per_role}
         rows.append(s)
+        cpu = s["cpu_per_stream_pct"]
+        total = f"{cpu['total']}%" if roles else "-"
+        comp = f"{cpu.get('compositor', 0.0)}%" if roles else "-"
         click.echo(f"{n:>8}{s['frames']:>8}{s['min_rate_fps']:>9}{s['first_frame_ms_max'] or 0:>10}"
-                   f"{s['latency_p50_ms']:>9}{s['latency_p99_ms']:>9}{s['late_p99_ms']:>10}{s['errors']:>8}")
+                   f"{s['latency_p50_ms']:>9}{s['latency_p99_ms']:>9}{s['late_p99_ms']:>10}{s['errors']:>8}"
+                   f"{total:>12}{comp:>13}")
     if as_json:
         Path(as_json).write_text(json.dumps(rows, indent=2))
 

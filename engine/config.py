@@ -18,10 +18,12 @@ PasteMode = Literal["synctalk", "stretch"]
 WrapMode = Literal["pingpong", "modulo"]
 Subsampling = Literal["444", "422", "420", "411"]
 LogFormat = Literal["text", "json"]
+Encoder = Literal["splice", "full"]
 
 PASTE_MODES = ("synctalk", "stretch")
 WRAP_MODES = ("pingpong", "modulo")
 SUBSAMPLINGS = ("444", "422", "420", "411")
+ENCODERS = ("splice", "full")
 
 
 class ConfigError(ValueError):
@@ -112,7 +114,7 @@ class RingConfig:
 @dataclass(frozen=True)
 class CapacityConfig:
     models_per_device: int = 8          # ONNX sessions a GPU worker keeps
-    background_bytes: int = 8 << 30     # decoded backgrounds kept in shared memory
+    background_bytes: int = 8 << 30     # avatar backgrounds kept in shared memory (either layout)
     max_pending: int = 256              # requests queued in the front when every ring is full
     max_pending_bytes: int = 2 << 30    # their tensors' bytes
 
@@ -122,6 +124,7 @@ class OutputConfig:
     jpeg_quality: int = 75
     chroma_subsampling: Subsampling = "420"
     fastdct: bool = True
+    encoder: Encoder = "splice"         # splice: encode only the face's region (engine/splice.py); full: every pixel
 
 
 @dataclass(frozen=True)
@@ -332,6 +335,7 @@ def _validate(obj: Any, prefix: str) -> None:
         "jpeg_quality": (lambda v: _is_int(v) and 1 <= v <= 100, "an integer 1..100"),
         "chroma_subsampling": (lambda v: v in SUBSAMPLINGS, "one of " + ", ".join(SUBSAMPLINGS)),
         "fastdct": (lambda v: isinstance(v, bool), "true or false"),
+        "encoder": (lambda v: v in ENCODERS, "one of " + ", ".join(ENCODERS)),
         "ready_timeout_s": (lambda v: _is_seconds(v), "a positive number of seconds"),
         "heartbeat_timeout_s": (lambda v: _is_seconds(v), "a positive number of seconds"),
         "max_restarts": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),

@@ -104,8 +104,8 @@ class GpuWorker(Role):
                 fill = msg.get("fill")
                 if fill is not None:
                     view = self.avatars.get(fill["avatar"])
-                    idx = np.asarray(fill["indices"], np.int64)
-                    fill_visual(view.crops, image[:len(idx)], idx)
+                    crops, idx = view.crops_for(np.asarray(fill["indices"], np.int64))   # spliced: cut now
+                    fill_visual(crops, image[:len(idx)], idx)
                 t1 = time.perf_counter()
                 self.core.run(model, image, audio, out)
                 t2 = time.perf_counter()

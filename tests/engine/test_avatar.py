@@ -83,30 +83,50 @@ def test_broken_avatars_are_named(tmp_path, models_root):
         read_graph(d / "checkpoint" / "model_best.onnx")
 
 
-def test_store_budget_evicts_least_recently_used(tmp_path, models_root):
+@pytest.mark.parametrize("encoder", ["splice", "full"])
+def test_store_budget_evicts_least_recently_used(tmp_path, models_root, encoder):
     for name in ("a", "b", "c"):
         copy_avatar(models_root, tmp_path, name)
-    one = 6 * 720 * 1280 * 3 + 6 * 328 * 328 * 3
-    cfg = config_from_dict({"models_root": str(tmp_path), "server": {"instance": PREFIX},
-                            "capacity": {"background_bytes": int(2.5 * one)}})
+
+    def make_store(budget):
+        cfg = config_from_dict({"models_root": str(tmp_path), "server": {"instance": PREFIX},
+                                "capacity": {"background_bytes": budget}, "output": {"encoder": encoder}})
+        return AvatarStore(cfg, woken.append, lambda name, seg: evicted.append(name))
+
     evicted: list[str] = []
     woken: list[str] = []
-    store = AvatarStore(cfg, woken.append, lambda name, seg: evicted.append(name))
     got: dict[str, str] = {}
 
-    def load(name):
+    def load(store, name):
         store.acquire(name, lambda e: got.__setitem__(name, e.state))
         store.pool.submit(lambda: None).result()       # wait for the loader thread
         while woken:
             store.finish(woken.pop(0))
-        assert got[name] == "loaded"
+        assert got[name] == "loaded", store.entries[name].error
         store.entries[name].last_used = len(got) + len(evicted)
+
+    # the real size of one avatar (and, for splice, its prepared file: later loads reserve it exactly)
+    probe = make_store(1 << 40)
     try:
-        load("a")
-        load("b")
+        for name in ("a", "b", "c"):
+            load(probe, name)
+        one = probe.entries["a"].nbytes
+        assert probe.describe()[0]["memory_bytes"]["backgrounds"] == one
+        if encoder == "full":
+            assert one == 6 * 720 * 1280 * 3 + 6 * 328 * 328 * 3 + 8192
+        else:
+            assert one < 6 * 250_000                       # target: <= 0.25 MB per 1280x720 frame
+    finally:
+        probe.close()
+    evicted.clear()
+    store = make_store(int(2.5 * one))
+    try:
+        load(store, "a")
+        load(store, "b")
         store.entries["a"].last_used = 100                # a used more recently than b
-        load("c")                                         # over budget: b goes
+        load(store, "c")                                  # over budget: b goes
         assert evicted == ["b"] and sorted(store.entries) == ["a", "c"]
+        assert store.used_bytes() == 2 * one
         assert len(list_segments(f"{PREFIX}_av_")) == 2
         store.entries["a"].inflight = 1                   # a batch in flight pins a
         store.entries["c"].inflight = 1
@@ -114,7 +134,7 @@ def test_store_budget_evicts_least_recently_used(tmp_path, models_root):
             store.acquire("b", lambda e: None)
         store.entries["a"].inflight = store.entries["c"].inflight = 0
         tiny = config_from_dict({"models_root": str(tmp_path), "server": {"instance": PREFIX},
-                                 "capacity": {"background_bytes": 1 << 20}})
+                                 "capacity": {"background_bytes": 1 << 20}, "output": {"encoder": encoder}})
         with pytest.raises(CapacityError, match="background_bytes"):
             AvatarStore(tiny, woken.append, lambda *a: None).acquire("a", lambda e: None)
     finally:

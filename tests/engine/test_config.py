@@ -42,6 +42,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.gpu.devices == "auto"
     assert cfg.ring == C.RingConfig(slots=4, max_batch=50, max_face=320)
     assert cfg.output.jpeg_quality == 75 and cfg.output.chroma_subsampling == "420"
+    assert cfg.output.encoder == "splice"
     assert cfg.capacity.background_bytes == 8 << 30
     assert cfg.models == {}
     assert cfg.root_dir == tmp_path
@@ -117,6 +118,7 @@ max_pending = 0
 jpeg_quality = 100
 chroma_subsampling = "444"
 fastdct = false
+encoder = "full"
 [supervision]
 ready_timeout_s = 0.5
 heartbeat_timeout_s = 10
@@ -139,7 +141,7 @@ preferred_gpu = 1
     assert cfg.compositor_count() == 3
     assert cfg.ring == C.RingConfig(8, 1, 32)
     assert cfg.capacity == C.CapacityConfig(2, 1 << 20, 0)
-    assert cfg.output == C.OutputConfig(100, "444", False)
+    assert cfg.output == C.OutputConfig(100, "444", False, "full")
     assert cfg.supervision == C.SupervisionConfig(0.5, 10, 0, 1.5, 30)
     assert cfg.models["alice"] == C.ModelConfig("alice", "people/alice", True, "stretch", "modulo", 1)
     assert cfg.models["bob"] == C.ModelConfig("bob")
@@ -165,6 +167,7 @@ BAD = [
     ('[output]\nchroma_subsampling = "400"', "output.chroma_subsampling", "expected"),
     ("[output]\nchroma_subsampling = 420", "output.chroma_subsampling", "expected"),
     ('[output]\nfastdct = "yes"', "output.fastdct", "expected"),
+    ('[output]\nencoder = "turbo"', "output.encoder", "expected one of splice, full"),
     ('[gpu]\ndevices = "all"', "gpu.devices", "expected"),
     ("[gpu]\ndevices = [-1]", "gpu.devices", "expected"),
     ("[gpu]\ndevices = [0, true]", "gpu.devices", "expected"),

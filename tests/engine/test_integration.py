@@ -251,7 +251,11 @@ def test_models_load_unload(shared_engine):
         names = {m["name"]: m for m in c.models()}
         assert "demo" in names
         info = c.load("demo")
-        assert info["loaded"] and info["frames"] == 12 and info["memory_bytes"]["backgrounds"] > 12 * 1280 * 720 * 3
+        assert info["loaded"] and info["frames"] == 12 and info["layout"] == "splice"
+        mem = info["memory_bytes"]
+        # spliced form: background JPEGs + face regions, <= 0.25 MB per 1280x720 frame (decoded: 2.76 MB)
+        assert mem["backgrounds"] == mem["parts"]["total"] <= 12 * 250_000
+        assert mem["parts"]["jpeg"] > 12 * 20_000 and mem["parts"]["regions"] > 12 * 100_000
         assert c.unload("demo")["unloaded"] is True
         assert not next(m for m in c.models() if m["name"] == "demo")["loaded"]
         assert not [s for s in list_segments(shared_engine.prefix) if "_av_" in s]
@@ -341,6 +345,21 @@ def test_asyncio_client_concurrent_requests(shared_engine):
     assert all(len(r.frames) == 2 for r in results[:4])
     assert results[4]["healthy"] is True
     assert out.shape == (1, 3, 320, 320) and info["frame_indices"] == [0]
+
+
+def test_full_and_splice_encoders_give_the_same_pixels(shared_engine, engine_factory):
+    """output.encoder = "full" (today's path) and "splice" (the default): the same frames decoded,
+    the spliced ones at most 3% larger (restart markers)."""
+    full = engine_factory('[output]\nencoder = "full"\n')
+    audio = loud(6)
+    with Client(shared_engine.endpoint) as c:
+        spliced = c.composite("demo", audio, start_frame=4).frames
+    with Client(full.endpoint) as c:
+        whole = c.composite("demo", audio, start_frame=4).frames
+        assert next(m for m in c.models() if m["name"] == "demo")["layout"] == "decoded"
+    for a, b in zip(spliced, whole):
+        assert np.array_equal(simplejpeg.decode_jpeg(a), simplejpeg.decode_jpeg(b))
+        assert len(b) < len(a) <= 1.03 * len(b)
 
 
 def test_optional_params_may_be_null(shared_engine):

@@ -78,6 +78,9 @@ def test_silence_gives_idle_background_frames(shared_engine, models_root):
     bg = cv2.imread(str(models_root / "demo" / "frames" / "frame_0003.png"))
     img = simplejpeg.decode_jpeg(frames[3].jpeg, colorspace="BGR")
     assert np.abs(img.astype(int) - bg).mean() < 3
+    # output.encoder = "splice": an idle frame is the background's own JPEG, not encoded again
+    from engine.splice import FrameCodec, Settings
+    assert frames[3].jpeg == FrameCodec(720, 1280, Settings()).encode_full(bg)
     assert h["streams"] == []                              # ended streams are gone
 
 

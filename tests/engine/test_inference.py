@@ -5,7 +5,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from engine.inference import BUCKETS, InferenceCore, InferenceError
+from engine.buckets import AUTO_BUCKETS
+from engine.inference import InferenceCore, InferenceError
 
 
 @pytest.fixture
@@ -39,24 +40,63 @@ def test_sessions_are_least_recently_used(demo_onnx):
     assert core.unload("a") and not core.unload("a")
 
 
-def test_buckets_only_on_a_gpu():
+def test_exact_sizes_on_the_cpu_by_default_and_buckets_when_asked(demo_onnx):
     cpu = InferenceCore(None)
-    assert [cpu.bucket(b, 50) for b in (1, 3, 9, 50)] == [1, 3, 9, 50]
-    gpu = InferenceCore.__new__(InferenceCore)               # the rule alone, without a CUDA device
-    gpu.device = 0
-    assert [gpu.bucket(b, 50) for b in (1, 3, 9, 17, 41, 50)] == [1, 4, 16, 24, 50, 50]
-    assert gpu.bucket(30, 30) == 30 and max(BUCKETS) == 50
+    assert cpu.load("demo", demo_onnx).sizes is None                      # "auto" on the CPU provider
+    assert InferenceCore(None, buckets="off").load("demo", demo_onnx).sizes is None
+    core = InferenceCore(None, buckets=(1, 2, 4, 8))
+    m = core.load("demo", demo_onnx)
+    assert m.sizes == (1, 2, 4, 8) and m.shapes == {1, 2, 4, 8}          # every size warmed up at load
+    assert core.rows(m, 13) == 16 and core.rows(m, 50) == 50             # 8 + 5->8; past the ring: scratch
+    gpu = InferenceCore(None, buckets="auto", max_batch=30)
+    gpu.device = 0                                           # the rule alone, without a CUDA device
+    assert gpu.sizes_for(m.graph) == (1, 2, 4, 8, 16, 24, 30) and max(AUTO_BUCKETS) == 50
+
+
+def test_bucketed_runs_equal_exact_runs_and_count_no_cold_run(demo_onnx):
+    image, audio = inputs(13)
+    plain = InferenceCore(None)
+    ref = np.empty((13, 3, 320, 320), np.float32)
+    plain.run(plain.load("demo", demo_onnx), image, audio, ref)
+    assert plain.cold_runs == 1 and plain.stats()["cold_shapes"] == ["demo:13"]   # exact sizes: 13 is new
+    core = InferenceCore(None, buckets=(1, 2, 4, 8))
+    m = core.load("demo", demo_onnx)
+    for n in (13, 1, 7, 8, 3):
+        rows = core.rows(m, n)
+        img = np.zeros((rows, 6, 320, 320), np.float32)
+        aud = np.zeros((rows, 32, 16, 16), np.float32)
+        img[:n], aud[:n] = image[:n], audio[:n]
+        out = np.full((rows, 3, 320, 320), -1, np.float32)
+        core.run(m, img, aud, out, n)
+        np.testing.assert_allclose(out[:n], ref[:n], atol=1e-6)
+    assert core.cold_runs == 0
+    assert core.stats()["shapes"]["demo"] == [1, 2, 4, 8]
+
+
+def test_a_size_past_the_callers_rows_runs_from_scratch_rows(demo_onnx):
+    core = InferenceCore(None, buckets=(4,))
+    m = core.load("demo", demo_onnx)
+    image, audio = inputs(6)                                  # 4 + 2 padded to 4: rows 6..7 are not given
+    out = np.empty((6, 3, 320, 320), np.float32)
+    core.run(m, image, audio, out)
+    ref = InferenceCore(None)
+    ref_out = np.empty_like(out)
+    ref.run(ref.load("demo", demo_onnx), image, audio, ref_out)
+    np.testing.assert_allclose(out, ref_out, atol=1e-6)
+    assert core.cold_runs == 0 and m.runs == 2
 
 
 def test_audio_encoder_padding_does_not_change_features(models_root):
-    core = InferenceCore(None)
     path = str(models_root / "audio_encoder.onnx")
     windows = np.random.default_rng(1).uniform(-4, 4, (23, 1, 80, 16)).astype(np.float32)
-    plain = core.encode_audio(path, windows)
-    core.device = 0                                          # take the GPU path (padded to 32) on the CPU session
-    padded = core.encode_audio(path, windows)
+    plain = InferenceCore(None).encode_audio(path, windows)
+    core = InferenceCore(None, buckets=(1, 2, 4, 8))             # bucketed network: bucketed encoder
+    enc = core.load_encoder(path)
+    assert enc.sizes[0] == 16 and enc.sizes[-1] >= 50 * 16 and enc.shapes == set(enc.sizes)
+    padded = core.encode_audio(path, windows)                # 23 windows run as 32
     assert plain.shape == padded.shape == (23, 512)
     np.testing.assert_array_equal(plain, padded)
+    assert core.cold_runs == 0
 
 
 @pytest.mark.skipif(bool(__import__("engine.config").config.detect_gpus()), reason="this machine has a GPU")

@@ -172,6 +172,7 @@ class StreamBenchResult:
     latencies_ms: list[float] = field(default_factory=list)   # audio-to-frame, every frame of every stream
     late_ms: list[float] = field(default_factory=list)        # the engine's own lateness report
     errors: list[str] = field(default_factory=list)
+    floor_ms: float = 0.0                                     # the engine's look-ahead (stream_open's lookahead_ms)
 
     def summary(self) -> dict[str, Any]:
         lat = np.array(self.latencies_ms or [0.0])
@@ -183,7 +184,7 @@ class StreamBenchResult:
                 "latency_p50_ms": round(float(np.percentile(lat, 50)), 1),
                 "latency_p99_ms": round(float(np.percentile(lat, 99)), 1),
                 "late_p99_ms": round(float(np.percentile(late, 99)), 1), "late_max_ms": round(float(late.max()), 1),
-                "errors": len(self.errors)}
+                "floor_ms": self.floor_ms, "errors": len(self.errors)}
 
 
 def run_stream_bench(endpoint: str, model: str, streams: int = 3, seconds: float = 6.0, chunk_ms: int = 40,
@@ -205,6 +206,7 @@ def run_stream_bench(endpoint: str, model: str, streams: int = 3, seconds: float
         try:
             with Client(endpoint, timeout=timeout) as c:
                 s = c.open_stream(model, realtime=True)
+                result.floor_ms = float(s.info.get("lookahead_ms", 0))
                 barrier.wait()
                 t_open = time.monotonic()
                 got: list[tuple[float, Any]] = []

@@ -234,6 +234,51 @@ def unload(ctx: click.Context, name: str) -> None:
 
 
 @main.command()
+@click.argument("name")
+@click.option("--gpu", "gpu_id", type=int, default=None, help="measure on this GPU (CUDA provider) instead of the CPU")
+@click.option("--force", is_flag=True, help="measure again even if the cache has a report for this provider")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.pass_context
+def check(ctx: click.Context, name: str, gpu_id: int | None, force: bool, as_json: bool) -> None:
+    """What fp16 costs avatar NAME: convert its network (once, cached under <run_dir>/cache/fp16)
+    and compare the output with fp32 on the avatar's own frames. No engine needed."""
+    cfg = _cfg(ctx)
+    report = check_fp16(cfg, name, gpu_id, force)
+    if as_json:
+        _print(report)
+        return
+    click.echo(f"{name}: fp16 against fp32 on {report['frames']} of its frames ({report['provider']}):")
+    click.echo(f"  max |difference| {report['max_abs_diff']:.6f} ({255 * report['max_abs_diff']:.2f} of an 8-bit level), "
+               f"mean {report['mean_abs_diff']:.6f}")
+    click.echo(f"  {100 * report['pixels_changed']:.2f}% of output values change their 8-bit pixel value")
+    click.echo(f"  converted network: {report['file']}")
+    click.echo(f"  configured precision: {cfg.precision(name)} ([models.{name}] precision or gpu.precision)")
+
+
+def check_fp16(cfg: EngineConfig, name: str, gpu_id: int | None = None, force: bool = False) -> dict[str, Any]:
+    from .avatar import AvatarError, avatar_files
+    from .precision import error_report
+    try:
+        files = avatar_files(cfg.models_dir, name, cfg.model(name).path)
+    except AvatarError as e:
+        raise click.ClickException(str(e)) from None
+    enc = next((p for p in (files.folder / cfg.streams.audio_encoder, cfg.models_dir / cfg.streams.audio_encoder)
+                if p.is_file()), None)
+    if gpu_id is None:
+        providers, provider = ["CPUExecutionProvider"], "CPUExecutionProvider"
+    else:
+        import onnxruntime as ort
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+        providers = [("CUDAExecutionProvider", {"device_id": gpu_id}), "CPUExecutionProvider"]
+        provider = "CUDAExecutionProvider"
+    try:
+        return error_report(files.onnx, cfg.cache_dir, files.folder, enc, providers, provider, force)
+    except Exception as e:  # noqa: BLE001 - the converter and onnxruntime raise many kinds
+        raise click.ClickException(f"{name}: fp16 check failed: {e}") from None
+
+
+@main.command()
 @click.option("--model", default="demo", show_default=True)
 @click.option("--batches", default=5, show_default=True)
 @click.option("--batch-size", default=24, show_default=True)

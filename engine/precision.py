@@ -158,12 +158,15 @@ def measure_error(src: Path, half: Path, image: np.ndarray, audio: np.ndarray, p
     """Run both networks on the same inputs; the output's absolute differences."""
     from .avatar import read_graph
     g = read_graph(src)
-    feeds = {g.image_input: image, g.audio_input: audio}
+    step, n = g.fixed_batch or 1, len(image)
+    pad = -n % step                              # a graph exported with a fixed batch runs in whole pieces
+    feeds = {g.image_input: np.concatenate([image, np.zeros((pad, *image.shape[1:]), np.float32)]),
+             g.audio_input: np.concatenate([audio, np.zeros((pad, *audio.shape[1:]), np.float32)])}
     outs = []
     for path in (src, half):
         sess = _session(path, providers)
-        outs.append(np.concatenate([sess.run([g.output], {k: v[i:i + 1] for k, v in feeds.items()})[0]
-                                    for i in range(len(image))]))
+        outs.append(np.concatenate([sess.run([g.output], {k: v[i:i + step] for k, v in feeds.items()})[0]
+                                    for i in range(0, n + pad, step)])[:n])
         provider = sess.get_providers()[0]
         del sess
     full, low = outs

@@ -77,7 +77,7 @@ class RunningEngine:
         return self.proc.returncode
 
 
-def write_config(path: Path, models_root: Path, run_dir: Path, instance: str, extra: str = "") -> Path:
+def write_config(path: Path, models_root: Path, run_dir: Path, instance: str, extra: str = "", gpu: str = "") -> Path:
     path.write_text(f"""
 models_root = "{models_root}"
 [server]
@@ -87,6 +87,7 @@ instance = "{instance}"
 [gpu]
 devices = []
 intra_op_threads = 1
+{gpu}
 [compositor]
 processes = 2
 [ring]
@@ -121,9 +122,10 @@ def engine_factory(tmp_path, models_root):
     """Start engines on demand; every one is stopped and /dev/shm checked clean afterwards."""
     started: list[RunningEngine] = []
 
-    def make(extra: str = "") -> RunningEngine:
+    def make(extra: str = "", gpu: str = "") -> RunningEngine:
+        """``extra``: TOML appended to the test configuration; ``gpu``: more keys of its [gpu] table."""
         inst = f"t{os.getpid()}n{next(_counter)}"
-        cfg_path = write_config(tmp_path / f"{inst}.toml", models_root, tmp_path / f"run_{inst}", inst, extra)
+        cfg_path = write_config(tmp_path / f"{inst}.toml", models_root, tmp_path / f"run_{inst}", inst, extra, gpu)
         eng = start_engine(cfg_path)
         started.append(eng)
         return eng

@@ -122,3 +122,74 @@ def test_fixed_batch_graph_runs_in_pieces(tmp_path, demo_onnx):
     ref_out = np.empty_like(out)
     ref.run(ref.load("demo", demo_onnx), image, audio, ref_out)
     np.testing.assert_allclose(out, ref_out, atol=1e-6)
+
+
+def test_device_buffers_give_the_plain_runs_output(demo_onnx):
+    """The per-bucket device-buffer path (CUDA's default), exercised with CPU OrtValues."""
+    image, audio = inputs(11)
+    ref = InferenceCore(None)
+    ref_out = np.empty((11, 3, 320, 320), np.float32)
+    ref.run(ref.load("demo", demo_onnx), image, audio, ref_out)
+    core = InferenceCore(None, buckets=(1, 4, 8), device_buffers=True)
+    m = core.load("demo", demo_onnx)
+    assert m.mode == "device_buffers" and not m.bucket_modes and sorted(m.buffers.sets) == [1, 4, 8]
+    rows = core.rows(m, 11)
+    img, aud = np.zeros((rows, 6, 320, 320), np.float32), np.zeros((rows, 32, 16, 16), np.float32)
+    img[:11], aud[:11] = image, audio
+    out = np.full((rows, 3, 320, 320), -1, np.float32)
+    core.run(m, img, aud, out, 11)
+    np.testing.assert_allclose(out[:11], ref_out, atol=1e-6)
+    assert m.buffers.readback == "update_inplace" and core.cold_runs == 0
+    assert core.stats()["networks"]["demo"]["path"] == "device_buffers"
+
+
+def test_a_bucket_whose_device_path_fails_its_check_falls_back(demo_onnx, monkeypatch, caplog):
+    from engine import inference
+    real = inference.DeviceBuffers.run
+
+    def wrong_for_4(self, image, audio, out):
+        real(self, image, audio, out)
+        if len(image) == 4:
+            out += 1.0                                          # a replay that reads stale buffers, say
+    monkeypatch.setattr(inference.DeviceBuffers, "run", wrong_for_4)
+    core = InferenceCore(None, buckets=(1, 4), device_buffers=True)
+    m = core.load("demo", demo_onnx)
+    assert m.bucket_modes == {4: "bind_ring"} and "batch 4" in m.fallback[0]
+    assert "failed its check" in caplog.text
+    image, audio = inputs(4)
+    out = np.empty((4, 3, 320, 320), np.float32)
+    core.run(m, image, audio, out)
+    ref = ort.InferenceSession(str(demo_onnx), providers=["CPUExecutionProvider"]).run(
+        None, {"input": image, "audio": audio})[0]
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+    assert core.stats()["networks"]["demo"]["bucket_paths"] == {"4": "bind_ring"}
+
+
+def test_cuda_graphs_asked_on_the_cpu_fall_back_with_a_reason(demo_onnx, caplog):
+    core = InferenceCore(None, buckets=(1, 2), cuda_graphs=True)
+    m = core.load("demo", demo_onnx)
+    assert m.mode == "bind_ring" and m.fallback == ["CUDA graphs need the CUDA provider"]
+    assert "running without them" in caplog.text
+    image, audio = inputs(2)
+    out = np.empty((2, 3, 320, 320), np.float32)
+    core.run(m, image, audio, out)                              # serves all the same
+
+
+def test_prepare_in_a_thread_while_another_network_serves(demo_onnx, models_root):
+    """The worker's loader thread: prepare() touches nothing the serving thread uses."""
+    import threading
+    core = InferenceCore(None, buckets=(1, 2, 4))
+    a = core.load("a", demo_onnx)
+    box = {}
+    t = threading.Thread(target=lambda: box.update(m=core.prepare("b", demo_onnx, encoder=str(
+        models_root / "audio_encoder.onnx"))))
+    t.start()
+    image, audio = inputs(4)
+    out = np.empty((4, 3, 320, 320), np.float32)
+    while t.is_alive():
+        core.run(a, image, audio, out)
+    t.join()
+    assert list(core.models) == ["a"]                           # prepared, not installed yet
+    assert core.install(box["m"]) == [] and list(core.models) == ["a", "b"]
+    assert str(models_root / "audio_encoder.onnx") in core.encoders
+    assert core.cold_runs == 0

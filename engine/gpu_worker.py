@@ -82,8 +82,10 @@ class GpuWorker(Role):
             except InferenceError as e:
                 log.error("audio encoder: %s", e)
         for name, mc in self.cfg.models.items():
-            # preload the networks of preloaded avatars that prefer this device (or any, on worker 0)
-            if mc.preload and (mc.preferred_gpu == self.device or (mc.preferred_gpu is None and self.idx == 0)):
+            # preloaded avatars: every worker of their preferred GPU (of every GPU without one) holds the
+            # network from the start, since jobs go only to workers holding it
+            pref = mc.preferred_gpu if mc.preferred_gpu in self.cfg.gpu_devices() else None
+            if mc.preload and pref in (None, self.device):
                 path = self.cfg.models_dir / (mc.path or name) / "checkpoint" / "model_best.onnx"
                 try:
                     self.core.load(name, path, self.cfg.precision(name), self._encoder_for(path))

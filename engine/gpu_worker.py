@@ -101,7 +101,15 @@ class GpuWorker(Role):
         poller.register(self.wake_r, zmq.POLLIN)
         while not self.stopping:
             self.beat()
-            events = dict(poller.poll(1000))
+            # a network installed but not finished on this thread (engine/inference.py: finish_step)
+            # takes one short step whenever no message waits; never while the loader works
+            finishing = self.core.has_todo() and not self.loading
+            events = dict(poller.poll(0 if finishing else 1000))
+            if not events and finishing:
+                self.core.finish_step()
+                if self._signature() != self._sent_sig:
+                    self._send_models()
+                continue
             if self.wake_r in events:
                 try:
                     os.read(self.wake_r, 4096)
@@ -199,7 +207,8 @@ class GpuWorker(Role):
     def _signature(self) -> Any:
         c = self.core
         return (c.cold_runs, tuple(c.models), tuple(self.loading),
-                sum(len(m.shapes) for m in c.models.values()) + sum(len(e.shapes) for e in c.encoders.values()))
+                sum(len(m.shapes) for m in c.models.values()) + sum(len(e.shapes) for e in c.encoders.values()),
+                tuple((not m.todo, len(m.fallback)) for m in c.models.values()))
 
     def handle_load(self, msg: dict) -> None:
         self._request(msg["model"], Path(msg["onnx"]))

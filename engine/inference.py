@@ -22,14 +22,25 @@ How a piece of a batch runs (per network; ``stats()`` says which):
 ``cuda_graphs``     device buffers plus one CUDA graph per bucket (``enable_cuda_graph``, run option
                     ``gpu_graph_id`` = the bucket's index): a replay launches the whole network at once
 
-Device buffers and graphs are used only where they prove themselves at warm-up: each bucket's
-output through them must equal a plain run's on two different inputs (which also catches a
-replay that reads stale inputs); a bucket that fails, or a graph ONNX Runtime refuses, falls back
-to ``bind_ring`` with the reason logged and reported.
+Device buffers and graphs are used only where they prove themselves: each bucket's output through
+them must equal a plain run's on two different inputs (which also catches a replay that reads
+stale inputs); a bucket that fails, or a graph ONNX Runtime refuses, falls back (to ``bind_ring``,
+or to its device buffers without a graph) with the reason logged and reported.
+
+What cannot happen in the loader thread. ONNX Runtime's CUDA provider keeps its cuBLAS/cuDNN
+handles and its CUDA graphs per thread (``PerThreadContext``), and a graph capture (global capture
+mode) forbids other threads' synchronous CUDA calls while it runs. So after :meth:`install` the
+serving thread finishes a network itself, one short step at a time and only while it is idle
+(:meth:`finish_step`, called by the worker between jobs): one run at the smallest size (the thread's
+handles), then, with CUDA graphs, one capture and check per bucket, under :attr:`lock`, which the
+loader holds while it prepares, so a capture never overlaps a load. Until a bucket's graph is
+captured, its runs use the same device buffers without a graph (``gpu_graph_id = -1``): warm, and
+correct.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -66,9 +77,9 @@ class _BufferSet:
 class DeviceBuffers:
     """Input and output OrtValues allocated once per bucket on the session's device, bound once.
 
-    With ``graphs`` each bucket's runs carry ``gpu_graph_id`` = its index, so ONNX Runtime
-    captures one CUDA graph per bucket (on its first runs) and replays it afterwards; replay needs
-    exactly these fixed buffers, which is why they exist.
+    With ``graphs`` a bucket's runs carry ``gpu_graph_id`` = its index once its graph is
+    ``captured`` (ONNX Runtime captures it during the first such run on a thread, then replays it);
+    replay needs exactly these fixed buffers, which is why they exist. Other runs carry -1: no graph.
     """
 
     def __init__(self, session: ort.InferenceSession, graph: GraphInfo, sizes: tuple[int, ...],
@@ -77,6 +88,9 @@ class DeviceBuffers:
         self.graphs = graphs
         self.readback = "update_inplace"
         self.sets: dict[int, _BufferSet] = {}
+        self.captured: set[int] = set()                 # buckets whose graph the serving thread replays
+        self.no_graph = ort.RunOptions()
+        self.no_graph.add_run_config_entry(GRAPH_ID, "-1")
         for k, b in enumerate(sizes):
             def alloc(shape: tuple[int, ...]) -> Any:
                 return ort.OrtValue.ortvalue_from_shape_and_type([b, *shape], np.float32, device, device_id)
@@ -90,11 +104,15 @@ class DeviceBuffers:
                 options.add_run_config_entry(GRAPH_ID, str(k))
             self.sets[b] = _BufferSet(image, audio, out, binding, options)
 
-    def run(self, image: np.ndarray, audio: np.ndarray, out: np.ndarray) -> None:
-        s = self.sets[len(image)]
+    def run(self, image: np.ndarray, audio: np.ndarray, out: np.ndarray, graph: bool | None = None) -> None:
+        """One run at bucket ``len(image)``; ``graph``: use (or capture) its graph; None: if captured."""
+        b = len(image)
+        s = self.sets[b]
         s.image.update_inplace(image)                 # ring -> device
         s.audio.update_inplace(audio)
-        self.session.run_with_iobinding(s.binding, s.options)
+        if graph is None:
+            graph = b in self.captured
+        self.session.run_with_iobinding(s.binding, s.options if graph and self.graphs else self.no_graph)
         self._read(s.out, out)                        # device -> ring
 
     def _read(self, src: Any, out: np.ndarray) -> None:
@@ -138,11 +156,15 @@ class LoadedModel:
     fp16_error: dict[str, Any] | None = None
     encoder: EncoderSession | None = None       # the avatar's audio encoder, loaded with it
     scratch: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    todo: list[tuple[str, int, int]] = field(default_factory=list)    # serving-thread steps left (finish_step)
+    refs: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)   # outputs a graph's replays must equal
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"precision": self.precision, "path": self.mode,
                              "buckets": list(self.sizes) if self.sizes else "exact",
-                             "load_ms": round(self.load_ms, 1)}
+                             "load_ms": round(self.load_ms, 1), "finishing": len(self.todo)}
+        if self.buffers is not None and self.buffers.graphs:
+            d["graphs_captured"] = sorted(self.buffers.captured)
         if self.bucket_modes:
             d["bucket_paths"] = {str(b): m for b, m in sorted(self.bucket_modes.items())}
         if self.fallback:
@@ -173,6 +195,9 @@ class InferenceCore:
         self.encoders: dict[str, EncoderSession] = {}
         self.cold_runs = 0
         self.cold_shapes: deque[str] = deque(maxlen=20)
+        # held by the loader while it prepares and by the serving thread while it captures a graph
+        # (a capture must not overlap another thread's CUDA calls); see finish_step
+        self.lock = threading.Lock()
         if device is None:
             self.providers: list = [CPU]
         else:
@@ -228,6 +253,8 @@ class InferenceCore:
             return m
         m = self.prepare(name, path, precision, encoder, progress=self.on_progress)
         self.install(m)
+        while m.todo and self.finish_step():         # this thread serves it: finish it here, now
+            pass
         return m
 
     def prepare(self, name: str, path: Path, precision: str = "fp32", encoder: str | None = None,
@@ -235,7 +262,11 @@ class InferenceCore:
         """Everything a load does before the network may serve: fp16 conversion, session, warm-up
         at every size of its bucket policy, the device path's self-check, its audio encoder.
         Thread-safe: it reads this core's settings and changes nothing shared."""
-        progress = progress or (lambda: None)
+        with self.lock:
+            return self._prepare(name, path, precision, encoder, progress or (lambda: None))
+
+    def _prepare(self, name: str, path: Path, precision: str, encoder: str | None,
+                 progress: Callable[[], None]) -> LoadedModel:
         t0 = time.perf_counter()
         graph = read_graph(path)
         file = path
@@ -280,9 +311,64 @@ class InferenceCore:
             evicted.append(old)
             log.info("unloaded network %s (capacity %d)", old, self.capacity)
         self.models[m.name] = m
+        m.todo = [("touch", (m.sizes or (1,))[0], 0)]
+        if m.buffers is not None and m.buffers.graphs:
+            for b in m.sizes or ():
+                if m.bucket_modes.get(b) is None:
+                    m.todo += [("ref", b, 0), ("ref", b, 1), *[("capture", b, 0)] * 3, ("check", b, 1), ("check", b, 0)]
         if m.encoder is not None and m.encoder.path not in self.encoders:
             self.encoders[m.encoder.path] = m.encoder
         return evicted
+
+    # -- finishing on the serving thread ---------------------------------------------------------
+    def has_todo(self) -> bool:
+        return any(m.todo for m in self.models.values())
+
+    def finish_step(self) -> bool:
+        """One step (one run) of finishing an installed network on the calling (serving) thread:
+        its first run on this thread; with CUDA graphs, per bucket two runs without the graph
+        (references), three with it (ONNX Runtime's regular runs and the capture) and two replays
+        checked against the references. False when there is nothing to do or the loader is busy."""
+        m = next((m for m in self.models.values() if m.todo), None)
+        if m is None or not self.lock.acquire(blocking=False):
+            return False
+        try:
+            kind, b, k = m.todo.pop(0)
+            g = m.graph
+            image = np.full((b, *g.image_shape), (0.25, 0.75)[k], np.float32)      # cheap, and two distinct inputs
+            audio = np.random.default_rng(2 * b + k).standard_normal((b, *g.audio_shape)).astype(np.float32)
+            out = np.empty((b, *g.output_shape), np.float32)
+            if kind == "touch":                    # this thread's first run: its cuBLAS/cuDNN handles
+                self._piece(m, image, audio, out)
+                if m.encoder is not None:
+                    n = m.encoder.sizes[0] if m.encoder.sizes else 1
+                    self._encode(m.encoder, np.zeros((n, *self._encoder_shape(m.encoder)), np.float32))
+                return True
+            try:
+                if kind == "ref":
+                    m.buffers.run(image, audio, out, graph=False)
+                    m.refs[(b, k)] = out
+                elif kind == "capture":            # by the third run ONNX Runtime has captured the graph
+                    m.buffers.run(image, audio, out, graph=True)
+                else:
+                    m.buffers.run(image, audio, out, graph=True)
+                    ref = m.refs.pop((b, k))
+                    worst = float(np.max(np.abs(out - ref) / (1.0 + np.abs(ref))))
+                    if worst > 1e-3:
+                        raise InferenceError(f"a replay differs from the run without the graph by {worst:.3g}")
+                    if not any(key[0] == b for key in m.refs):
+                        m.buffers.captured.add(b)
+                        log.info("%s: CUDA graph for batch %d captured and checked", m.name, b)
+            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types (capture refused, ...)
+                reason = f"batch {b}: CUDA graph not used ({e}); device buffers without a graph"
+                log.warning("%s: %s", m.name, reason)
+                m.fallback.append(reason)
+                m.bucket_modes[b] = "device_buffers"
+                m.todo = [t for t in m.todo if t[1] != b or t[0] == "touch"]
+                m.refs = {key: v for key, v in m.refs.items() if key[0] != b}
+            return True
+        finally:
+            self.lock.release()
 
     def _options(self) -> ort.SessionOptions:
         opts = ort.SessionOptions()
@@ -337,8 +423,9 @@ class InferenceCore:
         m.runs = 0
 
     def _verify(self, m: LoadedModel, b: int, progress: Callable[[], None]) -> None:
-        """Warm bucket ``b`` up through the device buffers and check them against plain runs on two
-        different inputs; a bucket that fails falls back to binding the ring."""
+        """Warm bucket ``b`` up through the device buffers (without a graph: graphs are captured by
+        the serving thread) and check them against plain runs on two different inputs; a bucket
+        that fails falls back to binding the ring."""
         g = m.graph
         rng = np.random.default_rng(b)
         inputs = [(rng.random((b, *g.image_shape), np.float32),
@@ -348,12 +435,12 @@ class InferenceCore:
         try:
             refs = [m.session.run([g.output], {g.image_input: i, g.audio_input: a}, skip)[0] for i, a in inputs]
             out = np.empty((b, *g.output_shape), np.float32)
-            for _ in range(3 if m.buffers.graphs else 2):   # regular runs, then the capture
-                m.buffers.run(*inputs[0], out)
+            for _ in range(2):
+                m.buffers.run(*inputs[0], out, graph=False)
                 progress()
             worst = 0.0
             for (image, audio), ref in zip(inputs[::-1], refs[::-1]):
-                m.buffers.run(image, audio, out)
+                m.buffers.run(image, audio, out, graph=False)
                 worst = max(worst, float(np.max(np.abs(out - ref) / (1.0 + np.abs(ref)))))
             if worst > 1e-3:
                 raise InferenceError(f"output differs from a plain run by {worst:.3g}")
@@ -374,12 +461,16 @@ class InferenceCore:
         except Exception as e:  # noqa: BLE001
             raise InferenceError(f"{path}: onnxruntime cannot load the audio encoder: {e}") from None
         enc = EncoderSession(path, sess, encoder_buckets(self.bucketed, self.max_batch))
-        shape = [d if isinstance(d, int) else 1 for d in sess.get_inputs()[0].shape[1:]]
+        shape = self._encoder_shape(enc)
         for n in enc.sizes or ():
             self._encode(enc, np.zeros((n, *shape), np.float32))
             enc.shapes.add(n)
             (progress or (lambda: None))()
         return enc
+
+    @staticmethod
+    def _encoder_shape(enc: EncoderSession) -> list[int]:
+        return [d if isinstance(d, int) else 1 for d in enc.session.get_inputs()[0].shape[1:]]
 
     def load_encoder(self, path: str) -> EncoderSession:
         enc = self.encoders.get(path)
@@ -432,13 +523,10 @@ class InferenceCore:
         b = len(image)
         mode = m.bucket_modes.get(b, m.mode)
         if mode in ("device_buffers", "cuda_graphs") and m.buffers is not None and b in m.buffers.sets:
-            m.buffers.run(image, audio, out)
+            m.buffers.run(image, audio, out)      # with its graph once captured on this thread
             return
         g = m.graph
-        options = None
-        if m.buffers is not None and m.buffers.graphs:
-            options = ort.RunOptions()
-            options.add_run_config_entry(GRAPH_ID, "-1")
+        options = m.buffers.no_graph if m.buffers is not None else None
         if self.io_binding:
             binding = m.session.io_binding()
             for name, arr in ((g.image_input, image), (g.audio_input, audio)):

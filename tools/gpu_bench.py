@@ -6,9 +6,10 @@ Run on a CUDA machine after ``tools/gpu_bench.sh`` has put onnxruntime-gpu on PY
 
     python tools/gpu_bench.py [--out DIR] [--quick] [--budget-s 450] [--precision fp16] [--cuda-graphs]
 
-1. raw: the bench network through the engine's own inference core (bucket policy, device buffers,
-   IO binding) at every bucket, in fp32 and fp16, with and without CUDA graphs; median of repeated
-   runs after the load's warm-up; load time, execution path and any fallback with its reason.
+1. raw: the bench network through the engine's own inference core at every bucket: fp32 binding
+   the host arrays (the previous GPU path), fp32 and fp16 with device buffers, each with and
+   without CUDA graphs; median of repeated runs after the load's warm-up; load time, execution
+   path and any fallback with its reason.
 2. engine: the whole engine (8 clients, batch 24, finished 1280x720 JPEGs) with 1, 2 and 4 GPU
    workers on device 0, the bench avatar preloaded on every worker.
 3. capacity: ``bench-streams --search`` on the 2-worker engine: the most concurrent real-time streams
@@ -59,40 +60,45 @@ def gpu_name() -> str:
 
 # -- 1. the raw network ------------------------------------------------------------------------------
 def raw_matrix(onnx_path: Path, device: int | None, sizes: tuple[int, ...], repeats: int, cache: Path,
-               graphs_options: tuple[bool, ...], deadline: float) -> list[dict]:
+               variants: list[tuple[str, bool, bool]], deadline: float) -> list[dict]:
+    """Each variant (precision, device buffers, CUDA graphs) loaded like a worker loads it (warm-up at
+    every size, self-check, graphs captured by this thread), then timed at every size."""
     from engine.inference import InferenceCore
     rows = []
-    for precision in ("fp32", "fp16"):
-        for graphs in graphs_options:
-            label = f"{precision}{' + CUDA graphs' if graphs else ''}"
-            if elapsed() > deadline:
-                rows.append({"precision": precision, "cuda_graphs": graphs, "skipped": "time budget"})
-                say(f"raw {label}: skipped (time budget)")
-                continue
-            core = InferenceCore(device, buckets=sizes, max_batch=max(sizes), cuda_graphs=graphs, cache_dir=cache)
-            t0 = time.perf_counter()
-            m = core.load("bench", onnx_path, precision)
-            load_s = time.perf_counter() - t0
-            say(f"raw {label}: loaded in {load_s:.1f} s, path {m.mode}, fallback {m.fallback or 'none'}")
-            rng = np.random.default_rng(0)
-            for b in sizes:
-                image = rng.random((b, *m.graph.image_shape), np.float32)
-                audio = rng.standard_normal((b, *m.graph.audio_shape)).astype(np.float32)
-                out = np.empty((b, *m.graph.output_shape), np.float32)
-                times = []
-                for _ in range(repeats):
-                    t = time.perf_counter()
-                    core.run(m, image, audio, out)
-                    times.append(time.perf_counter() - t)
-                med = float(np.median(times))
-                rows.append({"precision": precision, "cuda_graphs": graphs, "path": m.bucket_modes.get(b, m.mode),
-                             "batch": b, "median_ms": round(1000 * med, 2), "ms_per_frame": round(1000 * med / b, 3),
-                             "fps": round(b / med, 1), "tflops": round(GFLOP_PER_FRAME * b / med / 1000, 2),
-                             "load_s": round(load_s, 1), "fallback": m.fallback,
-                             "fp16_error": m.fp16_error, "cold_runs": core.cold_runs})
-                say("  ", {k: rows[-1][k] for k in ("batch", "median_ms", "fps", "path")})
-            del core, m
-            gc.collect()
+    for precision, buffers, graphs in variants:
+        label = f"{precision}, {'device buffers' if buffers else 'ring binding'}{', CUDA graphs' if graphs else ''}"
+        base = {"precision": precision, "device_buffers": buffers, "cuda_graphs": graphs}
+        if elapsed() > deadline:
+            rows.append({**base, "skipped": "time budget"})
+            say(f"raw {label}: skipped (time budget)")
+            continue
+        core = InferenceCore(device, buckets=sizes, max_batch=max(sizes), device_buffers=buffers,
+                             cuda_graphs=graphs, cache_dir=cache)
+        t0 = time.perf_counter()
+        m = core.load("bench", onnx_path, precision)       # prepare + install + finish (graph capture) here
+        load_s = time.perf_counter() - t0
+        say(f"raw {label}: loaded in {load_s:.1f} s, path {m.mode}, fallback {m.fallback or 'none'}")
+        rng = np.random.default_rng(0)
+        for b in sizes:
+            image = rng.random((b, *m.graph.image_shape), np.float32)
+            audio = rng.standard_normal((b, *m.graph.audio_shape)).astype(np.float32)
+            out = np.empty((b, *m.graph.output_shape), np.float32)
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                core.run(m, image, audio, out)
+                times.append(time.perf_counter() - t)
+            med = float(np.median(times))
+            path = m.bucket_modes.get(b, m.mode)
+            if path == "cuda_graphs" and b not in m.buffers.captured:
+                path = "device_buffers"
+            rows.append({**base, "path": path, "batch": b, "median_ms": round(1000 * med, 2),
+                         "ms_per_frame": round(1000 * med / b, 3), "fps": round(b / med, 1),
+                         "tflops": round(GFLOP_PER_FRAME * b / med / 1000, 2), "load_s": round(load_s, 1),
+                         "fallback": m.fallback, "fp16_error": m.fp16_error, "cold_runs": core.cold_runs})
+            say("  ", {k: rows[-1][k] for k in ("batch", "median_ms", "fps", "path")})
+        del core, m
+        gc.collect()
     return rows
 
 
@@ -200,15 +206,17 @@ def stream_capacity(eng: Engine, avatar: str, opts: dict, deadline: float) -> di
 
 # -- report ----------------------------------------------------------------------------------------
 def tables(report: dict) -> str:
-    lines = ["", "| precision | CUDA graphs | path | batch | ms/batch | ms/frame | frames/s | TFLOP/s | load s |",
+    lines = ["", "| precision | asked | path | batch | ms/batch | ms/frame | frames/s | TFLOP/s | load s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in report["raw"]:
+        asked = ("graphs" if r["cuda_graphs"] else "buffers" if r["device_buffers"] else "ring")
         if "skipped" in r:
-            lines.append(f"| {r['precision']} | {r['cuda_graphs']} | skipped: {r['skipped']} | | | | | | |")
+            lines.append(f"| {r['precision']} | {asked} | skipped: {r['skipped']} | | | | | | |")
             continue
-        lines.append(f"| {r['precision']} | {r['cuda_graphs']} | {r['path']} | {r['batch']} | {r['median_ms']} | "
+        lines.append(f"| {r['precision']} | {asked} | {r['path']} | {r['batch']} | {r['median_ms']} | "
                      f"{r['ms_per_frame']} | {r['fps']} | {r['tflops']} | {r['load_s']} |")
-    fb = {f"{r['precision']}{'+graphs' if r['cuda_graphs'] else ''}": r["fallback"] for r in report["raw"] if r.get("fallback")}
+    fb = {f"{r['precision']}/{'graphs' if r['cuda_graphs'] else 'buffers' if r['device_buffers'] else 'ring'}":
+          r["fallback"] for r in report["raw"] if r.get("fallback")}
     errs = {r["precision"]: r["fp16_error"] for r in report["raw"] if r.get("fp16_error")}
     if fb:
         lines.append(f"fallbacks: {json.dumps(fb)}")
@@ -271,15 +279,17 @@ def main() -> None:
     ncomp = max(2, (os.cpu_count() or 4) - 2)
     extra = f'precision = "{args.precision}"' + ("\ncuda_graphs = true" if args.cuda_graphs else "")
     if gpu:
-        report["raw"] = raw_matrix(onnx_path, 0, (1, 2, 4, 8, 16, 24, 32, 40, 50), 10, tmp / "cache", (False, True),
-                                   0.35 * budget)
+        report["raw"] = raw_matrix(onnx_path, 0, (1, 2, 4, 8, 16, 24, 32, 40, 50), 10, tmp / "cache",
+                                   [("fp32", False, False), ("fp32", True, False), ("fp32", True, True),
+                                    ("fp16", True, False), ("fp16", True, True)], 0.35 * budget)
         report["engine"] = engine_runs(tmp, models, "bench", "[0]", [1, 2, 4], ncomp, 8, 24, 10,
                                        {"workers": 2, "limit": 128, "start": 8, "seconds": 5.0, "processes": 4,
                                         "deadline": 0.75 * budget}, extra, budget)
     else:
         quick = args.quick
         report["raw"] = raw_matrix(onnx_path, None, (1, 2) if quick else (1, 2, 4, 8), 2 if quick else 5,
-                                   tmp / "cache", (False,), budget)
+                                   tmp / "cache", [("fp32", False, False), ("fp32", True, False), ("fp16", False, False)],
+                                   budget)
         report["engine"] = engine_runs(tmp, models, "demo", "[]", [1, 2], 2, 2, 8, 2 if quick else 5,
                                        {"workers": 1, "limit": 2 if quick else 8, "start": 1,
                                         "seconds": 1.5 if quick else 4.0, "processes": 1, "deadline": budget},

@@ -147,8 +147,8 @@ def test_a_bucket_whose_device_path_fails_its_check_falls_back(demo_onnx, monkey
     from engine import inference
     real = inference.DeviceBuffers.run
 
-    def wrong_for_4(self, image, audio, out):
-        real(self, image, audio, out)
+    def wrong_for_4(self, image, audio, out, graph=None):
+        real(self, image, audio, out, graph)
         if len(image) == 4:
             out += 1.0                                          # a replay that reads stale buffers, say
     monkeypatch.setattr(inference.DeviceBuffers, "run", wrong_for_4)

@@ -8,8 +8,9 @@ Loading is split in two so that it can happen off the serving path: :meth:`Infer
 (session, fp16 conversion, warm-up at every size, self-check; touches no shared state, so a
 loader thread runs it while the worker keeps serving) and :meth:`InferenceCore.install` (the
 worker's own thread: the model joins the LRU set). ONNX Runtime releases the GIL while it
-creates a session and during ``Run`` (measured: a thread creating a 3 s session holds the
-interpreter only at the end, to free its temporaries), so serving is not held up by the loader.
+creates a session and during ``Run`` (measured: a thread creating a session that takes 3 s leaves
+the interpreter free throughout; destroying it holds it briefly), so the loader does not hold up
+serving.
 
 How a piece of a batch runs (per network; ``stats()`` says which):
 

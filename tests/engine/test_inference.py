@@ -193,3 +193,40 @@ def test_prepare_in_a_thread_while_another_network_serves(demo_onnx, models_root
     assert core.install(box["m"]) == [] and list(core.models) == ["a", "b"]
     assert str(models_root / "audio_encoder.onnx") in core.encoders
     assert core.cold_runs == 0
+
+
+def test_the_serving_thread_finishes_a_network_step_by_step(demo_onnx):
+    """After install, the serving thread's own first run and (CUDA) per-bucket graph capture and
+    check run one step at a time. The CPU ignores gpu_graph_id, so with ``graphs`` forced on the
+    steps run as plain runs: the state machine is exercised, its checks pass."""
+    core = InferenceCore(None, buckets=(1, 2), device_buffers=True)
+    m = core.prepare("demo", demo_onnx)
+    m.buffers.graphs = True
+    core.install(m)
+    assert m.todo[0] == ("touch", 1, 0) and len(m.todo) == 1 + 2 * 7
+    with core.lock:                                  # the loader is preparing another network: wait
+        assert core.has_todo() and not core.finish_step()
+    steps = 0
+    while core.finish_step():
+        steps += 1
+    assert steps == 15 and not core.has_todo() and m.buffers.captured == {1, 2} and not m.refs
+    assert core.stats()["networks"]["demo"]["graphs_captured"] == [1, 2]
+
+
+def test_a_graph_whose_replay_differs_is_not_used(demo_onnx, monkeypatch):
+    from engine import inference
+    real = inference.DeviceBuffers.run
+
+    def stale_replay(self, image, audio, out, graph=None):
+        real(self, image, audio, out, graph)
+        if graph and len(image) == 2:
+            out *= 0.5
+    core = InferenceCore(None, buckets=(1, 2), device_buffers=True)
+    m = core.prepare("demo", demo_onnx)
+    m.buffers.graphs = True
+    core.install(m)
+    monkeypatch.setattr(inference.DeviceBuffers, "run", stale_replay)
+    while core.finish_step():
+        pass
+    assert m.buffers.captured == {1} and m.bucket_modes == {2: "device_buffers"}
+    assert "batch 2: CUDA graph not used" in m.fallback[-1]

@@ -247,11 +247,14 @@ def _stream_clients(endpoint: str, model: str, first: int, streams: int, seconds
                     s.push(pcm[off:off + chunk])
                     now = time.monotonic()
                     sent_at.extend([now] * len(pcm[off:off + chunk]))
-                    for f in s.poll(0.0):
-                        got.append((time.monotonic(), f))
-                    delay = t_start + (i + 1) * chunk / 16000 - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
+                    # until the next chunk is due, take each frame as it arrives (stamped on arrival,
+                    # not at the next 40 ms push, which would add up to 40 ms to the latency)
+                    next_push = t_start + (i + 1) * chunk / 16000
+                    while True:
+                        for f in s.poll(max(0.0, next_push - time.monotonic())):
+                            got.append((time.monotonic(), f))
+                        if time.monotonic() >= next_push:
+                            break
                 s.end()
                 for f in s.frames(timeout):
                     got.append((time.monotonic(), f))

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .avatar import GraphInfo, read_graph
+from .avatar import AvatarError, GraphInfo, session_graph
 from .buckets import encoder_buckets, network_buckets, plan, rows_needed
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,6 @@ class InferenceCore:
     def _prepare(self, name: str, path: Path, precision: str, encoder: str | None,
                  progress: Callable[[], None]) -> LoadedModel:
         t0 = time.perf_counter()
-        graph = read_graph(path)
         file = path
         if precision == "fp16":
             from . import precision as fp16
@@ -278,6 +277,10 @@ class InferenceCore:
             except Exception as e:  # noqa: BLE001 - onnx / the converter raise many kinds
                 raise InferenceError(f"{path}: fp16 conversion failed: {e}") from None
         sess, graphs, why = self._session(file)
+        try:
+            graph = session_graph(sess, path)       # not read_graph: no protobuf parse under the GIL
+        except AvatarError as e:
+            raise InferenceError(str(e)) from None
         m = LoadedModel(name, path, sess, graph, time.time(), precision=precision, file=file,
                         sizes=self.sizes_for(graph))
         if why:
@@ -483,7 +486,7 @@ class InferenceCore:
         from . import precision as fp16
         try:
             return fp16.error_report(m.path, self.cache_dir, m.path.parent.parent, Path(encoder) if encoder else None,
-                                     self.providers, self.provider)
+                                     self.providers, self.provider, graph=m.graph)
         except Exception as e:  # noqa: BLE001 - the report must not stop a network that runs
             log.warning("%s: fp16 error could not be measured: %s", m.name, e)
             return {"error": str(e)}

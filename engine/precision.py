@@ -154,10 +154,11 @@ def _session(path: Path, providers: list) -> Any:
     return ort.InferenceSession(str(path), opts, providers=providers)
 
 
-def measure_error(src: Path, half: Path, image: np.ndarray, audio: np.ndarray, providers: list) -> dict[str, Any]:
+def measure_error(src: Path, half: Path, image: np.ndarray, audio: np.ndarray, providers: list,
+                  graph: Any = None) -> dict[str, Any]:
     """Run both networks on the same inputs; the output's absolute differences."""
     from .avatar import read_graph
-    g = read_graph(src)
+    g = graph or read_graph(src)
     step, n = g.fixed_batch or 1, len(image)
     pad = -n % step                              # a graph exported with a fixed batch runs in whole pieces
     feeds = {g.image_input: np.concatenate([image, np.zeros((pad, *image.shape[1:]), np.float32)]),
@@ -179,16 +180,18 @@ def measure_error(src: Path, half: Path, image: np.ndarray, audio: np.ndarray, p
 
 
 def error_report(src: Path, cache_dir: Path, avatar: Path, encoder: Path | None, providers: list,
-                 provider: str, force: bool = False) -> dict[str, Any]:
-    """The fp16 conversion's error for ``provider`` (measured once, then read from the cache)."""
+                 provider: str, force: bool = False, graph: Any = None) -> dict[str, Any]:
+    """The fp16 conversion's error for ``provider`` (measured once, then read from the cache).
+    ``graph``: the network's GraphInfo when the caller has it (read from the file otherwise)."""
     half = fp16_model(src, cache_dir)
     _, report_path = cache_paths(src, cache_dir)
     with _locked(report_path.with_suffix(".lock")):
         report = _read_json(report_path)
         if force or provider not in report:
             from .avatar import read_graph
-            image, audio = sample_inputs(avatar, read_graph(src), encoder=encoder)
-            report[provider] = measure_error(src, half, image, audio, providers)
+            g = graph or read_graph(src)
+            image, audio = sample_inputs(avatar, g, encoder=encoder)
+            report[provider] = measure_error(src, half, image, audio, providers, g)
             report["source"] = str(src)
             report["source_sha256"] = file_sha256(src)
             tmp = report_path.with_suffix(".json.tmp")

@@ -81,29 +81,54 @@ class DeviceBuffers:
     With ``graphs`` a bucket's runs carry ``gpu_graph_id`` = its index once its graph is
     ``captured`` (ONNX Runtime captures it during the first such run on a thread, then replays it);
     replay needs exactly these fixed buffers, which is why they exist. Other runs carry -1: no graph.
+
+    The buffers come from ``pool`` (one set per tensor shape and bucket, shared by every network of
+    a worker: a worker runs one batch at a time, and the buckets of one network hold about 650 MB
+    for the 320-pixel SyncTalk_2D shapes). The loader thread verifies a new network with a private
+    pool (the serving thread is using the shared one meanwhile), and :meth:`adopt` moves it to the
+    shared pool when it is installed, before any graph is captured.
     """
 
     def __init__(self, session: ort.InferenceSession, graph: GraphInfo, sizes: tuple[int, ...],
-                 device: str, device_id: int, graphs: bool) -> None:
+                 device: str, device_id: int, graphs: bool, pool: dict | None = None) -> None:
         self.session = session
+        self.graph = graph
+        self.device, self.device_id = device, device_id
         self.graphs = graphs
         self.readback = "update_inplace"
         self.sets: dict[int, _BufferSet] = {}
         self.captured: set[int] = set()                 # buckets whose graph the serving thread replays
         self.no_graph = ort.RunOptions()
         self.no_graph.add_run_config_entry(GRAPH_ID, "-1")
+        self._bind(sizes, {} if pool is None else pool)
+
+    def _bind(self, sizes: tuple[int, ...], pool: dict) -> None:
+        g = self.graph
         for k, b in enumerate(sizes):
-            def alloc(shape: tuple[int, ...]) -> Any:
-                return ort.OrtValue.ortvalue_from_shape_and_type([b, *shape], np.float32, device, device_id)
-            image, audio, out = alloc(graph.image_shape), alloc(graph.audio_shape), alloc(graph.output_shape)
-            binding = session.io_binding()
-            binding.bind_ortvalue_input(graph.image_input, image)
-            binding.bind_ortvalue_input(graph.audio_input, audio)
-            binding.bind_ortvalue_output(graph.output, out)
+            def buffer(role: str, shape: tuple[int, ...]) -> Any:
+                key = (role, tuple(shape), b)               # an output never shares an input's buffer
+                if key not in pool:
+                    pool[key] = ort.OrtValue.ortvalue_from_shape_and_type([b, *shape], np.float32, self.device,
+                                                                          self.device_id)
+                return pool[key]
+            image = buffer("image", g.image_shape)
+            audio = buffer("audio", g.audio_shape)
+            out = buffer("out", g.output_shape)
+            binding = self.session.io_binding()
+            binding.bind_ortvalue_input(g.image_input, image)
+            binding.bind_ortvalue_input(g.audio_input, audio)
+            binding.bind_ortvalue_output(g.output, out)
             options = ort.RunOptions()
-            if graphs:
+            if self.graphs:
                 options.add_run_config_entry(GRAPH_ID, str(k))
             self.sets[b] = _BufferSet(image, audio, out, binding, options)
+
+    def adopt(self, pool: dict) -> None:
+        """Rebind every bucket to the worker's shared buffers (the private ones are freed)."""
+        assert not self.captured, "a captured graph replays the buffers it was captured with"
+        sizes = tuple(sorted(self.sets))
+        self.sets = {}
+        self._bind(sizes, pool)
 
     def run(self, image: np.ndarray, audio: np.ndarray, out: np.ndarray, graph: bool | None = None) -> None:
         """One run at bucket ``len(image)``; ``graph``: use (or capture) its graph; None: if captured."""
@@ -199,6 +224,7 @@ class InferenceCore:
         # held by the loader while it prepares and by the serving thread while it captures a graph
         # (a capture must not overlap another thread's CUDA calls); see finish_step
         self.lock = threading.Lock()
+        self.buffer_pool: dict = {}          # device buffers shared by the installed networks (DeviceBuffers)
         if device is None:
             self.providers: list = [CPU]
         else:
@@ -315,6 +341,8 @@ class InferenceCore:
             evicted.append(old)
             log.info("unloaded network %s (capacity %d)", old, self.capacity)
         self.models[m.name] = m
+        if m.buffers is not None:
+            m.buffers.adopt(self.buffer_pool)
         m.todo = [("touch", (m.sizes or (1,))[0], 0)]
         if m.buffers is not None and m.buffers.graphs:
             for b in m.sizes or ():

@@ -230,3 +230,34 @@ def test_a_graph_whose_replay_differs_is_not_used(demo_onnx, monkeypatch):
         pass
     assert m.buffers.captured == {1} and m.bucket_modes == {2: "device_buffers"}
     assert "batch 2: CUDA graph not used" in m.fallback[-1]
+
+
+def test_networks_of_a_worker_share_their_device_buffers(demo_onnx, tmp_path):
+    """One set of buffers per shape and bucket for all networks (a worker runs one batch at a time):
+    interleaved runs of two networks stay correct."""
+    import onnx
+    from engine.demo_avatars import build_demo_network
+    other = tmp_path / "other.onnx"
+    m2 = build_demo_network()
+    for n in m2.graph.initializer:
+        if n.name == "energy/gain":                            # a different network, same shapes
+            n.CopyFrom(onnx.numpy_helper.from_array(np.array(9.0, np.float32), n.name))
+    onnx.save(m2, str(other))
+    core = InferenceCore(None, buckets=(1, 4), device_buffers=True)
+    a, b = core.load("a", demo_onnx), core.load("b", other)
+    assert len(core.buffer_pool) == 3 * 2                      # image, audio, output x two buckets
+    assert a.buffers.sets[4].image is b.buffers.sets[4].image
+    refs = {}
+    for name, path in (("a", demo_onnx), ("b", other)):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        refs[name] = sess
+    image, audio = inputs(4, seed=3)
+    for m in (a, b, a, b):
+        out = np.empty((4, 3, 320, 320), np.float32)
+        core.run(m, image, audio, out)
+        ref = refs[m.name].run(None, {"input": image, "audio": audio})[0]
+        np.testing.assert_allclose(out, ref, atol=1e-6)
+    outs = [np.empty((4, 3, 320, 320), np.float32) for _ in range(2)]
+    core.run(a, image, audio, outs[0])
+    core.run(b, image, audio, outs[1])
+    assert np.abs(outs[0] - outs[1]).max() > 0.01                # really two different networks

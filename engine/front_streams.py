@@ -139,7 +139,9 @@ class StreamMethods:
         """
         cfg = self.cfg.streams
         while self.streams:
-            free = sum(len(g.free) for g in self.gpus if g.state == "ready") - len(self.pending)
+            ready = [g for g in self.gpus if g.state == "ready"]
+            # issue 7: jobs waiting for a network still loading hold no slot and must not count
+            free = sum(len(g.free) for g in ready) - sum(1 for j in self.pending if any(j.model in g.models for g in ready))
             if free <= 0:
                 return
             # bounded run-ahead: a stream fed faster than real time does not render (and hold) its

@@ -177,6 +177,7 @@ class LoadedModel:
     mode: str = "bind_ring"                     # run / bind_ring / device_buffers / cuda_graphs
     bucket_modes: dict[int, str] = field(default_factory=dict)   # per-bucket exceptions (fallbacks)
     buffers: DeviceBuffers | None = None
+    run_options: Any = None                     # gpu_graph_id -1 when the session has graphs enabled
     fallback: list[str] = field(default_factory=list)            # why a faster mode was not used
     load_ms: float = 0.0
     fp16_error: dict[str, Any] | None = None
@@ -311,6 +312,9 @@ class InferenceCore:
                         sizes=self.sizes_for(graph))
         if why:
             m.fallback.append(why)
+        if graphs:                                  # runs outside the device buffers never capture
+            m.run_options = ort.RunOptions()
+            m.run_options.add_run_config_entry(GRAPH_ID, "-1")
         m.mode = "run" if not self.io_binding else "bind_ring"
         if self.device_buffers and m.sizes:
             try:
@@ -558,7 +562,7 @@ class InferenceCore:
             m.buffers.run(image, audio, out)      # with its graph once captured on this thread
             return
         g = m.graph
-        options = m.buffers.no_graph if m.buffers is not None else None
+        options = m.run_options
         if self.io_binding:
             binding = m.session.io_binding()
             for name, arr in ((g.image_input, image), (g.audio_input, audio)):

@@ -170,6 +170,7 @@ class StreamBenchResult:
     rates: list[float] = field(default_factory=list)          # frames/s per stream (first to last frame)
     first_frame_ms: list[float] = field(default_factory=list)
     latencies_ms: list[float] = field(default_factory=list)   # audio-to-frame, every frame of every stream
+    arrivals: list[float] = field(default_factory=list)       # when each of those frames arrived (time.monotonic())
     late_ms: list[float] = field(default_factory=list)        # the engine's own lateness report
     errors: list[str] = field(default_factory=list)
     floor_ms: float = 0.0                                     # the engine's look-ahead (stream_open's lookahead_ms)
@@ -210,7 +211,7 @@ def run_stream_bench(endpoint: str, model: str, streams: int = 3, seconds: float
                                start_at) for k, n in enumerate(counts)]
         for f in futures:
             part = f.result()
-            for name in ("frames", "rates", "first_frame_ms", "latencies_ms", "late_ms", "errors"):
+            for name in ("frames", "rates", "first_frame_ms", "latencies_ms", "arrivals", "late_ms", "errors"):
                 getattr(result, name).extend(getattr(part, name))
             result.floor_ms = max(result.floor_ms, part.floor_ms)
     return result
@@ -276,6 +277,7 @@ def _stream_clients(endpoint: str, model: str, first: int, streams: int, seconds
             result.rates.append((len(got) - 1) / span if span else 0.0)
             result.first_frame_ms.append(1000 * (got[0][0] - t_open) if got else float("nan"))
             result.latencies_ms.extend(lats)
+            result.arrivals.extend(t for t, _ in got)
             result.late_ms.extend(f.late_ms for _, f in got)
 
     threads = [threading.Thread(target=worker, args=(first + n,), daemon=True) for n in range(streams)]

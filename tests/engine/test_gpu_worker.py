@@ -162,39 +162,54 @@ def test_a_slow_load_does_not_delay_a_live_stream_on_another_avatar(engine_facto
 preload = true
 """)
         box: dict = {}
+        got: dict[int, list] = {}
+        opened = threading.Barrier(3)
+        go = threading.Event()
+        t0 = [0.0]
+
+        def speak(k: int) -> None:
+            with Client(eng.endpoint, timeout=120) as c:
+                # opened first: the front decodes the avatar's frames now (its own cost, not the load's)
+                s = c.open_stream("slowload", realtime=False)
+                opened.wait(60)
+                go.wait(60)
+                s.push(speech_pcm(2.0, seed=k), end=True)       # its jobs wait while the network loads
+                got[k] = [(time.monotonic() - t0[0], f.number) for f in s.frames(120)]
+        newcomers = [threading.Thread(target=speak, args=(k,)) for k in range(2)]
+        for n in newcomers:
+            n.start()
+        opened.wait(60)
         live_s = 20.0
         t = threading.Thread(target=lambda: box.update(r=run_stream_bench(eng.endpoint, "demo", 1, seconds=live_s)))
         t.start()
         time.sleep(1.5)                                          # the live stream is running
-        t0 = time.monotonic()
-        got: dict[int, list] = {}
-
-        def speak(k: int) -> None:
-            with Client(eng.endpoint, timeout=120) as c:
-                s = c.open_stream("slowload", realtime=False)
-                s.push(speech_pcm(2.0, seed=k), end=True)       # its jobs wait while the network loads
-                got[k] = [(time.monotonic() - t0, f.number) for f in s.frames(120)]
-        newcomers = [threading.Thread(target=speak, args=(k,)) for k in range(2)]
-        for n in newcomers:
-            n.start()
+        t0[0] = time.monotonic()
+        go.set()
         for n in newcomers:
             n.join(120)
         t.join(60)
         with Client(eng.endpoint) as c:
             w = wait_loaded(c, "slowload")
         res = box["r"]
-        s = res.summary()
         net = w["networks"]["slowload"]
         first = min(frames[0][0] for frames in got.values())
+        # the live stream's frames that arrived while the network loaded (from the newcomers' audio
+        # to their first frame); afterwards their jobs share the worker, which is another matter
+        start, end = t0[0], t0[0] + first
+        during = [(t, lat) for t, lat in zip(res.arrivals, res.latencies_ms) if start <= t <= end]
+        rate = (len(during) - 1) / (during[-1][0] - during[0][0])
+        p99 = float(np.percentile([lat for _, lat in during], 99))
         print(f"slow network loaded in {net['load_ms']:.0f} ms, first frame of its streams {first:.1f} s after "
-              f"they opened; meanwhile the live stream: {s}")
+              f"their audio; meanwhile the live stream: {len(during)} frames at {rate:.2f} frames/s, latency p99 "
+              f"{p99:.0f} ms (floor {res.floor_ms:.0f} ms); over the whole stream: {res.summary()}")
         assert not res.errors, res.errors
         assert [len(f) for f in got.values()] == [50, 50]        # every frame, once loaded
         assert net["load_ms"] > 2000, net                       # it really was slow ...
-        assert first > 2.0 and 1.5 + first < live_s, first      # ... and loaded while the live stream ran
-        assert s["frames"] == 25 * live_s
-        assert s["min_rate_fps"] >= 24.5, s
-        assert s["latency_p99_ms"] <= s["floor_ms"] + 100, s
+        assert first > 2.0 and 1.5 + first < live_s - 2, first  # ... and loaded while the live stream ran
+        assert len(during) >= 25 * 2
+        assert rate >= 24.5
+        assert p99 <= res.floor_ms + 100
+        assert sum(res.frames) == 25 * live_s
     finally:
         shutil.rmtree(models_root / "slowload")
 

@@ -213,20 +213,14 @@ class Front(StreamMethods, Role):
             "gpu_workers": [{"idx": g.idx, "gpu_id": -1 if g.device is None else g.device, "provider": g.provider,
                              "state": g.state, "restarts": g.restarts, "inflight": len(g.jobs),
                              "free_slots": len(g.free), "models": sorted(g.models), "batches": g.batches,
-                             "frames": g.frames, **g.stats} for g in self.gpus],
-            "cold_runs": sum(g.stats.get("cold_runs", 0) for g in self.gpus),
+                             "frames": g.frames} for g in self.gpus],
             "compositors": [{"idx": c.idx, "state": c.state, "restarts": c.restarts,
                              "outstanding_frames": c.load, "frames": c.frames} for c in self.comps],
             "streams": [s.describe(time.monotonic()) for s in self.streams.values()],
         }
 
     def do_models(self, req: P.Request) -> None:
-        models = self.store.describe()
-        for m in models:        # issue 7: each worker's report on the network (precision, path, fp16 error)
-            m["precision"] = self.cfg.precision(m["name"])
-            m["networks"] = [{"worker": g.idx, **g.stats["networks"][m["name"]]} for g in self.gpus
-                             if m["name"] in g.stats.get("networks", {})]
-        self.reply_ok(req, {"models": models})
+        self.reply_ok(req, {"models": self.store.describe()})
 
     def _acquire(self, name: str, waiter) -> None:
         try:
@@ -247,8 +241,6 @@ class Front(StreamMethods, Role):
             g = self._pick_gpu(e, any_state=True)
             if g is not None:
                 send_msg(self.backend, {"t": "load", "model": name, "onnx": str(e.files.onnx)}, to=g.identity)
-                if name not in g.models:
-                    g.loading.add(name)
             self.reply_ok(req, e.describe())
         self._acquire(name, lambda e: self._guard_request(req, loaded, e))
 
@@ -325,33 +317,11 @@ class Front(StreamMethods, Role):
     # -- scheduling --------------------------------------------------------------------------------
     def _pick_gpu(self, e: AvatarEntry, any_state: bool = False) -> GpuHandle | None:
         cands = [g for g in self.gpus if (any_state or g.free) and g.state == "ready"]
-        if not any_state:
-            # issue 7: a job goes only to a worker whose network is loaded and warm; when every such
-            # worker is busy (or none has it), a worker without it loads it in its loader thread
-            # meanwhile, serving its other networks; the job waits here, not in a worker
-            holding = [g for g in cands if e.name in g.models]
-            if not holding:
-                self._load_elsewhere(e, cands)
-                return None
-            cands = holding
         if not cands:
             return None
         pref = e.model.preferred_gpu
         return min(cands, key=lambda g: (e.name not in g.models, pref is not None and g.device != pref,
                                          len(g.jobs), g.idx))
-
-    def _load_elsewhere(self, e: AvatarEntry, idle: list[GpuHandle]) -> None:
-        """Ask one more worker to load ``e``'s network (one load at a time per network)."""
-        ready = [g for g in self.gpus if g.state == "ready"]
-        if any(e.name in g.loading for g in ready):
-            return
-        cands = [g for g in (idle or ready) if e.name not in g.models]
-        if not cands:
-            return
-        pref = e.model.preferred_gpu
-        g = min(cands, key=lambda g: (pref is not None and g.device != pref, len(g.loading), len(g.jobs), g.idx))
-        g.loading.add(e.name)
-        send_msg(self.backend, {"t": "load", "model": e.name, "onnx": str(e.files.onnx)}, to=g.identity)
 
     def _submit(self, job: Job) -> None:
         g = self._pick_gpu(job.entry)
@@ -392,14 +362,12 @@ class Front(StreamMethods, Role):
                                 "batch": b, "fill": fill, **extra}, to=g.identity)
 
     def _drain_pending(self) -> None:
-        # issue 7: a job whose network is still loading must not hold up the jobs queued behind it
-        for job in list(self.pending):
-            if not any(g.free for g in self.gpus if g.state == "ready"):
-                return
+        while self.pending:
+            job = self.pending[0]
             g = self._pick_gpu(job.entry)
             if g is None:
-                continue
-            self.pending.remove(job)
+                return
+            self.pending.popleft()
             self._guard(job, lambda j: self._start(j, g, g.free.pop(0)))
 
     def _free(self, g: GpuHandle, slot: int) -> None:
@@ -471,7 +439,6 @@ class Front(StreamMethods, Role):
         t = msg["t"]
         if t == "ready":
             g.state, g.provider, g.models = "ready", msg["provider"], set(msg.get("models", []))
-            g.loading, g.stats = set(msg.get("loading", [])), msg.get("stats", {})
             log.info("GPU worker %d ready (%s, device %s)", g.idx, g.provider, msg.get("device"))
             self._send_state()
             self._drain_pending()
@@ -479,12 +446,6 @@ class Front(StreamMethods, Role):
             return
         if t == "models":
             g.models = set(msg["models"])
-            g.loading, g.stats = set(msg.get("loading", [])), msg.get("stats", g.stats)    # issue 7
-            for name, message in msg.get("failed", {}).items():
-                for job in [j for j in self.pending if j.model == name]:
-                    self._fail(job, P.MODEL_ERROR, f"avatar {name}'s network could not be loaded: {message}")
-            self._drain_pending()
-            self._schedule_streams()
             return
         job = g.jobs.get(msg.get("slot", -1))
         if job is None or job.seq != msg.get("seq"):
@@ -493,7 +454,6 @@ class Front(StreamMethods, Role):
             self._fail(job, msg["code"], msg["message"])
         elif t == "inferred":
             g.models = set(msg.get("models", []))
-            g.stats = msg.get("stats", g.stats)
             g.batches += 1
             g.frames += job.batch
             job.infer_ms, job.prep_ms = msg["ms"], msg.get("prep_ms", 0.0)
@@ -622,7 +582,6 @@ class Front(StreamMethods, Role):
         if role == "gpu":
             g = self.gpus[idx]
             g.state, g.restarts, g.models = "restarting", msg.get("restarts", g.restarts + 1), set()
-            g.loading, g.stats = set(), {}
             for slot, job in list(g.jobs.items()):
                 state = g.ring.state(slot)
                 if state in (SlotState.FILLED, SlotState.QUEUED, SlotState.RUNNING):

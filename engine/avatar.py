@@ -24,7 +24,7 @@ import numpy as np
 
 # the on-disk layout and its checks live in avatar_disk (shared with engine-ctl avatar check)
 from .avatar_disk import (AvatarError, AvatarFiles, GraphInfo, UnknownAvatar, avatar_files,  # noqa: F401
-                          check_frame_size, discover, find_frames, read_graph, read_rects)
+                          check_frame_size, discover, find_frames, graph_info, read_graph, read_rects, session_graph)
 from .avatar_disk import decode_frame as _decode
 from .kernels import cut_crop
 from .shm import Segment

@@ -62,24 +62,38 @@ def read_graph(path: Path) -> GraphInfo:
     except Exception as e:  # noqa: BLE001 - onnx raises many kinds
         raise AvatarError(f"{path}: not a readable ONNX model: {e}") from None
     inits = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 2 or len(model.graph.output) < 1:
+    return graph_info(path, {i.name: _dims(i) for i in model.graph.input if i.name not in inits},
+                      [(o.name, _dims(o)) for o in model.graph.output])
+
+
+def session_graph(session: Any, path: Path) -> GraphInfo:
+    """:func:`read_graph` from an ONNX Runtime session's metadata. A GPU worker's loader thread uses
+    it: parsing a large network's protobuf in Python holds the interpreter lock (40-80 ms), which
+    would stall the thread serving the other networks."""
+    def dims(arg: Any) -> list[int | None]:
+        return [d if isinstance(d, int) else None for d in arg.shape]
+    return graph_info(path, {i.name: dims(i) for i in session.get_inputs()},
+                      [(o.name, dims(o)) for o in session.get_outputs()])
+
+
+def graph_info(path: Path, inputs: dict[str, list[int | None]], outputs: list[tuple[str, list[int | None]]]) -> GraphInfo:
+    """Check a network's inputs and outputs against the lip-sync contract; name the problem."""
+    if len(inputs) != 2 or len(outputs) < 1:
         raise AvatarError(f"{path}: expected 2 inputs (image, audio) and an output, found "
-                          f"{[i.name for i in inputs]} -> {[o.name for o in model.graph.output]}")
-    shapes = {i.name: _dims(i) for i in inputs}
+                          f"{list(inputs)} -> {[name for name, _ in outputs]}")
+    shapes = inputs
     image = next((n for n, s in shapes.items() if len(s) == 4 and s[1] == 6), None)
     if image is None:
         raise AvatarError(f"{path}: no input of shape [B, 6, F, F] among {shapes}")
     audio = next(n for n in shapes if n != image)
-    out = model.graph.output[0]
-    out_dims = _dims(out)
-    for name, dims in [*shapes.items(), (out.name, out_dims)]:
+    out_name, out_dims = outputs[0]
+    for name, dims in [*shapes.items(), (out_name, out_dims)]:
         if any(d is None for d in dims[1:]):
             raise AvatarError(f"{path}: {name} has a dynamic non-batch axis {dims}")
     img_dims = shapes[image]
     if img_dims[2] != img_dims[3] or len(out_dims) != 4 or out_dims[1:] != [3, img_dims[2], img_dims[3]]:
         raise AvatarError(f"{path}: image input {img_dims} and output {out_dims} do not match [B,6,F,F] -> [B,3,F,F]")
-    return GraphInfo(image, audio, out.name, tuple(img_dims[1:]), tuple(shapes[audio][1:]),  # type: ignore[arg-type]
+    return GraphInfo(image, audio, out_name, tuple(img_dims[1:]), tuple(shapes[audio][1:]),  # type: ignore[arg-type]
                      tuple(out_dims[1:]), img_dims[0])  # type: ignore[arg-type]
 
 

@@ -202,8 +202,10 @@ class StreamBenchResult:
     rates: list[float] = field(default_factory=list)          # frames/s per stream (first to last frame)
     first_frame_ms: list[float] = field(default_factory=list)
     latencies_ms: list[float] = field(default_factory=list)   # audio-to-frame, every frame of every stream
+    arrivals: list[float] = field(default_factory=list)       # when each of those frames arrived (time.monotonic())
     late_ms: list[float] = field(default_factory=list)        # the engine's own lateness report
     errors: list[str] = field(default_factory=list)
+    floor_ms: float = 0.0                                     # the engine's look-ahead (stream_open's lookahead_ms)
 
     def summary(self) -> dict[str, Any]:
         lat = np.array(self.latencies_ms or [0.0])
@@ -215,16 +217,42 @@ class StreamBenchResult:
                 "latency_p50_ms": round(float(np.percentile(lat, 50)), 1),
                 "latency_p99_ms": round(float(np.percentile(lat, 99)), 1),
                 "late_p99_ms": round(float(np.percentile(late, 99)), 1), "late_max_ms": round(float(late.max()), 1),
-                "errors": len(self.errors)}
+                "floor_ms": self.floor_ms, "errors": len(self.errors)}
 
 
 def run_stream_bench(endpoint: str, model: str, streams: int = 3, seconds: float = 6.0, chunk_ms: int = 40,
-                     timeout: float = 60.0, keys: ClientKeys | None = None) -> StreamBenchResult:
+                     timeout: float = 60.0, keys: ClientKeys | None = None, processes: int = 1) -> StreamBenchResult:
     """N clients each speak ``seconds`` of speech-like audio in real time and read the frames.
 
     Audio-to-frame latency of frame k: from the moment the chunk holding frame k's last sample was
     sent to the moment frame k arrived. Its floor is the look-ahead (frame k+7's mel window).
+    ``processes`` > 1 spreads the client threads over that many processes (many streams in one
+    Python process would measure the client's interpreter, not the engine); they start speaking
+    at the same moment.
     """
+    processes = max(1, min(processes, streams))
+    if processes == 1:
+        return _stream_clients(endpoint, model, 0, streams, seconds, chunk_ms, timeout, None, keys)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    counts = [len(part) for part in np.array_split(np.arange(streams), processes)]
+    start_at = time.time() + 5.0 + 0.05 * streams          # every process up and every stream open by then
+    result = StreamBenchResult(streams, seconds)
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_stream_clients, endpoint, model, sum(counts[:k]), n, seconds, chunk_ms, timeout,
+                               start_at, keys) for k, n in enumerate(counts)]
+        for f in futures:
+            part = f.result()
+            for name in ("frames", "rates", "first_frame_ms", "latencies_ms", "arrivals", "late_ms", "errors"):
+                getattr(result, name).extend(getattr(part, name))
+            result.floor_ms = max(result.floor_ms, part.floor_ms)
+    return result
+
+
+def _stream_clients(endpoint: str, model: str, first: int, streams: int, seconds: float, chunk_ms: int,
+                    timeout: float, start_at: float | None, keys: ClientKeys | None = None) -> StreamBenchResult:
+    """Streams ``first .. first + streams - 1``, one thread each; they open, wait for each other
+    (and for the wall-clock ``start_at`` when given), then speak."""
     from .speech import speech_pcm
     result = StreamBenchResult(streams, seconds)
     lock = threading.Lock()
@@ -236,8 +264,15 @@ def run_stream_bench(endpoint: str, model: str, streams: int = 3, seconds: float
         sent_at: list[float] = []
         try:
             with Client(endpoint, timeout=timeout, keys=keys) as c:
-                s = c.open_stream(model, realtime=True)
-                barrier.wait()
+                try:
+                    s = c.open_stream(model, realtime=True)
+                except BaseException:
+                    barrier.abort()                      # the others must not wait for this one
+                    raise
+                result.floor_ms = float(s.info.get("lookahead_ms", 0))
+                barrier.wait(timeout)
+                if start_at is not None:
+                    time.sleep(max(0.0, start_at - time.time()))
                 t_open = time.monotonic()
                 got: list[tuple[float, Any]] = []
                 t_start = time.monotonic()
@@ -245,18 +280,21 @@ def run_stream_bench(endpoint: str, model: str, streams: int = 3, seconds: float
                     s.push(pcm[off:off + chunk])
                     now = time.monotonic()
                     sent_at.extend([now] * len(pcm[off:off + chunk]))
-                    for f in s.poll(0.0):
-                        got.append((time.monotonic(), f))
-                    delay = t_start + (i + 1) * chunk / 16000 - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
+                    # until the next chunk is due, take each frame as it arrives (stamped on arrival,
+                    # not at the next 40 ms push, which would add up to 40 ms to the latency)
+                    next_push = t_start + (i + 1) * chunk / 16000
+                    while True:
+                        for f in s.poll(max(0.0, next_push - time.monotonic())):
+                            got.append((time.monotonic(), f))
+                        if time.monotonic() >= next_push:
+                            break
                 s.end()
                 for f in s.frames(timeout):
                     got.append((time.monotonic(), f))
                 s.close()
         except Exception as e:  # noqa: BLE001
             with lock:
-                result.errors.append(f"stream {n}: {e}")
+                result.errors.append(f"stream {n}: {e!r}")
             return
         numbers = [f.number for _, f in got]
         lats = []
@@ -271,11 +309,65 @@ def run_stream_bench(endpoint: str, model: str, streams: int = 3, seconds: float
             result.rates.append((len(got) - 1) / span if span else 0.0)
             result.first_frame_ms.append(1000 * (got[0][0] - t_open) if got else float("nan"))
             result.latencies_ms.extend(lats)
+            result.arrivals.extend(t for t, _ in got)
             result.late_ms.extend(f.late_ms for _, f in got)
 
-    threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(streams)]
+    threads = [threading.Thread(target=worker, args=(first + n,), daemon=True) for n in range(streams)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     return result
+
+
+# -- stream capacity ---------------------------------------------------------------------------------
+CAPACITY_RATE = 24.5              # frames/s every stream must keep
+CAPACITY_SLACK_MS = 150.0         # p99 audio-to-frame latency allowed above the floor (the look-ahead)
+
+
+def stream_verdict(summary: dict[str, Any], rate: float = CAPACITY_RATE, slack_ms: float = CAPACITY_SLACK_MS) -> str:
+    """"" when a stream benchmark meets the real-time bar, else why not."""
+    if summary["errors"]:
+        return f"{summary['errors']} stream(s) failed"
+    if summary["min_rate_fps"] < rate:
+        return f"slowest stream {summary['min_rate_fps']} < {rate} frames/s"
+    if summary["latency_p99_ms"] > summary["floor_ms"] + slack_ms:
+        return f"p99 latency {summary['latency_p99_ms']} ms > floor {summary['floor_ms']:.0f} + {slack_ms:.0f} ms"
+    return ""
+
+
+def search_capacity(measure: Callable[[int], dict[str, Any]], limit: int, start: int = 1,
+                    rate: float = CAPACITY_RATE, slack_ms: float = CAPACITY_SLACK_MS,
+                    on_row: Callable[[dict[str, Any]], None] | None = None) -> tuple[int, list[dict[str, Any]]]:
+    """The largest stream count in 1..``limit`` that meets the bar (:func:`stream_verdict`):
+    doubling from ``start`` until a count fails, then bisecting between the last pass and the
+    first failure (below ``start`` when ``start`` fails). ``measure(n)`` runs n streams and returns
+    their summary. Returns the count (0 when not even one stream meets the bar) and every row
+    measured, by count, each with ``ok`` and ``why``; the count's neighbour above (the first
+    failure) is among them unless the count is ``limit``. One run per count: near the boundary a
+    noisy machine can move the answer by a stream or two, so compare runs made in one session."""
+    rows: dict[int, dict[str, Any]] = {}
+
+    def ok(n: int) -> bool:
+        if n not in rows:
+            row = dict(measure(n))
+            row["why"] = stream_verdict(row, rate, slack_ms)
+            row["ok"] = not row["why"]
+            rows[n] = row
+            if on_row is not None:
+                on_row(row)
+        return rows[n]["ok"]
+
+    lo, n = 0, max(1, min(start, limit))
+    while n <= limit and ok(n):
+        lo, n = n, n * 2
+    hi = min(n, limit + 1)                              # the first count known to fail (or past the limit)
+    if lo == 0 and n > 1:                               # even ``start`` failed: look below it
+        hi, lo = n, 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, [rows[k] for k in sorted(rows)]

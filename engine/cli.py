@@ -267,6 +267,51 @@ def unload(ctx: click.Context, name: str) -> None:
 
 
 @main.command()
+@click.argument("name")
+@click.option("--gpu", "gpu_id", type=int, default=None, help="measure on this GPU (CUDA provider) instead of the CPU")
+@click.option("--force", is_flag=True, help="measure again even if the cache has a report for this provider")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.pass_context
+def check(ctx: click.Context, name: str, gpu_id: int | None, force: bool, as_json: bool) -> None:
+    """What fp16 costs avatar NAME: convert its network (once, cached under <run_dir>/cache/fp16)
+    and compare the output with fp32 on the avatar's own frames. No engine needed."""
+    cfg = _cfg(ctx)
+    report = check_fp16(cfg, name, gpu_id, force)
+    if as_json:
+        _print(report)
+        return
+    click.echo(f"{name}: fp16 against fp32 on {report['frames']} of its frames ({report['provider']}):")
+    click.echo(f"  max |difference| {report['max_abs_diff']:.6f} ({255 * report['max_abs_diff']:.2f} of an 8-bit level), "
+               f"mean {report['mean_abs_diff']:.6f}")
+    click.echo(f"  {100 * report['pixels_changed']:.2f}% of output values change their 8-bit pixel value")
+    click.echo(f"  converted network: {report['file']}")
+    click.echo(f"  configured precision: {cfg.precision(name)} ([models.{name}] precision or gpu.precision)")
+
+
+def check_fp16(cfg: EngineConfig, name: str, gpu_id: int | None = None, force: bool = False) -> dict[str, Any]:
+    from .avatar import AvatarError, avatar_files
+    from .precision import error_report
+    try:
+        files = avatar_files(cfg.models_dir, name, cfg.model(name).path)
+    except AvatarError as e:
+        raise click.ClickException(str(e)) from None
+    enc = next((p for p in (files.folder / cfg.streams.audio_encoder, cfg.models_dir / cfg.streams.audio_encoder)
+                if p.is_file()), None)
+    if gpu_id is None:
+        providers, provider = ["CPUExecutionProvider"], "CPUExecutionProvider"
+    else:
+        import onnxruntime as ort
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+        providers = [("CUDAExecutionProvider", {"device_id": gpu_id}), "CPUExecutionProvider"]
+        provider = "CUDAExecutionProvider"
+    try:
+        return error_report(files.onnx, cfg.cache_dir, files.folder, enc, providers, provider, force)
+    except Exception as e:  # noqa: BLE001 - the converter and onnxruntime raise many kinds
+        raise click.ClickException(f"{name}: fp16 check failed: {e}") from None
+
+
+@main.command()
 @click.option("--model", default="demo", show_default=True)
 @click.option("--batches", default=5, show_default=True)
 @click.option("--batch-size", default=24, show_default=True)
@@ -322,34 +367,99 @@ def run_bench_cli(cfg: EngineConfig, model: str, batches: int, batch_size: int, 
 @click.option("--model", default="demo", show_default=True)
 @click.option("--streams", "counts", default="1,2,3", show_default=True, help="stream counts to try, comma-separated")
 @click.option("--seconds", default=6.0, show_default=True, help="seconds of speech each stream sends in real time")
+@click.option("--search", is_flag=True, help="find the most streams that all keep >= --rate frames/s with p99 "
+              "latency within --slack-ms of the floor (instead of --streams)")
+@click.option("--max", "limit", default=64, show_default=True, help="--search: the largest count tried "
+              "(the engine refuses more than streams.max_streams)")
+@click.option("--start", default=1, show_default=True, help="--search: the first count tried (then doubled)")
+@click.option("--rate", default=24.5, show_default=True, help="--search: frames/s every stream must keep")
+@click.option("--slack-ms", default=150.0, show_default=True, help="--search: p99 latency allowed above the floor")
+@click.option("--processes", default=1, show_default=True, help="client processes the streams are spread over")
 @click.option("--json", "as_json", type=click.Path(dir_okay=False), default=None)
 @click.pass_context
-def bench_streams(ctx: click.Context, model: str, counts: str, seconds: float, as_json: str | None) -> None:
+def bench_streams(ctx: click.Context, model: str, counts: str, seconds: float, search: bool, limit: int,
+                  start: int, rate: float, slack_ms: float, processes: int, as_json: str | None) -> None:
     """Real-time streams: rate, time to first frame, audio-to-frame latency p50/p99 for N streams,
-    and the engine's CPU time per stream: all its processes, and its compositors, in % of one core
-    per 25 frames/s stream (on this host; the clients' threads are not counted)."""
-    from .bench import engine_cpu_seconds, run_stream_bench
+    and the engine's CPU time per stream (all its processes, and its compositors, in % of one core
+    per 25 frames/s stream, on this host; the clients are not counted); or (--search) how many
+    streams one engine holds in real time."""
     cfg = _cfg(ctx)
+    if search:
+        out: Any = run_capacity_cli(cfg, model, limit, start, seconds, rate, slack_ms, processes)
+    else:
+        out = []
+        _stream_header()
+        for n in (int(x) for x in counts.split(",")):
+            s = measure_streams(cfg, model, n, seconds, processes)
+            out.append(s)
+            _stream_row(s)
+    if as_json:
+        Path(as_json).write_text(json.dumps(out, indent=2))
+
+
+def measure_streams(cfg: EngineConfig, model: str, n: int, seconds: float, processes: int = 1) -> dict[str, Any]:
+    """One stream benchmark run's summary, with the engine's CPU per stream (by role)."""
+    from .bench import engine_cpu_seconds, run_stream_bench
     st = control(cfg, "status")
     roles = {p["pid"]: p["role"] for p in (st or {}).get("processes", []) if p.get("pid")}
-    rows = []
+    cpu0 = engine_cpu_seconds(roles)
+    s = run_stream_bench(cfg.server.front, model, n, seconds, keys=_keys(cfg), processes=processes).summary()
+    cpu1 = engine_cpu_seconds(roles)
+    per_role = {r: round(100 * (cpu1[r] - cpu0.get(r, 0.0)) / (n * seconds), 1) for r in cpu1}
+    s["cpu_per_stream_pct"] = {"total": round(sum(per_role.values()), 1), **per_role} if roles else None
+    return s
+
+
+def _stream_header() -> None:
     click.echo(f"{'streams':>8}{'frames':>8}{'min fps':>9}{'first ms':>10}{'lat p50':>9}{'lat p99':>9}"
                f"{'late p99':>10}{'errors':>8}{'cpu/stream':>12}{'compositors':>13}")
-    for n in (int(x) for x in counts.split(",")):
-        cpu0 = engine_cpu_seconds(roles)
-        s = run_stream_bench(cfg.server.front, model, n, seconds, keys=_keys(cfg)).summary()
-        cpu1 = engine_cpu_seconds(roles)
-        per_role = {r: round(100 * (cpu1[r] - cpu0.get(r, 0.0)) / (n * seconds), 1) for r in cpu1}
-        s["cpu_per_stream_pct"] = {"total": round(sum(per_role.values()), 1), **per_role}
-        rows.append(s)
-        cpu = s["cpu_per_stream_pct"]
-        total = f"{cpu['total']}%" if roles else "-"
-        comp = f"{cpu.get('compositor', 0.0)}%" if roles else "-"
-        click.echo(f"{n:>8}{s['frames']:>8}{s['min_rate_fps']:>9}{s['first_frame_ms_max'] or 0:>10}"
-                   f"{s['latency_p50_ms']:>9}{s['latency_p99_ms']:>9}{s['late_p99_ms']:>10}{s['errors']:>8}"
-                   f"{total:>12}{comp:>13}")
-    if as_json:
-        Path(as_json).write_text(json.dumps(rows, indent=2))
+
+
+def _stream_row(s: dict[str, Any], note: str = "") -> None:
+    cpu = s.get("cpu_per_stream_pct")
+    total = f"{cpu['total']}%" if cpu else "-"
+    comp = f"{cpu.get('compositor', 0.0)}%" if cpu else "-"
+    click.echo(f"{s['streams']:>8}{s['frames']:>8}{s['min_rate_fps']:>9}{s['first_frame_ms_max'] or 0:>10}"
+               f"{s['latency_p50_ms']:>9}{s['latency_p99_ms']:>9}{s['late_p99_ms']:>10}{s['errors']:>8}"
+               f"{total:>12}{comp:>13}{note}")
+
+
+def run_capacity_cli(cfg: EngineConfig, model: str, limit: int, start: int = 1, seconds: float = 6.0,
+                     rate: float = 24.5, slack_ms: float = 150.0, processes: int = 1,
+                     warmup: bool = True) -> dict[str, Any]:
+    """``bench-streams --search``: the stream capacity, printed with its neighbours' figures."""
+    from .bench import run_stream_bench, search_capacity
+    front = cfg.server.front
+    if warmup:
+        # the avatar in memory and its network loaded (and spread over the workers) before measuring
+        with _client(cfg, 600) as c:
+            _call(lambda: c.load(model))
+        n = min(limit, 4)
+        click.echo(f"warm-up: {n} stream(s) for 2 s on {model!r} (not counted)")
+        run_stream_bench(front, model, n, 2.0, keys=_keys(cfg), processes=min(processes, n))
+    click.echo(f"searching the most real-time streams on {model!r}: every stream >= {rate} frames/s, "
+               f"p99 audio-to-frame latency <= floor + {slack_ms:.0f} ms; {seconds} s of speech each")
+    _stream_header()
+
+    def measure(n: int) -> dict[str, Any]:
+        return measure_streams(cfg, model, n, seconds, processes)
+
+    def show(row: dict[str, Any]) -> None:
+        _stream_row(row, "  ok" if row["ok"] else f"  no: {row['why']}")
+
+    best, rows = search_capacity(measure, limit, start, rate, slack_ms, on_row=show)
+    by_n = {r["streams"]: r for r in rows}
+    click.echo("-" * 72)
+    click.echo(f"capacity: {best} concurrent real-time stream(s) on {model!r} "
+               f"(>= {rate} frames/s, p99 within {slack_ms:.0f} ms of the {rows[0]['floor_ms']:.0f} ms floor)")
+    for n in (best - 1, best, best + 1):
+        if n in by_n:
+            r = by_n[n]
+            click.echo(f"  {n:>4} streams: slowest {r['min_rate_fps']} frames/s, latency p50 {r['latency_p50_ms']} "
+                       f"/ p99 {r['latency_p99_ms']} ms, {r['errors']} errors  {'ok' if r['ok'] else r['why']}")
+    if best == limit:
+        click.echo(f"  (the search stopped at --max {limit}; the engine may hold more)")
+    return {"capacity": best, "rate": rate, "slack_ms": slack_ms, "seconds": seconds, "rows": rows}
 
 
 @main.command()

@@ -20,7 +20,10 @@ Subsampling = Literal["444", "422", "420", "411"]
 LogFormat = Literal["text", "json"]
 Encoder = Literal["splice", "full"]
 
+Precision = Literal["fp32", "fp16"]
+
 PASTE_MODES = ("synctalk", "stretch")
+PRECISIONS = ("fp32", "fp16")
 WRAP_MODES = ("pingpong", "modulo")
 SUBSAMPLINGS = ("444", "422", "420", "411")
 ENCODERS = ("splice", "full")
@@ -94,9 +97,23 @@ class QuotasConfig:
 @dataclass(frozen=True)
 class GpuConfig:
     devices: tuple[int, ...] | Literal["auto"] = "auto"   # () = CPU provider
-    slots_per_device: int = 1
+    # GPU workers per device; "auto" = 2 per GPU (two beat one on the H200: one worker's GPU idles
+    # while it prepares and hands over a batch; docs/performance.md), 1 for the CPU provider
+    slots_per_device: int | Literal["auto"] = "auto"
     intra_op_threads: int = 0           # 0 = onnxruntime's choice
     io_binding: bool = True
+    # batch sizes a network runs at (engine/buckets.py): "auto" = AUTO_BUCKETS on a GPU, exact
+    # sizes on the CPU provider; "off" = exact sizes; a list = those sizes on any provider
+    batch_buckets: tuple[int, ...] | Literal["auto", "off"] = "auto"
+    device_buffers: bool | Literal["auto"] = "auto"   # pre-allocated per-bucket I/O buffers ("auto": on CUDA)
+    cuda_graphs: bool = False           # capture a CUDA graph per bucket (CUDA only; falls back when refused)
+    precision: Precision = "fp32"       # default for every avatar ([models.NAME] precision overrides)
+
+    def slots(self, gpu: bool) -> int:
+        """GPU worker processes per device (``gpu``: False for the CPU provider)."""
+        if self.slots_per_device == "auto":
+            return 2 if gpu else 1
+        return self.slots_per_device
 
 
 @dataclass(frozen=True)
@@ -162,6 +179,7 @@ class ModelConfig:
     paste: PasteMode = "synctalk"
     wrap: WrapMode = "pingpong"
     preferred_gpu: int | None = None
+    precision: Precision | None = None  # None = gpu.precision
 
 
 @dataclass(frozen=True)
@@ -229,6 +247,15 @@ class EngineConfig:
 
     def model(self, name: str) -> ModelConfig:
         return self.models.get(name) or ModelConfig(name=name)
+
+    def precision(self, name: str) -> str:
+        """The precision avatar ``name``'s network runs at (its own setting, else the engine's)."""
+        return self.model(name).precision or self.gpu.precision
+
+    @property
+    def cache_dir(self) -> Path:
+        """Converted networks (fp16), keyed by their source's hash: ``<run_dir>/cache``."""
+        return self.run_path / "cache"
 
 
 def detect_gpus() -> tuple[int, ...]:
@@ -322,9 +349,17 @@ def _validate(obj: Any, prefix: str) -> None:
         "worker_queue": (lambda v: _is_int(v) and 1 <= v <= 64, "an integer 1..64"),
         "devices": (lambda v: v == "auto" or (isinstance(v, (list, tuple)) and all(_is_int(d) and d >= 0 for d in v)),
                     '"auto" or a list of GPU ids such as [0, 1] ([] = CPU provider)'),
-        "slots_per_device": (lambda v: _is_int(v) and 1 <= v <= 64, "an integer 1..64"),
+        "slots_per_device": (lambda v: v == "auto" or (_is_int(v) and 1 <= v <= 64),
+                             '"auto" (2 per GPU, 1 for the CPU provider) or an integer 1..64'),
         "intra_op_threads": (lambda v: _is_int(v) and 0 <= v <= 256, "an integer 0..256"),
         "io_binding": (lambda v: isinstance(v, bool), "true or false"),
+        "batch_buckets": (lambda v: v in ("auto", "off") or (
+            isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_int(b) and 1 <= b <= 50 for b in v)
+            and list(v) == sorted(set(v))),
+            '"auto", "off" or increasing batch sizes 1..50 such as [1, 2, 4, 8, 16, 32, 50]'),
+        "device_buffers": (lambda v: v == "auto" or isinstance(v, bool), '"auto", true or false'),
+        "cuda_graphs": (lambda v: isinstance(v, bool), "true or false"),
+        "precision": (lambda v: v is None or v in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
         "processes": (lambda v: _is_int(v) and 0 <= v <= 256, "an integer 0..256 (0 = one per core)"),
         "slots": (lambda v: _is_int(v) and 1 <= v <= 256, "an integer 1..256"),
         "max_batch": (lambda v: _is_int(v) and 1 <= v <= 50, "an integer 1..50"),
@@ -409,6 +444,9 @@ def config_from_dict(data: dict[str, Any], source: str = "") -> EngineConfig:
                           "(CURVE needs the server's secret certificate and the folder of authorised client keys)")
     if isinstance(cfg.gpu.devices, list):
         cfg = replace(cfg, gpu=replace(cfg.gpu, devices=tuple(cfg.gpu.devices)))
+    if isinstance(cfg.gpu.batch_buckets, list):
+        cfg = replace(cfg, gpu=replace(cfg.gpu, batch_buckets=tuple(cfg.gpu.batch_buckets)))
+    _cross_check(cfg)
     return cfg
 
 
@@ -420,3 +458,15 @@ def _build_quotas(table: Any) -> QuotasConfig:
     base = _build(QuotasConfig, table, "quotas", clients={})
     overrides = {name: _build(QuotaOverride, t, f"quotas.clients.{name}", name=name) for name, t in clients.items()}
     return replace(base, clients=overrides)
+def _cross_check(cfg: EngineConfig) -> None:
+    """Rules that involve two keys."""
+    g = cfg.gpu
+    if isinstance(g.batch_buckets, tuple) and g.batch_buckets[-1] > cfg.ring.max_batch:
+        raise ConfigError(f"gpu.batch_buckets: {g.batch_buckets[-1]} is larger than ring.max_batch "
+                          f"({cfg.ring.max_batch}); a ring slot holds at most that many frames")
+    if not g.io_binding and g.device_buffers is True:
+        raise ConfigError("gpu.device_buffers: true needs gpu.io_binding = true (the buffers are bound)")
+    if not g.io_binding and g.cuda_graphs:
+        raise ConfigError("gpu.cuda_graphs: true needs gpu.io_binding = true (a graph replays bound buffers)")
+    if g.device_buffers is False and g.cuda_graphs:
+        raise ConfigError("gpu.cuda_graphs: true needs gpu.device_buffers (a graph replays fixed device buffers)")

@@ -221,6 +221,24 @@ class Front(StreamMethods, Guards, Role):
             g = self.gpus[d.worker]
             job = d.batch if d.batch is not None else self._stream_job(d.streams)
             self._guard(job, lambda j: self._start(j, g, g.free.pop(0)))
+        for name in self.scheduler.wanted:
+            self._load_elsewhere(name)
+
+    def _load_elsewhere(self, name: str) -> None:
+        """Work for ``name`` waits and no worker with room holds its network: one more worker loads
+        it in its loader thread (one load of a network at a time), serving its other networks
+        meanwhile (docs/architecture.md, "GPU workers")."""
+        e = self.store.entries.get(name)
+        ready = [g for g in self.gpus if g.state == "ready"]
+        if e is None or e.state != "loaded" or any(name in g.loading for g in ready):
+            return
+        cands = [g for g in ready if name not in g.models]
+        if not cands:
+            return
+        pref = e.model.preferred_gpu
+        g = min(cands, key=lambda g: (pref is not None and g.device != pref, len(g.loading), len(g.jobs), g.idx))
+        g.loading.add(name)
+        send_msg(self.backend, {"t": "load", "model": name, "onnx": str(e.files.onnx)}, to=g.identity)
 
     # -- client side -------------------------------------------------------------------------------
     @request_scope
@@ -336,14 +354,20 @@ class Front(StreamMethods, Guards, Role):
             "gpu_workers": [{"idx": g.idx, "gpu_id": -1 if g.device is None else g.device, "provider": g.provider,
                              "state": g.state, "restarts": g.restarts, "inflight": len(g.jobs),
                              "free_slots": len(g.free), "models": sorted(g.models), "batches": g.batches,
-                             "frames": g.frames} for g in self.gpus],
+                             "frames": g.frames, **g.stats} for g in self.gpus],
+            "cold_runs": sum(g.stats.get("cold_runs", 0) for g in self.gpus),
             "compositors": [{"idx": c.idx, "state": c.state, "restarts": c.restarts,
                              "outstanding_frames": c.load, "frames": c.frames} for c in self.comps],
             "streams": [s.describe(now) for s in self.scheduler.streams.values()],
         }
 
     def do_models(self, req: P.Request) -> None:
-        self.reply_ok(req, {"models": self.store.describe()})
+        models = self.store.describe()
+        for m in models:        # issue 7: each worker's report on the network (precision, path, fp16 error)
+            m["precision"] = self.cfg.precision(m["name"])
+            m["networks"] = [{"worker": g.idx, **g.stats["networks"][m["name"]]} for g in self.gpus
+                             if m["name"] in g.stats.get("networks", {})]
+        self.reply_ok(req, {"models": models})
 
     def _acquire(self, name: str, waiter) -> None:
         try:
@@ -364,6 +388,8 @@ class Front(StreamMethods, Guards, Role):
             g = self._pick_gpu(e)
             if g is not None:
                 send_msg(self.backend, {"t": "load", "model": name, "onnx": str(e.files.onnx)}, to=g.identity)
+                if name not in g.models:
+                    g.loading.add(name)
             self.reply_ok(req, e.describe())
         self._acquire(name, lambda e: self._guard_request(req, loaded, e))
 
@@ -551,11 +577,20 @@ class Front(StreamMethods, Guards, Role):
         t = msg["t"]
         if t == "ready":
             g.state, g.provider, g.models = "ready", msg["provider"], set(msg.get("models", []))
+            g.loading, g.stats = set(msg.get("loading", [])), msg.get("stats", {})
             log.info("GPU worker %d ready (%s, device %s)", g.idx, g.provider, msg.get("device"))
             self._send_state()
             return
         if t == "models":
             g.models = set(msg["models"])
+            g.loading, g.stats = set(msg.get("loading", [])), msg.get("stats", g.stats)    # issue 7
+            for name, message in msg.get("failed", {}).items():
+                why = f"avatar {name}'s network could not be loaded: {message}"
+                for job in [j for j in self.scheduler.pending if j.model == name]:
+                    self.scheduler.cancel(job)
+                    self._fail(job, P.MODEL_ERROR, why)
+                for s in [s for s in self.scheduler.streams.values() if s.model == name and not s.inflight]:
+                    self._close_stream(s, (P.MODEL_ERROR, why))
             return
         job = g.jobs.get(msg.get("slot", -1))
         if job is None or job.seq != msg.get("seq"):
@@ -564,6 +599,7 @@ class Front(StreamMethods, Guards, Role):
             self._fail(job, msg["code"], msg["message"])
         elif t == "inferred":
             g.models = set(msg.get("models", []))
+            g.stats = msg.get("stats", g.stats)
             g.batches += 1
             g.frames += job.batch
             job.infer_ms, job.prep_ms = msg["ms"], msg.get("prep_ms", 0.0)
@@ -678,6 +714,7 @@ class Front(StreamMethods, Guards, Role):
         if role == "gpu":
             g = self.gpus[idx]
             g.state, g.restarts, g.models = "restarting", msg.get("restarts", g.restarts + 1), set()
+            g.loading, g.stats = set(), {}
             for slot, job in list(g.jobs.items()):
                 state = g.ring.state(slot)
                 if state in (SlotState.FILLED, SlotState.QUEUED, SlotState.RUNNING):

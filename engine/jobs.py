@@ -57,6 +57,8 @@ class GpuHandle:
     models: set[str] = field(default_factory=set)
     batches: int = 0
     frames: int = 0
+    loading: set[str] = field(default_factory=set)      # networks its loader thread is preparing
+    stats: dict[str, Any] = field(default_factory=dict)  # the worker's own report (health), passed through
 
     @property
     def identity(self) -> bytes:

@@ -104,6 +104,7 @@ class Scheduler:
         self.pending_bytes = 0
         self.streams: dict[str, Stream] = {}
         self.lead: dict[str, float] = {}
+        self.wanted: set[str] = set()      # networks with work waiting that no worker with room holds
 
     # -- batch queue -------------------------------------------------------------------------------
     def enqueue(self, work: BatchWork) -> None:
@@ -158,27 +159,48 @@ class Scheduler:
 
     # -- the decision ------------------------------------------------------------------------------
     def schedule(self, now: float, workers: list[WorkerView]) -> list[Decision]:
-        """Fill free ring slots, earliest deadline first; returns what to start, in order."""
+        """Fill free ring slots, earliest deadline first; returns what to start, in order.
+
+        Work runs only on a worker that holds its network (loaded and warmed up, so no load or cold
+        shape lands on a live path). Work whose network no worker with room holds is skipped, never
+        blocking what is behind it, and its network is named in :attr:`wanted`: the front asks a
+        worker without it to load it meanwhile."""
         decisions: list[Decision] = []
-        while any(w.room(self.cfg.worker_queue) > 0 for w in workers):
-            ranked = sorted((s for s in self.streams.values() if self.eligible(s)),
-                            key=lambda s: (self.stream_deadline(s), s.inflight, s.opened))
-            head = self.pending[0] if self.pending else None
+        self.wanted: set[str] = set()
+        q = self.cfg.worker_queue
+        while True:
+            open_ = [w for w in workers if w.room(q) > 0]
+            if not open_:
+                break
+            held = set().union(*(w.models for w in open_))
+            head = None
+            for work in self.pending:
+                if work.model in held:
+                    head = work
+                    break
+                self.wanted.add(work.model)
+            ranked = []
+            for s in self.streams.values():
+                if self.eligible(s):
+                    if s.model in held:
+                        ranked.append(s)
+                    else:
+                        self.wanted.add(s.model)
+            ranked.sort(key=lambda s: (self.stream_deadline(s), s.inflight, s.opened))
             if head is not None and (not ranked or self.batch_deadline(head) <= self.stream_deadline(ranked[0])):
-                w = self._pick(workers, head.model, head.preferred_gpu)
-                self.pending.popleft()
+                w = self._pick(open_, head.model, head.preferred_gpu)
+                self.pending.remove(head)
                 self.pending_bytes -= head.nbytes
                 decisions.append(Decision(w.idx, batch=head))
             elif ranked:
                 lead = ranked[0]
-                w = self._pick(workers, lead.model, lead.preferred_gpu)
+                w = self._pick(open_, lead.model, lead.preferred_gpu)
                 decisions.append(Decision(w.idx, streams=self._group(now, lead, ranked)))
             else:
                 break
             w.free -= 1
             w.inflight += 1
             w.at_gpu += 1
-            w.models.add(decisions[-1].batch.model if decisions[-1].batch is not None else lead.model)
         return decisions
 
     def _group(self, now: float, lead: Stream, ranked: list[Stream]) -> list[StreamBatch]:
@@ -196,9 +218,9 @@ class Scheduler:
             frames += count
         return group
 
-    def _pick(self, workers: list[WorkerView], model: str, preferred: int | None) -> WorkerView:
-        """The worker for a job of ``model``: one that has the network loaded, then the avatar's
-        preferred GPU, then the fewest jobs in flight."""
-        cands = [w for w in workers if w.room(self.cfg.worker_queue) > 0]
-        return min(cands, key=lambda w: (model not in w.models, preferred is not None and w.device != preferred,
-                                         w.inflight, w.idx))
+    @staticmethod
+    def _pick(open_: list[WorkerView], model: str, preferred: int | None) -> WorkerView:
+        """The worker for a job of ``model``: one with room that holds the network, the avatar's
+        preferred GPU first, then the fewest jobs in flight."""
+        return min((w for w in open_ if model in w.models),
+                   key=lambda w: (preferred is not None and w.device != preferred, w.inflight, w.idx))

@@ -110,7 +110,7 @@ class Supervisor:
         specs: list[tuple[int | None, str]] = []
         k = 0
         for dev in devices:
-            for _ in range(cfg.gpu.slots_per_device):
+            for _ in range(cfg.gpu.slots(dev is not None)):
                 ring = BatchRing.create(f"{inst}_ring_g{k}", geo)
                 self.rings.append(ring)
                 specs.append((dev, ring.name))

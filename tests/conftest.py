@@ -78,17 +78,17 @@ class RunningEngine:
 
 
 def write_config(path: Path, models_root: Path, run_dir: Path, instance: str, extra: str = "",
-                 server: str = "") -> Path:
+                 server: str = "", gpu: str = "") -> Path:
     """A test engine's config: CPU provider, two compositors, small rings. ``extra`` is TOML whose
-    keys override or add to these (sections may repeat the base ones); ``server``: more lines of
-    the [server] section."""
+    keys override or add to these (sections may repeat the base ones); ``server`` and ``gpu``: more
+    lines of the [server] and [gpu] sections."""
     import tomllib
     base: dict = {"server": {"front": f"tcp://127.0.0.1:{free_port()}", "run_dir": str(run_dir),
                              "instance": instance},
                   "gpu": {"devices": [], "intra_op_threads": 1}, "compositor": {"processes": 2},
                   "ring": {"slots": 3},
                   "supervision": {"max_restarts": 3, "heartbeat_timeout_s": 30, "request_timeout_s": 30}}
-    more = tomllib.loads(f"[server]\n{server}\n{extra}")
+    more = tomllib.loads(f"[server]\n{server}\n[gpu]\n{gpu}\n{extra}")
     for section, table in more.items():
         if isinstance(table, dict) and isinstance(base.get(section), dict):
             base[section].update(table)
@@ -140,10 +140,11 @@ def engine_factory(tmp_path, models_root):
     """Start engines on demand; every one is stopped and /dev/shm checked clean afterwards."""
     started: list[RunningEngine] = []
 
-    def make(extra: str = "", server: str = "") -> RunningEngine:
+    def make(extra: str = "", server: str = "", gpu: str = "") -> RunningEngine:
+        """``extra``: TOML merged into the test configuration; ``server``, ``gpu``: more keys of those tables."""
         inst = f"t{os.getpid()}n{next(_counter)}"
         cfg_path = write_config(tmp_path / f"{inst}.toml", models_root, tmp_path / f"run_{inst}", inst, extra,
-                                server)
+                                server, gpu)
         eng = start_engine(cfg_path)
         started.append(eng)
         return eng

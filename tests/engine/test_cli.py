@@ -54,6 +54,32 @@ def test_load_bench_unload(shared_engine, tmp_path):
     assert r.returncode != 0 and "unknown_model" in r.stderr
 
 
+def test_bench_streams_search(shared_engine, tmp_path):
+    r = ctl(shared_engine, "bench-streams", "--search", "--max", "2", "--seconds", "1.5",
+            "--json", str(tmp_path / "cap.json"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "warm-up" in r.stdout and "capacity:" in r.stdout
+    out = json.loads((tmp_path / "cap.json").read_text())
+    assert out["capacity"] in (0, 1, 2) and out["rate"] == 24.5 and out["slack_ms"] == 150
+    assert [row["streams"] for row in out["rows"]][:1] == [1]
+    assert all(row["frames"] == row["streams"] * 38 or not row["ok"] for row in out["rows"])
+
+
+def test_check_reports_fp16_error_without_an_engine(tmp_path, models_root):
+    cfg = write_config(tmp_path / "e.toml", models_root, tmp_path / "run", "tchk")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "engine.cli", "--config", str(cfg), "check", *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    r = run("demo")
+    assert r.returncode == 0, r.stderr
+    assert "fp16 against fp32 on 8 of its frames (CPUExecutionProvider)" in r.stdout
+    assert "max |difference|" in r.stdout and "configured precision: fp32" in r.stdout
+    report = json.loads(run("demo", "--json").stdout)
+    assert 0 < report["mean_abs_diff"] <= report["max_abs_diff"] < 0.01
+    assert report["file"].startswith(str(tmp_path / "run" / "cache" / "fp16"))
+    r = run("nobody")
+    assert r.returncode != 0 and "unknown avatar 'nobody'" in r.stderr
+
+
 def test_bad_config_names_the_key(tmp_path, models_root):
     cfg = write_config(tmp_path / "e.toml", models_root, tmp_path / "run", "tbad", "[output]\njpeg_quality = 101\n")
     r = subprocess.run([sys.executable, "-m", "engine.cli", "--config", str(cfg), "start"],

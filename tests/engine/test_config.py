@@ -40,6 +40,10 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.server.front == "tcp://127.0.0.1:5555"
     assert cfg.server.instance == "lse"
     assert cfg.gpu.devices == "auto"
+    assert cfg.gpu.slots_per_device == "auto" and cfg.gpu.slots(gpu=True) == 2 and cfg.gpu.slots(gpu=False) == 1
+    assert cfg.gpu.batch_buckets == "auto" and cfg.gpu.device_buffers == "auto" and cfg.gpu.cuda_graphs is False
+    assert cfg.gpu.precision == "fp32" and cfg.precision("anyone") == "fp32"
+    assert cfg.cache_dir == tmp_path / ".run" / "cache"
     assert cfg.ring == C.RingConfig(slots=4, max_batch=50, max_face=320)
     assert cfg.output.jpeg_quality == 75 and cfg.output.chroma_subsampling == "420"
     assert cfg.output.encoder == "splice"
@@ -135,7 +139,7 @@ preferred_gpu = 1
 """)
     cfg = load_config(p)
     assert cfg.server == C.ServerConfig("tcp://0.0.0.0:6000", "tcp://127.0.0.1:6001", "/tmp/lse-run", "eng2", "DEBUG")
-    assert cfg.gpu == C.GpuConfig((0, 1), 2, 4, False)
+    assert cfg.gpu == C.GpuConfig((0, 1), 2, 4, False, "auto", "auto", False, "fp32")
     assert isinstance(cfg.gpu.devices, tuple)
     assert cfg.gpu_devices() == (0, 1)
     assert cfg.compositor_count() == 3
@@ -151,6 +155,25 @@ preferred_gpu = 1
     assert cfg.run_path == Path("/tmp/lse-run")
     assert cfg.control_endpoint == "tcp://127.0.0.1:6001"
     assert cfg.backend_endpoint == "ipc:///tmp/lse-run/backend.sock"
+
+
+def test_gpu_keys_of_issue_7(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, """
+[gpu]
+slots_per_device = 3
+batch_buckets = [1, 2, 4, 8, 16, 32, 50]
+device_buffers = true
+cuda_graphs = true
+precision = "fp16"
+[models.a]
+precision = "fp32"
+[models.b]
+"""))
+    assert cfg.gpu.slots(gpu=True) == cfg.gpu.slots(gpu=False) == 3
+    assert cfg.gpu.batch_buckets == (1, 2, 4, 8, 16, 32, 50)          # a tuple, like devices
+    assert cfg.gpu.device_buffers is True and cfg.gpu.cuda_graphs is True
+    assert cfg.precision("a") == "fp32" and cfg.precision("b") == "fp16" and cfg.precision("c") == "fp16"
+    assert load_config(None, {"gpu.batch_buckets": "off"}).gpu.batch_buckets == "off"
 
 
 # -- bad values ----------------------------------------------------------------------------------
@@ -175,6 +198,22 @@ BAD = [
     ("[gpu]\ndevices = 0", "gpu.devices", "expected"),
     ("[gpu]\nslots_per_device = 0", "gpu.slots_per_device", "expected"),
     ("[gpu]\nio_binding = 1", "gpu.io_binding", "expected"),
+    ('[gpu]\nslots_per_device = "two"', "gpu.slots_per_device", "expected"),
+    ('[gpu]\nbatch_buckets = "on"', "gpu.batch_buckets", "expected"),
+    ("[gpu]\nbatch_buckets = []", "gpu.batch_buckets", "expected"),
+    ("[gpu]\nbatch_buckets = [4, 2]", "gpu.batch_buckets", "increasing"),
+    ("[gpu]\nbatch_buckets = [1, 1, 2]", "gpu.batch_buckets", "increasing"),
+    ("[gpu]\nbatch_buckets = [0, 8]", "gpu.batch_buckets", "expected"),
+    ("[gpu]\nbatch_buckets = [1, 64]", "gpu.batch_buckets", "expected"),
+    ("[gpu]\nbatch_buckets = [1, 2.0]", "gpu.batch_buckets", "expected"),
+    ("[gpu]\nbatch_buckets = [1, 40]\n[ring]\nmax_batch = 32", "gpu.batch_buckets", "ring.max_batch"),
+    ('[gpu]\ndevice_buffers = "yes"', "gpu.device_buffers", "expected"),
+    ("[gpu]\ncuda_graphs = 1", "gpu.cuda_graphs", "expected"),
+    ("[gpu]\ncuda_graphs = true\nio_binding = false", "gpu.cuda_graphs", "io_binding"),
+    ("[gpu]\ncuda_graphs = true\ndevice_buffers = false", "gpu.cuda_graphs", "device_buffers"),
+    ("[gpu]\ndevice_buffers = true\nio_binding = false", "gpu.device_buffers", "io_binding"),
+    ('[gpu]\nprecision = "fp8"', "gpu.precision", "expected"),
+    ('[models.x]\nprecision = "half"', "models.x.precision", "fp32, fp16"),
     ("[compositor]\nprocesses = -1", "compositor.processes", "expected"),
     ('[server]\nfront = "localhost:5555"', "server.front", "expected"),
     ('[server]\ncontrol = "control.sock"', "server.control", "expected"),

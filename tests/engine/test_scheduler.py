@@ -219,13 +219,26 @@ def test_queue_bounds():
     assert [w.nbytes for w in sc.expire(31.0, 30.0)] == [60_000, 10] and sc.pending_bytes == 0
 
 
-def test_preferred_worker_and_loaded_network_first():
+def test_work_runs_only_where_its_network_is_loaded_preferred_gpu_first():
     sc = sched()
-    views = [WorkerView(0, 0, 3, 0, set()), WorkerView(1, 1, 3, 2, {"demo"})]
-    sc.enqueue(Work("demo", 0.0))
-    sc.enqueue(Work("other", 0.0, preferred_gpu=0))
-    ds = sc.schedule(0.0, views)
-    assert [d.worker for d in ds] == [1, 0]
+    views = [WorkerView(0, 0, 3, 0, {"a"}), WorkerView(1, 1, 3, 2, {"demo", "a"})]
+    sc.enqueue(Work("other", 0.0))                 # no worker holds it: skipped, not blocking
+    sc.enqueue(Work("demo", 0.1))
+    sc.enqueue(Work("a", 0.2, preferred_gpu=1))
+    sc.enqueue(Work("a", 0.3))
+    ds = sc.schedule(1.0, views)
+    assert [(d.worker, d.batch.model) for d in ds] == [(1, "demo"), (1, "a"), (0, "a")]
+    assert sc.wanted == {"other"} and [w.model for w in sc.pending] == ["other"]
+
+
+def test_a_stream_whose_network_is_not_loaded_waits_without_blocking_others():
+    sc = sched()
+    a, b = make_stream("a", 0.0, model="slow"), make_stream("b", 0.0)
+    for s in (a, b):
+        s.push(speech_pcm(2.0, seed=1), end=False)
+        sc.add_stream(s)
+    ds = sc.schedule(0.0, [WorkerView(0, None, 3, 0, {"demo"})])
+    assert [b.stream.id for d in ds for b in d.streams] == ["b", "b"] and sc.wanted == {"slow"}
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])

@@ -33,7 +33,12 @@ def test_a_good_avatar_passes_with_its_figures(root):
     f = rep.figures
     assert (f["frames"], f["width"], f["height"], f["rectangles"]) == (12, 1280, 720, 12)
     assert f["network"]["image_shape"] == [6, 320, 320] and f["network_frame_ms"] > 0
-    assert f["shared_memory_bytes"] > 12 * 1280 * 720 * 3
+    # the configured layout's size (the spliced form by default: about 0.2 MB per 720p frame)
+    assert 0.05e6 * 12 < f["shared_memory_bytes"] < 0.5e6 * 12
+    from dataclasses import replace
+    cfg = cfg_for(root)
+    full = check_avatar(replace(cfg, output=replace(cfg.output, encoder="full")), "a", run_network=False)
+    assert full.figures["shared_memory_bytes"] > 12 * 1280 * 720 * 3
     assert "verdict: the engine will serve a" in rep.text()
     assert json.loads(rep.as_json())["ok"] is True
 

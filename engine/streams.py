@@ -27,9 +27,9 @@ Latency budget of a frame (real time, audio pushed as it is spoken):
   inference + paste  one Run and one JPEG per frame (see docs/performance.md)
   pacing             frames wait for their due time; ``late_ms`` says by how much one missed it
 Due times: frame k of a stream is due at ``t0 + k / 25``. ``t0`` is set when the first frame is
-ready, and moved later, when the first frame after it is ready, if the stream ran dry because the
-client's audio had not arrived (lateness measures the engine, not the speaker's pauses). Before
-``t0`` is known the stream's opening time stands in for it.
+ready. When the stream ran dry because the client's audio came after a frame's due time (a pause),
+``t0`` moves later, to when that frame is ready (lateness measures the engine, not the speaker's
+pauses). Before ``t0`` is known the stream's opening time stands in for it.
 """
 from __future__ import annotations
 
@@ -183,8 +183,11 @@ class Stream:
         self.next_frame = b
         ks = np.arange(self.start_frame + a, self.start_frame + b, dtype=np.int64)
         indices = np.asarray(frame_index(ks, self.n_avatar, self.wrap)).tolist()
-        if self.dry():
-            self.resume_from = a                 # the schedule restarts when this frame is ready
+        if self.dry() and now >= self.clock(a):
+            # it ran dry and this frame is already due: its audio came late (a pause of the
+            # speaker), so the schedule restarts when this frame is ready. Audio that came in time
+            # moves nothing: a slow job then shows as lateness, it does not add latency for good.
+            self.resume_from = a
         self.inflight += 1
         return StreamBatch(self, a, count, w0, windows, indices, idle)
 

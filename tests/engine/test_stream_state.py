@@ -107,3 +107,23 @@ def test_a_dry_spell_restarts_the_clock_when_the_next_frame_is_ready():
     first = s.deliverable(5.2)
     assert first and first[0][2]["late_ms"] == 0                  # the pause is not lateness
     assert isinstance(s.mel, StreamingMel) and b.count == 8
+
+
+def test_audio_that_comes_in_time_never_moves_the_clock():
+    """Audio pushed as it is spoken leaves the stream dry between frames; a frame whose audio came
+    before its due time must not restart the clock, or every slow job would add latency for good."""
+    s = stream()
+    pcm = speech_pcm(3.0, seed=6)
+    s.push(pcm[:16000], end=False)
+    n = s.schedulable()
+    s.take(n, now=0.0)
+    for k in range(n):
+        s.ready[k] = (b"", {})
+    s.inflight = 0
+    s.deliverable(0.5)
+    t0 = s.t0
+    s.deliverable(t0 + (n - 1) / 25)
+    assert s.dry()
+    s.push(pcm[16000:17280], end=False)                          # the next 80 ms, in time
+    s.take(s.schedulable(), now=t0 + (n - 1) / 25 + 0.01)        # frame n is due later than now
+    assert s.resume_from is None and s.t0 == t0

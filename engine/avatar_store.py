@@ -60,10 +60,11 @@ class AvatarEntry:
     name: str
     model: ModelConfig
     files: AvatarFiles
-    graph: GraphInfo
-    state: str = "loading"                 # loading, loaded, failed
+    graph: GraphInfo | None = None         # read by the loader thread (checking)
+    state: str = "checking"                # checking, loading, loaded, failed
     view: AvatarView | SplicedAvatarView | None = None
     error: str = ""
+    capacity_error: bool = False           # failed for want of room (not the avatar's files)
     progress: tuple[int, int] = (0, 0)
     inflight: int = 0
     requests: int = 0
@@ -94,8 +95,9 @@ class AvatarEntry:
             "layout": v.layout if v else None,
             "last_used": _iso(self.last_used), "loaded_at": _iso(self.loaded_at), "load_ms": round(self.load_ms, 1),
             "frames": v.n if v else len(self.files.frames), "width": v.width if v else None,
-            "height": v.height if v else None, "face": self.graph.face,
-            "image_shape": list(self.graph.image_shape), "audio_shape": list(self.graph.audio_shape), "paste": self.model.paste,
+            "height": v.height if v else None, "face": self.graph.face if self.graph else None,
+            "image_shape": list(self.graph.image_shape) if self.graph else None,
+            "audio_shape": list(self.graph.audio_shape) if self.graph else None, "paste": self.model.paste,
             "wrap": self.model.wrap,
         }
 
@@ -145,23 +147,45 @@ class AvatarStore:
     def acquire(self, name: str, waiter: Callable[[AvatarEntry], None]) -> None:
         """Call ``waiter(entry)`` once the avatar is loaded (or failed); starts loading if needed.
 
-        Raises AvatarError at once when the avatar does not exist or its network is unusable.
+        Raises AvatarError at once when the avatar does not exist or misses files. Everything that
+        reads them (the network's graph, the first frame, the size estimate: tens of milliseconds)
+        runs in the loader thread, never on the front's, which serves every live stream.
         """
         e = self.entries.get(name)
         if e is None or e.state == "failed":
             mc = self.cfg.model(name)
             files = avatar_files(self.cfg.models_dir, name, mc.path)
-            graph = read_graph(files.onnx)
-            need = self._estimate(files, graph.face)
             self.entries.pop(name, None)
-            self._make_room(need, name)
-            e = AvatarEntry(name, mc, files, graph, progress=(0, len(files.frames)), reserved=need)
+            e = AvatarEntry(name, mc, files, progress=(0, len(files.frames)))
             self.entries[name] = e
-            self.pool.submit(self._load, e, f"{self.cfg.server.instance}_av_{name[:40]}_{next(self._gen)}")
+            self.pool.submit(self._check, e)
         if e.state == "loaded":
             waiter(e)
         else:
             e.waiters.append(waiter)
+
+    def _check(self, e: AvatarEntry) -> None:
+        """Loader thread: the network's graph and the shared memory the avatar will take."""
+        try:
+            graph = read_graph(e.files.onnx)
+            e.result = ("checked", graph, self._estimate(e.files, graph.face))
+        except (AvatarError, JpegError, OSError, ValueError) as err:
+            e.result = ("failed", None, str(err))
+        except Exception as err:  # noqa: BLE001 - a loader crash must not kill the front
+            log.exception("checking %s failed", e.name)
+            e.result = ("failed", None, f"loading failed: {err}")
+        self.wake(e)
+
+    def _start_load(self, e: AvatarEntry, graph: GraphInfo, need: int) -> None:
+        """Front thread, once checked: make room (evicting idle avatars), then decode."""
+        e.graph = graph
+        try:
+            self._make_room(need, e.name, e)
+        except CapacityError as err:
+            e.state, e.error, e.capacity_error = "failed", str(err), True
+            return
+        e.state, e.reserved = "loading", need
+        self.pool.submit(self._load, e, f"{self.cfg.server.instance}_av_{e.name[:40]}_{next(self._gen)}")
 
     def settings(self) -> Settings:
         out = self.cfg.output
@@ -195,8 +219,15 @@ class AvatarStore:
         """Front thread, after ``wake(e)``: publish the loader's result and hand the entry to its waiters."""
         if e.result is None:
             return
-        e.state, e.view, e.error = e.result
-        e.result = None
+        if e.result[0] == "checked":
+            _, graph, need = e.result
+            e.result = None
+            self._start_load(e, graph, need)
+            if e.state != "failed":
+                return                                  # decoding now; the waiters wait on
+        else:
+            e.state, e.view, e.error = e.result
+            e.result = None
         if e.state == "loaded":
             e.loaded_at = time.time()
             log.info("avatar %s: %d frames %dx%d in shared memory (%s layout, %.1f MB) in %.0f ms", e.name,
@@ -205,6 +236,8 @@ class AvatarStore:
         elif e.state == "failed":
             e.reserved = 0
             log.error("avatar %s failed to load: %s", e.name, e.error)
+            if self.entries.get(e.name) is e and e.graph is None:
+                self.entries.pop(e.name)                # nothing known but the error: not kept
         self.on_loaded(e)
         waiters, e.waiters = e.waiters, []
         for w in waiters:
@@ -213,12 +246,13 @@ class AvatarStore:
             except Exception:  # noqa: BLE001 - one waiter's failure must not lose the others
                 log.exception("avatar %s: a waiting request failed", e.name)
 
-    def _make_room(self, need: int, for_name: str) -> None:
+    def _make_room(self, need: int, for_name: str, keep: AvatarEntry | None = None) -> None:
         budget = self.cfg.capacity.background_bytes
         too_big = over_budget(for_name, need, budget)
         if too_big:
             raise CapacityError(too_big)
-        victims = sorted((e for e in self.entries.values() if e.state != "loading" and e.inflight == 0),
+        victims = sorted((e for e in self.entries.values()
+                          if e is not keep and e.state in ("loaded", "failed") and e.inflight == 0),
                          key=lambda e: e.last_used)
         while self.used_bytes() + need > budget:
             if not victims:
@@ -249,7 +283,7 @@ class AvatarStore:
 
     def unload(self, name: str) -> bool:
         e = self.entries.get(name)
-        if e is None or e.state == "loading":
+        if e is None or e.state in ("checking", "loading"):
             return False
         if e.inflight:
             raise CapacityError(f"avatar {name} has {e.inflight} batches in flight")
@@ -259,7 +293,7 @@ class AvatarStore:
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         for e in list(self.entries.values()):
-            if e.result is not None and e.result[1] is not None:
+            if e.result is not None and e.result[0] == "loaded":
                 e.result[1].close()                 # loaded, never published
             if e.view is not None:
                 e.view.close()

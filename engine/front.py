@@ -369,6 +369,13 @@ class Front(StreamMethods, Guards, Role):
                              if m["name"] in g.stats.get("networks", {})]
         self.reply_ok(req, {"models": models})
 
+    @staticmethod
+    def _require_loaded(e: AvatarEntry) -> None:
+        """A waiter's check: the avatar is in memory, or the reason it is not, with its code."""
+        if e.state != "loaded":
+            raise ProtocolError(P.CAPACITY if e.capacity_error else P.MODEL_ERROR,
+                                f"avatar {e.name} could not be loaded: {e.error}")
+
     def _acquire(self, name: str, waiter) -> None:
         try:
             self.store.acquire(name, waiter)
@@ -383,8 +390,7 @@ class Front(StreamMethods, Guards, Role):
         name = P.check_str(req.params, "model", req_id=req.id)
 
         def loaded(e: AvatarEntry) -> None:
-            if e.state != "loaded":
-                raise ProtocolError(P.MODEL_ERROR, e.error)
+            self._require_loaded(e)
             g = self._pick_gpu(e)
             if g is not None:
                 send_msg(self.backend, {"t": "load", "model": name, "onnx": str(e.files.onnx)}, to=g.identity)
@@ -453,9 +459,8 @@ class Front(StreamMethods, Guards, Role):
             self._fail(job, P.INTERNAL, f"internal error: {e}")
 
     def _avatar_ready(self, job: Job, e: AvatarEntry) -> None:
+        self._require_loaded(e)
         req, g, b = job.req, e.graph, job.batch
-        if e.state != "loaded":
-            raise ProtocolError(P.MODEL_ERROR, f"avatar {e.name} could not be loaded: {e.error}")
         expect = {"audio_features": (b, *g.audio_shape), "visual_frames": (b, *g.image_shape)}
         for name, buf in req.buffers.items():
             if buf.shape != expect[name]:

@@ -70,8 +70,7 @@ class StreamMethods:
         self._check_stream_room(req.envelope[0], req.id)
 
         def opened(e: AvatarEntry) -> None:
-            if e.state != "loaded":
-                raise ProtocolError(P.MODEL_ERROR, f"avatar {e.name} could not be loaded: {e.error}")
+            self._require_loaded(e)
             conn = self.conns.get(req.envelope[0])
             if conn is None:
                 return                                # the client left while the avatar loaded

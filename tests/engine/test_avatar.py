@@ -98,10 +98,12 @@ def test_store_budget_evicts_least_recently_used(tmp_path, models_root, encoder)
     got: dict[str, str] = {}
 
     def load(store, name):
+        got.pop(name, None)
         store.acquire(name, lambda e: got.__setitem__(name, e.state))
-        store.pool.submit(lambda: None).result()       # wait for the loader thread
-        while woken:
-            store.finish(woken.pop(0))
+        while name not in got:                         # the loader thread checks, then decodes
+            store.pool.submit(lambda: None).result()
+            while woken:
+                store.finish(woken.pop(0))
         assert got[name] == "loaded", store.entries[name].error
         store.entries[name].last_used = len(got) + len(evicted)
 
@@ -130,12 +132,25 @@ def test_store_budget_evicts_least_recently_used(tmp_path, models_root, encoder)
         assert len(list_segments(f"{PREFIX}_av_")) == 2
         store.entries["a"].inflight = 1                   # a batch in flight pins a
         store.entries["c"].inflight = 1
-        with pytest.raises(CapacityError, match="in flight"):
-            store.acquire("b", lambda e: None)
+        got.pop("b", None)
+        store.acquire("b", lambda e: got.__setitem__("b", e))             # no room: b fails, for want of room
+        while "b" not in got:
+            store.pool.submit(lambda: None).result()
+            while woken:
+                store.finish(woken.pop(0))
+        assert got["b"].state == "failed" and got["b"].capacity_error and "in flight" in got["b"].error
         store.entries["a"].inflight = store.entries["c"].inflight = 0
         tiny = config_from_dict({"models_root": str(tmp_path), "server": {"instance": PREFIX},
                                  "capacity": {"background_bytes": 1 << 20}, "output": {"encoder": encoder}})
-        with pytest.raises(CapacityError, match="background_bytes"):
-            AvatarStore(tiny, woken.append, lambda *a: None).acquire("a", lambda e: None)
+        small = AvatarStore(tiny, woken.append, lambda *a: None)
+        try:
+            small.acquire("a", lambda e: got.__setitem__("tiny", e))
+            while "tiny" not in got:
+                small.pool.submit(lambda: None).result()
+                while woken:
+                    small.finish(woken.pop(0))
+            assert got["tiny"].capacity_error and "background_bytes" in got["tiny"].error
+        finally:
+            small.close()
     finally:
         store.close()

@@ -64,7 +64,7 @@ def test_three_concurrent_streams_in_order_and_paced(shared_engine):
         t_first = got[0][0]
         for t, f in got:
             assert t - t_first >= f.pts_ms / 1000 - 0.15
-        assert got[-1][0] - t_first >= 49 * 0.040 - 0.05
+        assert got[-1][0] - t_first >= 49 * 0.040 - 0.15      # (the reading threads share one interpreter)
         assert all(f.late_ms >= 0 for _, f in got)
         assert got[-1][1].last
 

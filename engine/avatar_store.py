@@ -164,17 +164,24 @@ class AvatarStore:
         else:
             e.waiters.append(waiter)
 
-    def _check(self, e: AvatarEntry) -> None:
-        """Loader thread: the network's graph and the shared memory the avatar will take."""
+    def _in_loader(self, e: AvatarEntry, step: Callable[[], tuple]) -> None:
+        """Loader thread: run one step of a load and leave its outcome in ``e.result`` (never
+        anything else: the entry changes on the front's thread, in :meth:`finish`), then wake the front."""
         try:
-            graph = read_graph(e.files.onnx)
-            e.result = ("checked", graph, self._estimate(e.files, graph.face))
+            e.result = step()
         except (AvatarError, JpegError, OSError, ValueError) as err:
             e.result = ("failed", None, str(err))
         except Exception as err:  # noqa: BLE001 - a loader crash must not kill the front
-            log.exception("checking %s failed", e.name)
+            log.exception("loading %s failed", e.name)
             e.result = ("failed", None, f"loading failed: {err}")
         self.wake(e)
+
+    def _check(self, e: AvatarEntry) -> None:
+        """Loader thread: the network's graph and the shared memory the avatar will take."""
+        def check() -> tuple:
+            graph = read_graph(e.files.onnx)
+            return "checked", graph, self._estimate(e.files, graph.face)
+        self._in_loader(e, check)
 
     def _start_load(self, e: AvatarEntry, graph: GraphInfo, need: int) -> None:
         """Front thread, once checked: make room (evicting idle avatars), then decode."""
@@ -196,10 +203,10 @@ class AvatarStore:
         return shared_bytes(self.cfg, files, face)
 
     def _load(self, e: AvatarEntry, seg: str) -> None:
-        """Loader thread: load into a new segment, then wake the front. It only leaves its result
-        in ``e.result``: the entry's state changes on the front's thread, in :meth:`finish`."""
-        t0 = time.perf_counter()
-        try:
+        """Loader thread: the avatar's frames into a new segment, in the configured layout."""
+        def load() -> tuple:
+            t0 = time.perf_counter()
+
             def progress(done: int, total: int) -> None:
                 e.progress = (done, total)
             if self.cfg.output.encoder == "full":
@@ -207,13 +214,8 @@ class AvatarStore:
             else:
                 view = SplicedAvatarView.create(seg, e.files, e.graph.face, self.settings(), progress)
             e.load_ms = 1000 * (time.perf_counter() - t0)
-            e.result = ("loaded", view, "")
-        except (AvatarError, JpegError, OSError, ValueError) as err:
-            e.result = ("failed", None, str(err))
-        except Exception as err:  # noqa: BLE001 - a loader crash must not kill the front
-            log.exception("loading %s failed", e.name)
-            e.result = ("failed", None, f"loading failed: {err}")
-        self.wake(e)
+            return "loaded", view, ""
+        self._in_loader(e, load)
 
     def finish(self, e: AvatarEntry) -> None:
         """Front thread, after ``wake(e)``: publish the loader's result and hand the entry to its waiters."""

@@ -256,10 +256,11 @@ class AvatarStore:
         victims = sorted((e for e in self.entries.values()
                           if e is not keep and e.state in ("loaded", "failed") and e.inflight == 0),
                          key=lambda e: e.last_used)
+        if self.used_bytes() - sum(v.nbytes for v in victims) + need > budget:
+            # even evicting every idle avatar would not make room: evict none
+            raise CapacityError(f"avatar {for_name} needs {need} bytes; {self.used_bytes()} of "
+                                f"{budget} are held, most by avatars with batches in flight")
         while self.used_bytes() + need > budget:
-            if not victims:
-                raise CapacityError(f"avatar {for_name} needs {need} bytes; {self.used_bytes()} of "
-                                    f"{budget} are held by avatars with batches in flight")
             self._evict(victims.pop(0), "budget")
 
     def _enforce_budget(self, keep: AvatarEntry) -> None:

@@ -243,6 +243,7 @@ class Client:
         self._events: dict[str, deque[P.Reply]] = {}
         self._sent: set[Any] = set()              # ids sent on the current connection, not answered yet
         self._lost: set[Any] = set()              # ids whose connection dropped before their reply
+        self._dead: set[Any] = set()              # of those, ids already failed: a late reply is dropped
 
     def close(self) -> None:
         self.watch.close(self.sock)
@@ -292,6 +293,7 @@ class Client:
             self._check_connection()
             if req_id in self._lost:
                 self._lost.discard(req_id)
+                self._dead.add(req_id)
                 raise Disconnected()
             if not self._poll(deadline, wait):
                 continue
@@ -299,6 +301,10 @@ class Client:
             if reply.event is not None:
                 self._events.setdefault(reply.stream, deque()).append(reply)
                 continue
+            if reply.id in self._dead:            # the late reply of a request already failed: dropped
+                self._dead.discard(reply.id)
+                continue
+            self._lost.discard(reply.id)          # it was not lost after all (it waited in the socket)
             self._sent.discard(reply.id)
             if req_id is None or reply.id == req_id:
                 return reply
@@ -326,7 +332,10 @@ class Client:
         reply = self._recv()
         if reply.event is not None:
             self._events.setdefault(reply.stream, deque()).append(reply)
+        elif reply.id in self._dead:
+            self._dead.discard(reply.id)
         else:
+            self._lost.discard(reply.id)
             self._sent.discard(reply.id)
             self._stash[reply.id] = reply
 

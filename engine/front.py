@@ -95,6 +95,7 @@ class Front(StreamMethods, Guards, Role):
         self.conns = Connections(cfg.server.client_queue_bytes)
         self._init_guards()                          # CURVE + ZAP on self.client (before it binds), quotas, metrics
         self.comp_waiting: deque[Job] = deque()
+        self.loading_bytes = 0                       # tensors of batch requests waiting for their avatar
         self.seq = itertools.count(int(time.time()) & 0xFFFF)
         self.accepting = False
         self.started = time.time()
@@ -111,7 +112,7 @@ class Front(StreamMethods, Guards, Role):
         sc = self.cfg.server
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 10_000)              # messages per connection; bytes are bounded by us
+        sock.setsockopt(zmq.SNDHWM, 1_000)               # messages per connection; bytes are bounded by us
         sock.setsockopt(zmq.RCVHWM, 1_000)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)         # a send to a gone client fails instead of vanishing
         sock.setsockopt(zmq.MAXMSGSIZE, self._max_frame_bytes())
@@ -214,9 +215,16 @@ class Front(StreamMethods, Guards, Role):
             for identity in self.conns.on_monitor(int(msg["event"]), int(msg["value"])):
                 self._client_gone(identity, forget=False)
 
+    def _views(self) -> list[WorkerView]:
+        return [WorkerView(g.idx, g.device, len(g.free), len(g.jobs), set(g.models), g.state == "ready",
+                           sum(1 for j in g.jobs.values() if not j.inferred)) for g in self.gpus]
+
+    def _startable(self) -> int:
+        """Jobs the workers could take right now (``capacity.max_pending`` counts what waits beyond)."""
+        return sum(w.room(self.cfg.scheduling.worker_queue) for w in self._views())
+
     def _run_scheduler(self, now: float) -> None:
-        views = [WorkerView(g.idx, g.device, len(g.free), len(g.jobs), set(g.models), g.state == "ready",
-                            sum(1 for j in g.jobs.values() if not j.inferred)) for g in self.gpus]
+        views = self._views()
         for d in self.scheduler.schedule(now, views):
             g = self.gpus[d.worker]
             job = d.batch if d.batch is not None else self._stream_job(d.streams)
@@ -261,6 +269,9 @@ class Front(StreamMethods, Guards, Role):
             if conn.requests >= limit:
                 raise ProtocolError(P.BUSY, f"this connection has {conn.requests} requests waiting for a reply "
                                     f"(server.max_requests_per_client = {limit})", req.id)
+            if self.conns.blocked(conn.identity) and req.method != "stream_close":
+                raise ProtocolError(P.BUSY, "this connection has more than server.client_queue_bytes of messages "
+                                    "it has not read yet; read them first", req.id)
             conn.requests += 1
             req.held = True
             getattr(self, f"do_{req.method}")(req)
@@ -297,8 +308,16 @@ class Front(StreamMethods, Guards, Role):
             if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise
             if e.errno == zmq.EAGAIN:
-                log.warning("client %s does not read (its send queue is full): dropping it", parts[0].hex())
-            self._client_gone(parts[0])
+                # still connected, but its 1000-message queue is full: it keeps its record (its
+                # requests are counted there), loses its streams (their events cannot reach it either)
+                log.warning("client %s does not read (its send queue is full): its streams close", parts[0].hex())
+                conn = self.conns.get(parts[0])
+                for sid in list(conn.streams if conn else ()):
+                    s = self.scheduler.streams.get(sid)
+                    if s is not None:
+                        self._close_stream(s)
+            else:
+                self._client_gone(parts[0])
             return False
         self.conns.sent(parts[0], tracker, nbytes)
         return True
@@ -369,9 +388,10 @@ class Front(StreamMethods, Guards, Role):
                              if m["name"] in g.stats.get("networks", {})]
         self.reply_ok(req, {"models": models})
 
-    @staticmethod
-    def _require_loaded(e: AvatarEntry) -> None:
+    def _require_loaded(self, e: AvatarEntry) -> None:
         """A waiter's check: the avatar is in memory, or the reason it is not, with its code."""
+        if self.stopping:
+            raise ProtocolError(P.SHUTTING_DOWN, "the engine is stopping")
         if e.state != "loaded":
             raise ProtocolError(P.CAPACITY if e.capacity_error else P.MODEL_ERROR,
                                 f"avatar {e.name} could not be loaded: {e.error}")
@@ -446,7 +466,22 @@ class Front(StreamMethods, Guards, Role):
                                 "not read yet; read them first", req.id)
         job = Job(req, name, batch, start, wrap, time.monotonic(),
                   nbytes=sum(b.nbytes for b in req.buffers.values()))
-        self._acquire(name, lambda e: self._guard(job, self._avatar_ready, e))
+        # its tensors count against capacity.max_pending_bytes from now on, while its avatar loads too
+        limit = self.cfg.capacity.max_pending_bytes
+        if self.scheduler.pending_bytes + self.loading_bytes + job.nbytes > limit and (
+                self.scheduler.pending or self.loading_bytes):
+            raise ProtocolError(P.BUSY, f"queued requests hold {self.scheduler.pending_bytes + self.loading_bytes} "
+                                f"bytes (capacity.max_pending_bytes = {limit})", req.id)
+        self.loading_bytes += job.nbytes
+
+        def ready(e: AvatarEntry) -> None:
+            self.loading_bytes -= job.nbytes
+            self._guard(job, self._avatar_ready, e)
+        try:
+            self._acquire(name, ready)
+        except ProtocolError:
+            self.loading_bytes -= job.nbytes
+            raise
 
     @request_scope
     def _guard(self, job: Job, fn, *args) -> None:
@@ -473,13 +508,14 @@ class Front(StreamMethods, Guards, Role):
             raise ProtocolError(P.MODEL_ERROR, f"avatar {e.name}: {too_big}")
         if self.conns.get(req.envelope[0]) is None:
             return                                   # the client left while its avatar loaded
-        job.entry = e
+        job.entry = e                                # (the scheduler's choice of worker needs it)
         job.indices = np.asarray(frame_index(np.arange(job.start, job.start + b, dtype=np.int64), e.view.n,
                                              job.wrap or e.model.wrap), np.int64)
         job.idle = [False] * b
         try:
-            self.scheduler.enqueue(job)
+            self.scheduler.enqueue(job, time.monotonic(), startable=self._startable())
         except QueueFull as err:
+            job.entry = None                         # not counted on the avatar: nothing to give back
             raise ProtocolError(P.BUSY, str(err)) from None
         e.inflight += 1
         e.last_used = time.time()
@@ -576,7 +612,8 @@ class Front(StreamMethods, Guards, Role):
             self.on_comp(self.comps[idx], msg, frames[2:])
 
     def _send_state(self) -> None:
-        send_msg(self.backend, {"t": "front_state", "accepting": self.accepting, **self.health()}, to=SUP)
+        send_msg(self.backend, {"t": "front_state", "accepting": self.accepting, "pid": os.getpid(), **self.health()},
+                 to=SUP)
 
     def on_gpu(self, g: GpuHandle, msg: dict[str, Any]) -> None:
         t = msg["t"]
@@ -590,6 +627,9 @@ class Front(StreamMethods, Guards, Role):
             g.models = set(msg["models"])
             g.loading, g.stats = set(msg.get("loading", [])), msg.get("stats", g.stats)    # issue 7
             for name, message in msg.get("failed", {}).items():
+                if any(name in x.models or name in x.loading for x in self.gpus if x.state == "ready"):
+                    log.warning("GPU worker %d could not load %s (%s); others serve it", g.idx, name, message)
+                    continue
                 why = f"avatar {name}'s network could not be loaded: {message}"
                 for job in [j for j in self.scheduler.pending if j.model == name]:
                     self.scheduler.cancel(job)
@@ -603,6 +643,8 @@ class Front(StreamMethods, Guards, Role):
         if t == "failed":
             self._fail(job, msg["code"], msg["message"])
         elif t == "inferred":
+            if job.inferred:
+                return                                  # told twice (the worker, then its death): once is enough
             g.models = set(msg.get("models", []))
             g.stats = msg.get("stats", g.stats)
             g.batches += 1
@@ -745,6 +787,13 @@ class Front(StreamMethods, Guards, Role):
     def shutdown(self) -> None:
         if not hasattr(self, "ctx"):
             return
+        for e in list(self.store.entries.values()):   # requests waiting for an avatar still loading
+            waiters, e.waiters = e.waiters, []
+            for w in waiters:
+                try:
+                    w(e)                               # _require_loaded answers shutting_down
+                except Exception:  # noqa: BLE001
+                    log.exception("a waiting request failed at shutdown")
         for s in list(self.scheduler.streams.values()):
             self._close_stream(s, (P.SHUTTING_DOWN, "the engine is stopping"))
         jobs = [*self.scheduler.pending, *self.comp_waiting, *(j for g in self.gpus for j in g.jobs.values())]

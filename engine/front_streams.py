@@ -115,6 +115,7 @@ class StreamMethods:
         except StreamStateError as e:
             raise ProtocolError(P.BAD_REQUEST, str(e), req.id) from None
         except AudioFull as e:
+            self.quotas.refund(self.conns.get(req.envelope[0]), req)
             raise ProtocolError(P.BUSY, str(e), req.id) from None
         self.reply_ok(req, {"stream": s.id, "samples": s.received, "audio_s": round(s.audio_seconds, 3),
                             "frames_ready": s.next_frame + s.schedulable(), "ended": s.total is not None,

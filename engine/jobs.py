@@ -22,6 +22,7 @@ class Job:
     t_recv: float
     entry: AvatarEntry | None = None
     nbytes: int = 0                         # request bytes held while it is queued
+    t_queued: float = 0.0                   # when the scheduler queued it (its avatar in memory)
     indices: np.ndarray | None = None
     gpu: GpuHandle | None = None
     slot: int = -1

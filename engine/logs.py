@@ -154,6 +154,15 @@ class RotatingWriter:
         self.fh = open(self.path, "ab")
         self.size = 0
 
+    def reopen(self) -> None:
+        """After a failed write (the file removed, the disk full): start on a fresh handle."""
+        try:
+            self.fh.close()
+        except OSError:
+            pass
+        self.fh = open(self.path, "ab")
+        self.size = self.fh.tell()
+
     def close(self) -> None:
         self.fh.close()
 
@@ -168,14 +177,44 @@ def redirect_std_to(path: Path, max_bytes: int, backups: int) -> threading.Threa
     os.close(w)
 
     def pump() -> None:
+        # never stop draining: a pipe nobody reads would block every process that logs
+        lost = 0
         with os.fdopen(r, "rb", buffering=0) as pipe:
             while True:
                 data = pipe.read(65536)
                 if not data:
                     break
-                writer.write(data)
-        writer.close()
+                try:
+                    if lost:
+                        writer.write(f"[log] {lost} bytes of log lost: the log file could not be written\n".encode())
+                        lost = 0
+                    writer.write(data)
+                except OSError:
+                    lost += len(data)              # disk full, file removed: count, reopen next time
+                    try:
+                        writer.reopen()
+                    except OSError:
+                        pass
+        try:
+            writer.close()
+        except OSError:
+            pass
 
     t = threading.Thread(target=pump, name="log-pump", daemon=True)
     t.start()
     return t
+
+
+def end_redirect(pump: threading.Thread, timeout: float = 2.0) -> None:
+    """At exit: close this process's ends of the pipe (fds 1 and 2 onto /dev/null) so the pump
+    reads to the end, and wait for it to write the last lines."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    os.close(null)
+    pump.join(timeout)

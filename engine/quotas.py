@@ -96,6 +96,13 @@ class Quotas:
                                 f"quotas.frames_per_second = {rate:g} frames/s; this request fits in {wait_ms} ms")
         b.tokens -= frames
 
+    def give_back(self, key: str, frames: float) -> None:
+        """Return frames taken for a request the engine then did not take (back-pressure)."""
+        b = self.buckets.get(key)
+        rate = self.quota(key).frames_per_second
+        if b is not None and frames > 0 and rate > 0:
+            b.tokens = min(rate, b.tokens + frames)
+
 
 def request_frames(req: P.Request) -> float:
     """Frames a request asks for: a batch's ``batch_size``, a push's samples / 640; else 0."""
@@ -132,6 +139,13 @@ class FrontQuotas:
             self.policy.take_frames(key, request_frames(req), self.clock())
         except QuotaExceeded as e:
             self._exceeded(key, e, req.id)
+
+    def refund(self, conn: Any, req: P.Request) -> None:
+        """A request answered ``busy`` for back-pressure (a push beyond the stream's audio bound)
+        gives its frames back, so a client that waits and retries is not pushed over its quota."""
+        key = getattr(conn, "key", "")
+        if self.enabled and key:
+            self.policy.give_back(key, request_frames(req))
 
     def check_streams(self, identity: bytes, req_id: Any = None) -> None:
         """Before a stream opens (and again once its avatar is loaded)."""

@@ -54,6 +54,7 @@ class QueueFull(Exception):
 class BatchWork(Protocol):
     model: str
     t_recv: float
+    t_queued: float                  # set by enqueue
     preferred_gpu: int | None
     nbytes: int
 
@@ -107,14 +108,17 @@ class Scheduler:
         self.wanted: set[str] = set()      # networks with work waiting that no worker with room holds
 
     # -- batch queue -------------------------------------------------------------------------------
-    def enqueue(self, work: BatchWork) -> None:
+    def enqueue(self, work: BatchWork, now: float, startable: int = 0) -> None:
+        """Queue a batch request. ``startable``: jobs the workers could take at once; only what
+        waits beyond them counts against ``max_pending`` (0 = no queue: busy unless it can start)."""
         cfg = self.cfg
-        if len(self.pending) >= cfg.max_pending:
+        if len(self.pending) >= cfg.max_pending + startable:
             raise QueueFull(f"every ring slot is in use and {len(self.pending)} requests are queued "
                             f"(capacity.max_pending)")
         if self.pending and self.pending_bytes + work.nbytes > cfg.max_pending_bytes:
             raise QueueFull(f"every ring slot is in use and the queued requests hold {self.pending_bytes} bytes "
                             f"(capacity.max_pending_bytes)")
+        work.t_queued = now
         self.pending.append(work)
         self.pending_bytes += work.nbytes
 
@@ -127,9 +131,10 @@ class Scheduler:
         return True
 
     def expire(self, now: float, limit_s: float) -> list[BatchWork]:
-        """Queued requests older than ``limit_s``, removed from the queue (oldest first)."""
+        """Requests queued for longer than ``limit_s`` (time spent waiting for their avatar to
+        load not counted), removed from the queue, oldest first (the queue is in queueing order)."""
         old = []
-        while self.pending and now - self.pending[0].t_recv > limit_s:
+        while self.pending and now - self.pending[0].t_queued > limit_s:
             old.append(self.pending.popleft())
             self.pending_bytes -= old[-1].nbytes
         return old

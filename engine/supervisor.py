@@ -32,7 +32,7 @@ from .compositor import Compositor
 from .config import EngineConfig
 from .front import Front
 from .gpu_worker import GpuWorker
-from .logs import redirect_std_to
+from .logs import end_redirect, redirect_std_to
 from .metrics_server import MetricsServer
 from .process import EXIT_BOOT, Heartbeats, Role, send_msg, setup_logging
 from .ring import BatchRing, RingGeometry
@@ -220,6 +220,9 @@ class Supervisor:
                 return
             msg = json.loads(frames[0])
             if msg.get("t") == "front_state":
+                front = next(c for c in self.children if c.role == "front")
+                if front.process is None or msg.get("pid") != front.process.pid:
+                    continue                            # from a front that has died since: stale
                 self.front_state = msg
                 states = {("gpu", w["idx"]): w["state"] for w in msg.get("gpu_workers", [])}
                 states.update({("compositor", c["idx"]): c["state"] for c in msg.get("compositors", [])})
@@ -370,10 +373,11 @@ def _memory(pid: int | None) -> dict[str, int]:
 
 
 def run_supervisor(cfg: EngineConfig) -> int:
-    if cfg.server.log_file:
-        redirect_std_to(cfg.log_path, cfg.server.log_max_bytes, cfg.server.log_backups)
+    pump = redirect_std_to(cfg.log_path, cfg.server.log_max_bytes, cfg.server.log_backups) if cfg.server.log_file \
+        else None
     setup_logging(cfg.server.log_level, "supervisor", cfg.server.log_format)
     code = Supervisor(cfg).run()
-    sys.stderr.flush()
+    if pump is not None:
+        end_redirect(pump)
     return code
 

@@ -136,3 +136,27 @@ def test_stream_audio_never_stalls_the_front(engine_factory):
             s.close()
     print(f"health during 30 s pushes: worst {1000 * worst:.0f} ms")
     assert worst < 1.0
+
+
+@pytest.mark.parametrize("max_pending", [0, 2])
+def test_a_full_queue_answers_busy_and_leaves_nothing_counted(engine_factory, max_pending):
+    """busy at the queue's bound must not unbalance the avatar's count of work in flight (an
+    avatar that looks busy forever can never be unloaded; one that looks idle while busy could be);
+    with max_pending = 0 a request that can start at once is still served."""
+    eng = engine_factory(f"[capacity]\nmax_pending = {max_pending}\n")
+    audio = np.zeros((24, 32, 16, 16), np.float32)
+    with Client(eng.endpoint, timeout=60) as c:
+        assert len(c.composite("demo", audio).frames) == 24
+        ids = [c.submit("composite", {"model": "demo", "batch_size": 24}, [("audio_features", audio)])
+               for _ in range(20)]
+        replies = [c.receive(i) for i in ids]
+        assert any(r.ok for r in replies) and any(not r.ok and r.error["code"] == "busy" for r in replies)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert c.unload("demo")["unloaded"] is True      # nothing counted as in flight any more
+                break
+            except EngineError as e:
+                assert e.code == "busy" and time.monotonic() < deadline, e
+                time.sleep(0.1)
+        assert len(c.composite("demo", audio).frames) == 24      # and it loads and serves again

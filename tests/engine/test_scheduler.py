@@ -18,6 +18,7 @@ from engine.streams import Stream, StreamBatch
 class Work:
     model: str
     t_recv: float
+    t_queued: float = 0.0
     preferred_gpu: int | None = None
     nbytes: int = 32768
     frames: int = 24
@@ -141,7 +142,7 @@ def test_streams_are_served_while_batch_clients_saturate_the_slots():
         for c, mine in clients.items():
             while sum(1 for w in mine if w.t_done is None) < 3:
                 w = Work("other", sim.now, frames=24)
-                sim.sched.enqueue(w)
+                sim.sched.enqueue(w, sim.now)
                 mine.append(w)
 
     while sim.now < 7.0:
@@ -165,7 +166,7 @@ def test_a_batch_request_is_not_starved_by_more_streams_than_the_engine_can_serv
         sim.sched.add_stream(s)
     sim.run_until(2.0)
     w = Work("other", sim.now, frames=8)
-    sim.sched.enqueue(w)
+    sim.sched.enqueue(w, sim.now)
     sim.run_until(6.0)
     assert w.t_start is not None and w.t_start - w.t_recv < 1.5
 
@@ -210,22 +211,32 @@ def test_a_stream_waiting_for_audio_resumes_when_it_comes():
 
 def test_queue_bounds():
     sc = sched(max_pending=2, max_pending_bytes=100_000)
-    sc.enqueue(Work("x", 0.0, nbytes=60_000))
+    sc.enqueue(Work("x", 0.0, nbytes=60_000), 0.0)
     with pytest.raises(QueueFull, match="max_pending_bytes"):
-        sc.enqueue(Work("x", 0.0, nbytes=60_000))
-    sc.enqueue(Work("x", 0.0, nbytes=10))
+        sc.enqueue(Work("x", 0.0, nbytes=60_000), 0.0)
+    sc.enqueue(Work("x", 0.0, nbytes=10), 5.0)
     with pytest.raises(QueueFull, match="max_pending"):
-        sc.enqueue(Work("x", 0.0, nbytes=10))
-    assert [w.nbytes for w in sc.expire(31.0, 30.0)] == [60_000, 10] and sc.pending_bytes == 0
+        sc.enqueue(Work("x", 0.0, nbytes=10), 5.0)
+    sc.enqueue(Work("x", 0.0, nbytes=10), 5.0, startable=1)      # one can start at once: room for it
+    # the timeout counts from queueing (an avatar load before does not count)
+    assert [w.nbytes for w in sc.expire(31.0, 30.0)] == [60_000] and sc.pending_bytes == 20
+    assert len(sc.expire(36.0, 30.0)) == 2 and sc.pending_bytes == 0
+
+
+def test_no_queue_means_busy_only_when_nothing_can_start():
+    sc = sched(max_pending=0)
+    sc.enqueue(Work("x", 0.0), 0.0, startable=1)
+    with pytest.raises(QueueFull):
+        sc.enqueue(Work("x", 0.0), 0.0, startable=0)
 
 
 def test_work_runs_only_where_its_network_is_loaded_preferred_gpu_first():
     sc = sched()
     views = [WorkerView(0, 0, 3, 0, {"a"}), WorkerView(1, 1, 3, 2, {"demo", "a"})]
-    sc.enqueue(Work("other", 0.0))                 # no worker holds it: skipped, not blocking
-    sc.enqueue(Work("demo", 0.1))
-    sc.enqueue(Work("a", 0.2, preferred_gpu=1))
-    sc.enqueue(Work("a", 0.3))
+    sc.enqueue(Work("other", 0.0), 0.0)                 # no worker holds it: skipped, not blocking
+    sc.enqueue(Work("demo", 0.1), 0.1)
+    sc.enqueue(Work("a", 0.2, preferred_gpu=1), 0.2)
+    sc.enqueue(Work("a", 0.3), 0.3)
     ds = sc.schedule(1.0, views)
     assert [(d.worker, d.batch.model) for d in ds] == [(1, "demo"), (1, "a"), (0, "a")]
     assert sc.wanted == {"other"} and [w.model for w in sc.pending] == ["other"]
@@ -276,7 +287,7 @@ def test_seeded_random_load_keeps_every_invariant_and_serves_everything(seed):
                 plan[5] += 1
                 plan[0] = sim.now + rng.uniform(0, 0.8)                     # the next chunk comes later
         while pending_works and pending_works[0].t_recv <= sim.now:
-            sim.sched.enqueue(pending_works.pop(0))
+            sim.sched.enqueue(pending_works.pop(0), sim.now)
         sim.step()
         for s in sim.sched.streams.values():
             assert s.next_frame - s.next_out <= 3.0 * FPS and s.inflight <= 2

@@ -55,15 +55,20 @@ def _dims(value_info: Any) -> list[int | None]:
     return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
 
 
-def read_graph(path: Path) -> GraphInfo:
-    """Find the image input (6 channels), the audio input and the output in an ONNX graph."""
+def _graph_io(path: Path) -> tuple[dict[str, list[int | None]], list[tuple[str, list[int | None]]]]:
+    """An ONNX file's inputs (initializers excluded) and outputs, with their dims."""
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - onnx raises many kinds
         raise AvatarError(f"{path}: not a readable ONNX model: {e}") from None
     inits = {i.name for i in model.graph.initializer}
-    return graph_info(path, {i.name: _dims(i) for i in model.graph.input if i.name not in inits},
-                      [(o.name, _dims(o)) for o in model.graph.output])
+    return ({i.name: _dims(i) for i in model.graph.input if i.name not in inits},
+            [(o.name, _dims(o)) for o in model.graph.output])
+
+
+def read_graph(path: Path) -> GraphInfo:
+    """Find the image input (6 channels), the audio input and the output in an ONNX graph."""
+    return graph_info(path, *_graph_io(path))
 
 
 def session_graph(session: Any, path: Path) -> GraphInfo:
@@ -214,21 +219,16 @@ class EncoderInfo:
 
 def read_encoder(path: Path) -> EncoderInfo:
     """Check an audio encoder's graph: one input [N, 1, 80, 16], an output [N, D]."""
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - onnx raises many kinds
-        raise AvatarError(f"{path}: not a readable ONNX model: {e}") from None
-    inits = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 1 or not model.graph.output:
+    inputs, outputs = _graph_io(path)
+    if len(inputs) != 1 or not outputs:
         raise AvatarError(f"{path}: an audio encoder has one input (mel windows [N,1,80,16]) and an output, found "
-                          f"{[i.name for i in inputs]} -> {[o.name for o in model.graph.output]}")
-    dims, out_dims = _dims(inputs[0]), _dims(model.graph.output[0])
+                          f"{list(inputs)} -> {[name for name, _ in outputs]}")
+    (in_name, dims), (out_name, out_dims) = next(iter(inputs.items())), outputs[0]
     if tuple(dims[1:]) != MEL_WINDOW:
-        raise AvatarError(f"{path}: audio encoder input {inputs[0].name} is {dims}, expected [N, 1, 80, 16]")
+        raise AvatarError(f"{path}: audio encoder input {in_name} is {dims}, expected [N, 1, 80, 16]")
     if len(out_dims) != 2 or out_dims[1] is None:
-        raise AvatarError(f"{path}: audio encoder output {model.graph.output[0].name} is {out_dims}, expected [N, D]")
-    return EncoderInfo(path, inputs[0].name, model.graph.output[0].name, int(out_dims[1]))
+        raise AvatarError(f"{path}: audio encoder output {out_name} is {out_dims}, expected [N, D]")
+    return EncoderInfo(path, in_name, out_name, int(out_dims[1]))
 
 
 def check_encoder_fits(enc: EncoderInfo, graph: GraphInfo) -> None:

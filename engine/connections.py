@@ -125,6 +125,3 @@ class Connections:
     def blocked(self, identity: bytes) -> bool:
         conn = self.by_id.get(identity)
         return conn is not None and conn.queued > self.queue_cap
-
-    def waiting_sends(self) -> bool:
-        return any(c.sends for c in self.by_id.values())

@@ -296,7 +296,7 @@ class Front(StreamMethods, Guards, Role):
         """Send one message to a client; False when it is gone or cannot take more (its streams close).
         A sizeable message is tracked: its bytes count against the connection until ZeroMQ has
         handed them to the kernel."""
-        nbytes = sum(len(p) if not isinstance(p, zmq.Frame) else len(p.bytes) for p in parts[1:])
+        nbytes = sum(len(p.buffer) if isinstance(p, zmq.Frame) else len(p) for p in parts[1:])
         tracker = None
         if nbytes >= TRACK_BYTES and not isinstance(parts[-1], zmq.Frame):
             last = zmq.Frame(parts[-1], copy=False, track=True)

@@ -3,7 +3,7 @@
 Both speak protocol version 1 through a DEALER socket, so many requests can be in flight on one
 connection; replies are matched to requests by ``id``.
 
-With ``keys`` (:class:`engine.keys.ClientKeys`) the socket is a CURVE client: encrypted, and
+With ``keys`` (:class:`engine.runtime.keys.ClientKeys`) the socket is a CURVE client: encrypted, and
 authenticated by the engine's key allow-list (``docs/protocol.md``, "Security"). A refused client
 gets no reply at all, so each client watches its own handshakes on a socket monitor: when the
 engine refuses its key it raises :class:`EngineRefused` at once, and a timeout says when the
@@ -24,8 +24,8 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from . import protocol as P
-from .keys import ClientKeys
+from engine import protocol as P
+from engine.runtime.keys import ClientKeys
 
 
 class EngineError(Exception):

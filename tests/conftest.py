@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import control
-from engine.config import EngineConfig, load_config
-from engine.shm import list_segments
-from engine.demo_avatars import make_audio_encoder, make_demo
+from engine.cli.main import control
+from engine.runtime.config import EngineConfig, load_config
+from engine.runtime.shm import list_segments
+from engine.cli.demo_avatars import make_audio_encoder, make_demo
 
 
 def free_port() -> int:
@@ -184,7 +184,7 @@ class CurveKeys:
         return self.folder / "clients"
 
     def client(self, name: str, server: str = "server"):
-        from engine.keys import ClientKeys
+        from engine.runtime.keys import ClientKeys
         return ClientKeys.from_files(self.folder / f"{server}.key", self.folder / f"{name}.key_secret")
 
     def server_toml(self) -> str:
@@ -196,7 +196,7 @@ class CurveKeys:
 def make_keys(folder: Path, names: tuple[str, ...], authorised: tuple[str, ...]) -> CurveKeys:
     import shutil
 
-    from engine.keys import generate
+    from engine.runtime.keys import generate
     keys = CurveKeys(folder)
     keys.clients.mkdir(parents=True)
     for name in ("server", *names):

@@ -74,7 +74,7 @@ def candidates() -> dict:
 
 
 def main() -> None:
-    from engine.face_detect import FaceDetector
+    from engine.avatars.face_detect import FaceDetector
     video, truth = clip()
     lfw = [cv2.copyMakeBorder(cv2.resize((f * 255).astype(np.uint8), (100, 100), interpolation=cv2.INTER_CUBIC),
                               50, 50, 50, 50, cv2.BORDER_REPLICATE) for f in data.lfw_subset()[:100]]

@@ -63,7 +63,7 @@ def raw_matrix(onnx_path: Path, device: int | None, sizes: tuple[int, ...], repe
                variants: list[tuple[str, bool, bool]], deadline: float) -> list[dict]:
     """Each variant (precision, device buffers, CUDA graphs) loaded like a worker loads it (warm-up at
     every size, self-check, graphs captured by this thread), then timed at every size."""
-    from engine.inference import InferenceCore
+    from engine.worker.inference import InferenceCore
     rows = []
     for precision, buffers, graphs in variants:
         label = f"{precision}, {'device buffers' if buffers else 'ring binding'}{', CUDA graphs' if graphs else ''}"
@@ -105,7 +105,7 @@ def raw_matrix(onnx_path: Path, device: int | None, sizes: tuple[int, ...], repe
 # -- 2./3. the engine ---------------------------------------------------------------------------------
 class Engine:
     def __init__(self, tmp: Path, models: Path, devices: str, workers: int, compositors: int, extra: str = "") -> None:
-        from engine.config import load_config
+        from engine.runtime.config import load_config
         self.path = tmp / f"engine_{workers}.toml"
         self.path.write_text(f'''models_root = "{models}"
 [server]
@@ -130,7 +130,7 @@ ready_timeout_s = 300
         self.log = tmp / f"engine_{workers}.log"
 
     def __enter__(self) -> Engine:
-        from engine.cli import control
+        from engine.cli.main import control
         self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "--config", str(self.path), "start"],
                                      stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.monotonic() + 300
@@ -148,7 +148,7 @@ ready_timeout_s = 300
             return c.health()
 
     def __exit__(self, *exc) -> None:
-        from engine.cli import control
+        from engine.cli.main import control
         control(self.cfg, "stop", 2.0)
         try:
             self.proc.wait(60)
@@ -163,7 +163,7 @@ def cold(h: dict) -> dict:
 
 def engine_runs(tmp: Path, models: Path, avatar: str, devices: str, workers_list: list[int], compositors: int,
                 clients: int, batch: int, batches: int, capacity: dict | None, extra: str, deadline: float) -> dict:
-    from engine.bench import run_bench
+    from engine.cli.bench import run_bench
     out: dict = {"throughput": [], "capacity": None}
     for workers in workers_list:
         if elapsed() > deadline:
@@ -188,7 +188,7 @@ def engine_runs(tmp: Path, models: Path, avatar: str, devices: str, workers_list
 
 
 def stream_capacity(eng: Engine, avatar: str, opts: dict, deadline: float) -> dict:
-    from engine.bench import run_stream_bench, search_capacity
+    from engine.cli.bench import run_stream_bench, search_capacity
 
     def measure(n: int) -> dict:
         if elapsed() > deadline:                       # out of time: stop the search (counted as a failure)
@@ -266,7 +266,7 @@ def main() -> None:
     gpu = "CUDAExecutionProvider" in avail and bool(name)
     say(f"onnxruntime {ort.__version__} {avail}; GPU: {name or 'none'}; python {platform.python_version()}; "
         f"{os.cpu_count()} cores")
-    from engine.demo_avatars import ensure_avatars
+    from engine.cli.demo_avatars import ensure_avatars
     tmp = Path(tempfile.mkdtemp(prefix="gpubench"))
     models = tmp / "models"
     ensure_avatars(models, names=("demo", "bench"), frames=12 if args.quick else 100)

@@ -63,7 +63,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from engine.client import AsyncClient, AsyncStream, EngineError, StreamClosed
-from engine.keys import CertificateError, ClientKeys
+from engine.runtime.keys import CertificateError, ClientKeys
 
 __all__ = ["make_app", "pack_frame", "unpack_frame", "main", "STATIC_DIR"]
 
@@ -352,7 +352,7 @@ async def _speech_wav(app: web.Application) -> Path:
     path = app[CACHE_DIR] / "speech.wav"
     async with app[SPEECH_LOCK]:
         if not path.is_file():
-            from engine.speech import make_speech_wav
+            from engine.audio.speech import make_speech_wav
             await asyncio.get_running_loop().run_in_executor(None, make_speech_wav, path, SPEECH_SECONDS)
     return path
 

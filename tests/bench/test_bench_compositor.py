@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from engine.avatar import AvatarView, avatar_files, read_graph
-from engine.avatar_splice import SplicedAvatarView, prepared_path
-from engine.kernels import FrameCompositor, crop_border, cut_crop
-from engine.splice import FrameCodec, FrameParts, Settings, SpliceCompositor
+from engine.avatars.frames import AvatarView, avatar_files, read_graph
+from engine.avatars.spliced import SplicedAvatarView, prepared_path
+from engine.kernels.image import FrameCompositor, crop_border, cut_crop
+from engine.kernels.splice import FrameCodec, FrameParts, Settings, SpliceCompositor
 
 SIZES = {"1280x720": (720, 1280, 1.0), "1920x1080": (1080, 1920, 1.5)}
 
@@ -30,8 +30,8 @@ def demo_face(models_root, bg: np.ndarray, rect) -> np.ndarray:
     a real output, so the region JPEG has a face's content, not noise."""
     import onnxruntime as ort
 
-    from engine.bench import speech_like_features
-    from engine.kernels import fill_visual
+    from engine.cli.bench import speech_like_features
+    from engine.kernels.image import fill_visual
     image = np.empty((1, 6, 320, 320), np.float32)
     fill_visual(cut_crop(bg, rect, 320)[None], image)
     sess = ort.InferenceSession(str(models_root / "demo" / "checkpoint" / "model_best.onnx"),
@@ -263,7 +263,7 @@ def both_layouts(models_root):
 
 @pytest.mark.parametrize("layout", ["decoded", "spliced"])
 def test_gpu_worker_fill_visual_batch_12(benchmark, both_layouts, layout):
-    from engine.kernels import fill_visual
+    from engine.kernels.image import fill_visual
     benchmark.group = "gpu-worker-image-input-batch-12"
     view = both_layouts[0] if layout == "spliced" else both_layouts[1]
     idx = np.arange(12) % view.n

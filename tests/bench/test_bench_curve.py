@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import zmq
 
-from engine.keys import ClientKeys
+from engine.runtime.keys import ClientKeys
 
 pytestmark = pytest.mark.benchmark(group="transport-composite-24")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.bench import BareLoop, speech_like_features
+from engine.cli.bench import BareLoop, speech_like_features
 from engine.client import Client
 
 pytestmark = pytest.mark.benchmark(group="batch-of-12-demo")

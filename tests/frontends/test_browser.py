@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import free_port
-from engine.demo_avatars import make_audio_encoder
-from engine.speech import resample, speech_pcm, write_wav
+from engine.cli.demo_avatars import make_audio_encoder
+from engine.audio.speech import resample, speech_pcm, write_wav
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

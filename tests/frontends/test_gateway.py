@@ -17,8 +17,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from engine.client import Client
 from frontends.web.gateway import make_app, pack_frame, unpack_frame
 from tests.conftest import free_port
-from engine.demo_avatars import make_audio_encoder
-from engine.speech import speech_pcm
+from engine.cli.demo_avatars import make_audio_encoder
+from engine.audio.speech import speech_pcm
 
 pytestmark = pytest.mark.integration
 

@@ -1,8 +1,33 @@
 """lipsync-engine: a real-time lip-sync video engine.
 
-Process roles: :mod:`engine.supervisor.supervisor` (spawns and watches everything), :mod:`engine.front.front`
-(ZeroMQ ROUTER front, scheduling), :mod:`engine.worker.gpu_worker` (one per GPU slot, ONNX Runtime),
-:mod:`engine.compositor.compositor` (paste-back and JPEG). Kernels in :mod:`engine.kernels.image`, the wire
-protocol in :mod:`engine.protocol`, clients in :mod:`engine.client`.
+Packages by role, imports pointing down (docs/architecture.md has the module map)::
+
+    cli          engine-ctl, benchmarks, render, demo avatars          (entry points)
+    supervisor   spawns and watches every process; control, metrics
+    front        ZeroMQ ROUTER front, requests, streams, scheduler    \
+    worker       GPU worker: ONNX Runtime inference                    | the process roles
+    compositor   paste-back and JPEG                                  /
+    avatars      avatars on disk and in shared memory, import
+    kernels      image and JPEG compute kernels     audio   mel features, speech
+    runtime      config, process base, shared memory, ring, logs, metrics, keys
+
+At the package's face: :mod:`engine.protocol` (the wire protocol, docs/protocol.md) and
+:mod:`engine.client` (``from engine import Client, AsyncClient``).
 """
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+
+_CLIENT_NAMES = ("Client", "AsyncClient", "Stream", "AsyncStream", "EngineError", "EngineTimeout", "Disconnected",
+                 "EngineRefused", "StreamClosed", "StreamFrame", "CompositeResult")
+
+
+def __getattr__(name: str) -> Any:
+    """``from engine import Client``: the client is imported on first use, so that importing a
+    subpackage (every engine process does) does not pull in the client."""
+    if name in _CLIENT_NAMES:
+        from engine import client
+        return getattr(client, name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli.main import control
+from engine.cli.demo_avatars import make_audio_encoder, make_demo
 from engine.runtime.config import EngineConfig, load_config
 from engine.runtime.shm import list_segments
-from engine.cli.demo_avatars import make_audio_encoder, make_demo
+from engine.supervisor.control import control
 
 
 def free_port() -> int:

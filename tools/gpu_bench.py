@@ -130,7 +130,7 @@ ready_timeout_s = 300
         self.log = tmp / f"engine_{workers}.log"
 
     def __enter__(self) -> Engine:
-        from engine.cli.main import control
+        from engine.supervisor.control import control
         self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "--config", str(self.path), "start"],
                                      stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.monotonic() + 300
@@ -148,7 +148,7 @@ ready_timeout_s = 300
             return c.health()
 
     def __exit__(self, *exc) -> None:
-        from engine.cli.main import control
+        from engine.supervisor.control import control
         control(self.cfg, "stop", 2.0)
         try:
             self.proc.wait(60)

@@ -145,6 +145,16 @@ def speech_pcm(seconds: float = 6.0, seed: int = 3) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+def speech_like_features(batch: int, start: int, shape: tuple[int, ...] = (32, 16, 16), seed: int = 7) -> np.ndarray:
+    """Network audio input without an audio encoder: deterministic features whose energy rises and
+    falls like syllables (4 per second)."""
+    rng = np.random.default_rng(seed + start)
+    t = (start + np.arange(batch)) / 25.0
+    envelope = 0.02 + 0.8 * np.abs(np.sin(np.pi * 4.0 * t)) * (0.6 + 0.4 * np.sin(2 * np.pi * 0.3 * t))
+    noise = rng.standard_normal((batch, *shape)).astype(np.float32)
+    return (noise * envelope.reshape(-1, *([1] * len(shape)))).astype(np.float32)
+
+
 def write_wav(path: Path, pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
     """Write 16-bit PCM WAV atomically. ``pcm``: float in [-1, 1] (clipped), ``[n]`` or ``[n, channels]``."""
     path = Path(path)

@@ -19,7 +19,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-import onnx
 
 MAX_NAME_BYTES = 128             # an avatar name is a folder name (and part of segment names)
 FRAME_RE = re.compile(r"^frame_(\d+)\.(png|jpg|jpeg)$", re.IGNORECASE)
@@ -57,6 +56,7 @@ def _dims(value_info: Any) -> list[int | None]:
 
 def _graph_io(path: Path) -> tuple[dict[str, list[int | None]], list[tuple[str, list[int | None]]]]:
     """An ONNX file's inputs (initializers excluded) and outputs, with their dims."""
+    import onnx  # here, not at the top: importing onnx costs ~1 s, and most processes never read a graph
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - onnx raises many kinds

@@ -18,13 +18,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import numpy as np
 
-# the on-disk layout and its checks live in avatar_disk (shared with engine-ctl avatar check)
-from engine.avatars.disk import (AvatarError, AvatarFiles, GraphInfo, UnknownAvatar, avatar_files,  # noqa: F401
-                          check_frame_size, discover, find_frames, graph_info, read_graph, read_rects, session_graph)
+from engine.avatars.disk import AvatarError, AvatarFiles, check_frame_size, read_rects
 from engine.avatars.disk import decode_frame as _decode
 from engine.kernels.image import cut_crop
 from engine.runtime.shm import Segment
@@ -122,41 +119,3 @@ class AvatarView:
     def close(self) -> None:
         self.rects = self.frames = self.crops = None  # type: ignore[assignment]
         self.segment.close()
-
-
-def attach_view(segment_name: str) -> Any:
-    """Attach an avatar segment of either layout (its JSON header says which)."""
-    seg = Segment(segment_name)
-    try:
-        meta = json.loads(bytes(seg.buf[:HEADER_BYTES]).rstrip(b"\0"))
-        if meta.get("layout") == "splice":
-            from engine.avatars.spliced import SplicedAvatarView
-            return SplicedAvatarView(seg)
-        return AvatarView(seg)
-    except BaseException:
-        seg.close()
-        raise
-
-
-class AttachedAvatars:
-    """The avatar segments a worker process has mapped: attached on first use, dropped on request
-    (the front evicted or unloaded that avatar)."""
-
-    def __init__(self) -> None:
-        self.views: dict[str, Any] = {}
-
-    def get(self, segment: str) -> Any:
-        """The segment's view: :class:`AvatarView` or :class:`~engine.avatars.spliced.SplicedAvatarView`."""
-        view = self.views.get(segment)
-        if view is None:
-            view = self.views[segment] = attach_view(segment)
-        return view
-
-    def drop(self, segment: str) -> None:
-        view = self.views.pop(segment, None)
-        if view is not None:
-            view.close()
-
-    def close(self) -> None:
-        for segment in list(self.views):
-            self.drop(segment)

@@ -31,9 +31,28 @@ from typing import Any
 import cv2
 import numpy as np
 
-from engine.avatars.disk import (AvatarError, EncoderInfo, GraphInfo, avatar_files, check_encoder_fits, check_name,
-                          decode_frame, read_encoder, read_graph, read_rects, ring_room_error)
-from engine.avatars.crop_rects import CROP_SCALE, CROP_TOP, TrackReport, ranges, read_lms, rects_from_boxes, synctalk_rect
+from engine.avatars.crop_rects import (
+    CROP_SCALE,
+    CROP_TOP,
+    TrackReport,
+    ranges,
+    read_lms,
+    rects_from_boxes,
+    synctalk_rect,
+)
+from engine.avatars.disk import (
+    AvatarError,
+    EncoderInfo,
+    GraphInfo,
+    avatar_files,
+    check_encoder_fits,
+    check_name,
+    decode_frame,
+    read_encoder,
+    read_graph,
+    read_rects,
+    ring_room_error,
+)
 from engine.avatars.face_detect import Box, FaceDetector
 
 FPS = 25

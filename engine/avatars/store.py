@@ -21,11 +21,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.avatars.frames import AvatarError, AvatarFiles, AvatarView, GraphInfo, avatar_bytes, avatar_files, discover, read_graph
-from engine.avatars.disk import frame_shape, read_rects
+from engine.avatars.disk import (
+    AvatarError,
+    AvatarFiles,
+    GraphInfo,
+    avatar_files,
+    discover,
+    frame_shape,
+    read_graph,
+    read_rects,
+)
+from engine.avatars.frames import AvatarView, avatar_bytes
 from engine.avatars.spliced import SplicedAvatarView, estimate_bytes, prepared_size
-from engine.runtime.config import EngineConfig, ModelConfig
 from engine.kernels.splice import JpegError, Settings
+from engine.runtime.config import EngineConfig, ModelConfig
 
 log = logging.getLogger("engine.avatar_store")
 

@@ -17,9 +17,20 @@ from typing import Any
 
 import numpy as np
 
-from engine.avatars.disk import (AvatarError, avatar_files, check_encoder_fits, check_frame_size, decode_frame,
-                          describe_graph, find_encoder, frame_shape, read_encoder, read_graph, read_rects,
-                          ring_room_error)
+from engine.avatars.disk import (
+    AvatarError,
+    avatar_files,
+    check_encoder_fits,
+    check_frame_size,
+    decode_frame,
+    describe_graph,
+    find_encoder,
+    frame_shape,
+    read_encoder,
+    read_graph,
+    read_rects,
+    ring_room_error,
+)
 from engine.avatars.store import over_budget, shared_bytes
 from engine.runtime.config import EngineConfig
 

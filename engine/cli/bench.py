@@ -16,17 +16,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from engine.audio.speech import speech_like_features
 from engine.client import Client
 from engine.runtime.keys import ClientKeys
-
-
-def speech_like_features(batch: int, start: int, shape: tuple[int, ...] = (32, 16, 16), seed: int = 7) -> np.ndarray:
-    """Deterministic audio features whose energy rises and falls like syllables (4 per second)."""
-    rng = np.random.default_rng(seed + start)
-    t = (start + np.arange(batch)) / 25.0
-    envelope = 0.02 + 0.8 * np.abs(np.sin(np.pi * 4.0 * t)) * (0.6 + 0.4 * np.sin(2 * np.pi * 0.3 * t))
-    noise = rng.standard_normal((batch, *shape)).astype(np.float32)
-    return (noise * envelope.reshape(-1, *([1] * len(shape)))).astype(np.float32)
 
 
 @dataclass
@@ -133,7 +125,8 @@ class BareLoop:
                  quality: int = 75, subsampling: str = "420", threads: int = 0, encoder: str = "splice") -> None:
         import onnxruntime as ort
 
-        from engine.avatars.frames import AvatarView, avatar_files, read_graph
+        from engine.avatars.disk import avatar_files, read_graph
+        from engine.avatars.frames import AvatarView
         from engine.avatars.spliced import SplicedAvatarView
         from engine.kernels.image import FrameCompositor
         from engine.kernels.splice import FrameCodec, Settings, SpliceCompositor

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.audio.speech import SAMPLE_RATE, read_wav, resample
+from engine.cli.mp4 import write_mp4
 from engine.client import Client
 from engine.runtime.keys import ClientKeys
-from engine.cli.mp4 import write_mp4
-from engine.audio.speech import SAMPLE_RATE, read_wav, resample
 
 CHUNK = SAMPLE_RATE // 5
 

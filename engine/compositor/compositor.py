@@ -29,11 +29,11 @@ import cv2
 import numpy as np
 import zmq
 
-from engine.avatars.frames import AttachedAvatars
+from engine.avatars.attached import AttachedAvatars
 from engine.kernels.image import FrameCompositor
+from engine.kernels.splice import FrameCodec, Settings, SpliceCompositor
 from engine.runtime.process import Role, send_msg
 from engine.runtime.ring import BatchRing
-from engine.kernels.splice import FrameCodec, Settings, SpliceCompositor
 
 log = logging.getLogger("engine.compositor")
 

@@ -1,6 +1,6 @@
-"""The front's guards: CURVE and ZAP (:mod:`engine.front.security`), per-key quotas (:mod:`engine.front.quotas`),
-metrics (:mod:`engine.runtime.metrics`) and request-scoped logs (:mod:`engine.runtime.logs`), mixed into
-:class:`engine.front.front.Front`. The front calls these at a few fixed points (start-up, its poll loop,
+"""The front's guards: CURVE and ZAP (:mod:`engine.front.security`), per-key quotas
+(:mod:`engine.front.quotas`), metrics (:mod:`engine.runtime.metrics`) and request-scoped logs
+(:mod:`engine.runtime.logs`). The front calls them at a few fixed points (start-up, its poll loop,
 each request, each reply, each finished job); they run on its thread and never block it."""
 from __future__ import annotations
 
@@ -10,31 +10,35 @@ import time
 import zmq
 
 from engine import protocol as P
-from engine.runtime.logs import set_request
-from engine.runtime.metrics import FrontMetrics
+from engine.avatars.store import AvatarStore
+from engine.front.connections import Connection, Connections
 from engine.front.quotas import FrontQuotas
 from engine.front.security import FrontSecurity
+from engine.runtime.config import EngineConfig
+from engine.runtime.logs import set_request
+from engine.runtime.metrics import FrontMetrics
 
 log = logging.getLogger("engine.front")
 
 
 class Guards:
-    """Security, quotas and metrics of the front (a mixin: it uses the front's context and connections)."""
+    """Security, quotas and metrics of the front. Built in ``init_process``, after the context and
+    the connections, before the client socket binds (CURVE is configured on it here)."""
 
-    def _init_guards(self) -> None:
-        """In ``init_process``, after the context and ``self.conns``, before the client socket exists."""
-        cfg = self.cfg
+    def __init__(self, cfg: EngineConfig, ctx: zmq.Context, client: zmq.Socket, conns: Connections,
+                 store: AvatarStore) -> None:
+        self.conns = conns
         self.metrics = FrontMetrics(bool(cfg.server.metrics))
-        self.security = FrontSecurity(cfg, self.ctx, self.metrics.connection_refused)
-        self.security.configure(self.client)
-        self.quotas = FrontQuotas(cfg.quotas, self.conns, cfg.curve, self.metrics.quota_exceeded)
-        self.store.on_loaded = self.metrics.avatar_loaded
+        self.security = FrontSecurity(cfg, ctx, self.metrics.connection_refused)
+        self.security.configure(client)
+        self.quotas = FrontQuotas(cfg.quotas, conns, cfg.curve, self.metrics.quota_exceeded)
+        store.on_loaded = self.metrics.avatar_loaded
 
-    def _register_guards(self, poller: zmq.Poller) -> None:
+    def register(self, poller: zmq.Poller) -> None:
         if self.security.zap is not None:
             poller.register(self.security.zap, zmq.POLLIN)
 
-    def _poll_guards(self, events: dict) -> None:
+    def poll(self, events: dict) -> None:
         if self.security.zap is not None and self.security.zap in events:
             self.security.on_zap()
 
@@ -43,7 +47,7 @@ class Guards:
         conn = self.conns.get(identity)
         return conn.key if conn is not None and conn.key else identity.hex()
 
-    def _replied(self, req: P.Request | None, header: bytes) -> None:
+    def replied(self, req: P.Request | None, header: bytes) -> None:
         """Every reply, before it is sent: counted; at DEBUG, one access-log line naming the request."""
         self.metrics.replied(req, header)
         if req is not None and log.isEnabledFor(logging.DEBUG):
@@ -52,7 +56,7 @@ class Guards:
                       extra={"request_id": req.id, "client": self.client_label(req.envelope[0]),
                              "method": req.method})
 
-    def _admit(self, conn, req: P.Request) -> None:
+    def admit(self, conn: Connection, req: P.Request) -> None:
         """A parsed request: name it in the logs, then check its key's quotas (raises ProtocolError)."""
         set_request(req.id, conn.key or conn.identity.hex(), req.method)
         req.t_recv = time.monotonic()            # for the access log

@@ -8,8 +8,8 @@ import numpy as np
 
 from engine import protocol as P
 from engine.avatars.store import AvatarEntry
-from engine.runtime.ring import BatchRing
 from engine.front.streams import StreamBatch
+from engine.runtime.ring import BatchRing
 
 
 @dataclass(eq=False)

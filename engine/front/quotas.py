@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from engine import protocol as P
-from engine.runtime.config import Quota, QuotasConfig
 from engine.front.connections import Connections
-from engine.protocol import ProtocolError
 from engine.front.security import RateLimitedLog
+from engine.protocol import ProtocolError
+from engine.runtime.config import Quota, QuotasConfig
 
 log = logging.getLogger("engine.quotas")
 

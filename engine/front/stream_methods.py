@@ -1,5 +1,5 @@
 """The front's stream methods (``stream_open``, ``stream_audio``, ``stream_close``), stream jobs and
-paced delivery; mixed into :class:`engine.front.front.Front`, whose sockets and scheduler they use.
+paced delivery: a part of :class:`engine.front.front.Front`, whose sockets and scheduler it uses.
 The stream state and its decisions are in :mod:`engine.front.streams`, what runs next in
 :mod:`engine.front.scheduler`."""
 from __future__ import annotations
@@ -11,27 +11,18 @@ import numpy as np
 
 from engine import protocol as P
 from engine.avatars.store import AvatarEntry
-from engine.runtime.config import WRAP_MODES
+from engine.front import replies
 from engine.front.jobs import Job
-from engine.runtime.logs import request_scope
-from engine.protocol import ProtocolError
+from engine.front.part import FrontPart
 from engine.front.streams import AudioFull, Stream, StreamBatch, StreamStateError, check_pcm, new_stream_id
+from engine.protocol import ProtocolError
+from engine.runtime.config import WRAP_MODES
 
 log = logging.getLogger("engine.front")
 
 
-class StreamMethods:
-    """Stream handling of the front (a mixin: it runs on the front's thread, with its state)."""
-
-    @request_scope
-    def _guard_request(self, req: P.Request, fn, *args) -> None:
-        try:
-            fn(*args)
-        except ProtocolError as e:
-            self.reply_error(req, e.code, e.message)
-        except Exception as e:  # noqa: BLE001
-            log.exception("request failed")
-            self.reply_error(req, P.INTERNAL, f"internal error: {e}")
+class StreamMethods(FrontPart):
+    """Stream handling of the front (on the front's thread, with its state)."""
 
     def _encoder_path(self, e: AvatarEntry) -> str:
         name = self.cfg.streams.audio_encoder
@@ -42,18 +33,20 @@ class StreamMethods:
                             f"nor {self.cfg.models_dir / name} exists")
 
     def _check_stream_room(self, identity: bytes, req_id=None) -> None:
+        f = self.front
         cfg = self.cfg.streams
-        if len(self.scheduler.streams) >= cfg.max_streams:
-            raise ProtocolError(P.BUSY, f"{len(self.scheduler.streams)} streams are open (streams.max_streams)", req_id)
-        conn = self.conns.get(identity)
+        if len(f.scheduler.streams) >= cfg.max_streams:
+            raise ProtocolError(P.BUSY, f"{len(f.scheduler.streams)} streams are open (streams.max_streams)", req_id)
+        conn = f.conns.get(identity)
         if conn is not None and len(conn.streams) >= cfg.max_per_client:
             raise ProtocolError(P.BUSY, f"this connection has {len(conn.streams)} streams open "
                                 f"(streams.max_per_client)", req_id)
-        self.quotas.check_streams(identity, req_id)    # per-key quota (CURVE)
+        f.quotas.check_streams(identity, req_id)    # per-key quota (CURVE)
 
     def do_stream_open(self, req: P.Request) -> None:
+        f = self.front
         p = req.params
-        conn = self.conns.get(req.envelope[0])
+        conn = f.conns.get(req.envelope[0])
         if conn is not None and conn.socket_type == "REQ":
             raise ProtocolError(P.BAD_REQUEST, "streams need a DEALER socket: a stream's frames are events sent "
                                 "without a request, which a REQ socket cannot receive", req.id)
@@ -70,8 +63,8 @@ class StreamMethods:
         self._check_stream_room(req.envelope[0], req.id)
 
         def opened(e: AvatarEntry) -> None:
-            self._require_loaded(e)
-            conn = self.conns.get(req.envelope[0])
+            f.requests.require_loaded(e)
+            conn = f.conns.get(req.envelope[0])
             if conn is None:
                 return                                # the client left while the avatar loaded
             self._check_stream_room(req.envelope[0])  # others opened while it loaded
@@ -82,23 +75,25 @@ class StreamMethods:
             s.entry, s.encoder = e, encoder
             e.inflight += 1                       # an open stream pins its avatar in memory
             e.last_used = time.time()
-            self.scheduler.add_stream(s)
+            f.scheduler.add_stream(s)
             conn.streams.add(s.id)
-            self.metrics.stream_opened()
+            f.metrics.stream_opened()
             log.info("stream %s opened on %s (realtime %s)", s.id, name, s.realtime)
-            self.reply_ok(req, {"stream": s.id, "model": name, "fps": 25, "sample_rate": 16000,
-                                "samples_per_frame": 640, "lookahead_ms": 490, "realtime": s.realtime,
-                                "frames": e.view.n, "width": e.view.width, "height": e.view.height})
-        self._acquire(name, lambda e: self._guard_request(req, opened, e))
+            f.reply_ok(req, {"stream": s.id, "model": name, "fps": 25, "sample_rate": 16000,
+                             "samples_per_frame": 640, "lookahead_ms": 490, "realtime": s.realtime,
+                             "frames": e.view.n, "width": e.view.width, "height": e.view.height})
+        f.requests.acquire(name, lambda e: f.requests.guard_request(req, opened, e))
 
     def _stream(self, req: P.Request) -> Stream:
+        f = self.front
         sid = P.check_str(req.params, "stream", req_id=req.id)
-        s = self.scheduler.streams.get(sid)
+        s = f.scheduler.streams.get(sid)
         if s is None or s.owner[0] != req.envelope[0]:
             raise ProtocolError(P.UNKNOWN_STREAM, f"no open stream {sid!r} on this connection", req.id)
         return s
 
     def do_stream_audio(self, req: P.Request) -> None:
+        f = self.front
         s = self._stream(req)
         end = P.check_bool(req.params, "end", False, req_id=req.id)
         buf = req.buffers.get("pcm")
@@ -115,24 +110,26 @@ class StreamMethods:
         except StreamStateError as e:
             raise ProtocolError(P.BAD_REQUEST, str(e), req.id) from None
         except AudioFull as e:
-            self.quotas.refund(self.conns.get(req.envelope[0]), req)
+            f.quotas.refund(f.conns.get(req.envelope[0]), req)
             raise ProtocolError(P.BUSY, str(e), req.id) from None
-        self.reply_ok(req, {"stream": s.id, "samples": s.received, "audio_s": round(s.audio_seconds, 3),
-                            "frames_ready": s.next_frame + s.schedulable(), "ended": s.total is not None,
-                            "frames_total": s.total, "audio_ahead_s": round(s.audio_ahead_s(), 3)})
+        f.reply_ok(req, {"stream": s.id, "samples": s.received, "audio_s": round(s.audio_seconds, 3),
+                         "frames_ready": s.next_frame + s.schedulable(), "ended": s.total is not None,
+                         "frames_total": s.total, "audio_ahead_s": round(s.audio_ahead_s(), 3)})
 
     def do_stream_close(self, req: P.Request) -> None:
+        f = self.front
         s = self._stream(req)
         sent = s.next_out
-        self._close_stream(s)
-        self.reply_ok(req, {"stream": s.id, "frames_sent": sent})
+        self.close(s)
+        f.reply_ok(req, {"stream": s.id, "frames_sent": sent})
 
-    def _close_stream(self, s: Stream, error: tuple[str, str] | None = None) -> None:
+    def close(self, s: Stream, error: tuple[str, str] | None = None) -> None:
+        f = self.front
         if s.closed:
             return
         s.closed = True
-        self.scheduler.remove_stream(s)
-        conn = self.conns.get(s.owner[0])
+        f.scheduler.remove_stream(s)
+        conn = f.conns.get(s.owner[0])
         if conn is not None:
             conn.streams.discard(s.id)
         s.ready.clear()
@@ -140,9 +137,9 @@ class StreamMethods:
         s.entry.inflight -= 1
         if error is not None:
             log.warning("stream %s closed: %s", s.id, error[1])
-            self._send_client([*s.owner, P.event_message("stream_error", s.id, error=error)])
+            f.send_client([*s.owner, P.event_message("stream_error", s.id, error=error)])
 
-    def _stream_job(self, batches: list[StreamBatch]) -> Job:
+    def stream_job(self, batches: list[StreamBatch]) -> Job:
         """A GPU job for frames of one or more streams of one avatar (the scheduler's choice)."""
         e = batches[0].stream.entry
         job = Job(None, e.name, sum(b.count for b in batches), 0, None, time.monotonic(), entry=e,
@@ -151,9 +148,10 @@ class StreamMethods:
         e.inflight += 1
         return job
 
-    def _finish_stream_job(self, job: Job) -> None:
+    def finish_stream_job(self, job: Job) -> None:
+        f = self.front
         row = 0
-        frames = self._jpegs(job)
+        frames = replies.jpegs(job)
         for b in job.streams:
             s = b.stream
             s.inflight -= 1
@@ -163,22 +161,23 @@ class StreamMethods:
                                                               "idle": job.idle[row + j]})
             row += b.count
         job.done = True
-        self.scheduler.observe(job.model, time.monotonic() - job.t_recv)
-        self._account(job, ok=True)
-        self.metrics.stream_job_done(job)
-        self.frames_out += job.batch
-        self._free(job.gpu, job.slot)
-        self._deliver_streams(time.monotonic())
+        f.scheduler.observe(job.model, time.monotonic() - job.t_recv)
+        f.pipeline.account(job, ok=True)
+        f.metrics.stream_job_done(job)
+        f.frames_out += job.batch
+        f.pipeline.free(job.gpu, job.slot)
+        self.deliver(time.monotonic())
 
-    def _deliver_streams(self, now: float) -> None:
-        for s in list(self.scheduler.streams.values()):
-            if self.conns.blocked(s.owner[0]):
+    def deliver(self, now: float) -> None:
+        f = self.front
+        for s in list(f.scheduler.streams.values()):
+            if f.conns.blocked(s.owner[0]):
                 continue                              # the client is not reading: its frames wait
             for k, jpeg, meta in s.deliverable(now):
                 header = P.event_message("frame", s.id, meta, [{"name": "frame", "dtype": "jpeg", "count": 1}])
-                self.metrics.stream_frame(s, meta)
-                if not self._send_client([*s.owner, header, jpeg]):
+                f.metrics.stream_frame(s, meta)
+                if not f.send_client([*s.owner, header, jpeg]):
                     break
             if s.finished and not s.closed:
-                self._send_client([*s.owner, P.event_message("stream_end", s.id, s.describe(now))])
-                self._close_stream(s)
+                f.send_client([*s.owner, P.event_message("stream_end", s.id, s.describe(now))])
+                self.close(s)

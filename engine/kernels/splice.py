@@ -29,9 +29,18 @@ from dataclasses import dataclass
 import numpy as np
 import simplejpeg
 
-from engine.kernels.jpeg_bits import (EOI, RECLEN, SOS, JpegError, _dri_header, _plan_frame, _restart, _scan_end,
-                        _splice, add_restarts, huffman_arrays, parse_jpeg, restart_interval)
 from engine.kernels.image import FacePaster
+from engine.kernels.jpeg_bits import RECLEN, _plan_frame, _restart, _splice, add_restarts
+from engine.kernels.jpeg_layout import (
+    EOI,
+    SOS,
+    JpegError,
+    dri_header,
+    huffman_arrays,
+    parse_jpeg,
+    restart_interval,
+    scan_end,
+)
 
 ENCODER_VERSION = f"simplejpeg-{simplejpeg.__version__}"
 SUBSAMPLING_FACTORS = {"444": (1, 1), "422": (2, 1), "420": (2, 2), "411": (4, 1)}
@@ -81,7 +90,7 @@ class FrameCodec:
         self.interval = restart_interval(self.mcux, max(1, target))
         self.nint = self.mcux * self.mcuy // self.interval
         self.huff = huffman_arrays(lay)
-        self.header = np.frombuffer(_dri_header(probe, lay, self.interval), np.uint8).copy()
+        self.header = np.frombuffer(dri_header(probe, lay, self.interval), np.uint8).copy()
         self._ref = np.frombuffer(probe[:lay.scan], np.uint8).copy()      # a region's header, but for its size
         self._info = np.empty((self.mcux * self.mcuy + 1, 1 + 4 * 3), np.int64)
         self._data = np.empty(0, np.uint8)
@@ -111,7 +120,7 @@ class FrameCodec:
         if lay.tables != self.layout.tables or lay.scan != self.layout.scan:
             raise JpegError("the encoder's tables changed between two frames")
         s = np.frombuffer(jpeg, np.uint8)
-        a, b = lay.scan, _scan_end(jpeg)
+        a, b = lay.scan, scan_end(jpeg)
         nmcu = self.mcux * self.mcuy
         out = np.empty(2 * (b - a) + 4 * self.nint + 64, np.uint8)
         h = self.huff
@@ -125,7 +134,7 @@ class FrameCodec:
         """The records [R, RECLEN] int32 of the intervals of ``rect``'s region in ``jpeg`` (a frame
         from :meth:`encode_full`); offsets count from the first byte after the header."""
         s = jpeg if isinstance(jpeg, np.ndarray) else np.frombuffer(jpeg, np.uint8)
-        a, b = len(self.header), _scan_end(s)
+        a, b = len(self.header), scan_end(s)
         recs = np.zeros((self.records(rect), RECLEN), np.int32)
         h = self.huff
         n = _plan_frame(s, a, b, self.interval, self.mcux, self.nint, np.array(self.mcu_box(rect), np.int64),

@@ -18,7 +18,6 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -29,15 +28,15 @@ import zmq
 
 from engine import __version__
 from engine.compositor.compositor import Compositor
-from engine.runtime.config import EngineConfig
 from engine.front.front import Front
-from engine.worker.gpu_worker import GpuWorker
+from engine.front.security import SecurityError, preflight
+from engine.runtime.config import EngineConfig
 from engine.runtime.logs import end_redirect, redirect_std_to
-from engine.supervisor.metrics_server import MetricsServer
 from engine.runtime.process import EXIT_BOOT, Heartbeats, Role, send_msg, setup_logging
 from engine.runtime.ring import BatchRing, RingGeometry
-from engine.front.security import SecurityError, preflight
 from engine.runtime.shm import SHM_DIR, list_segments, remove_stale
+from engine.supervisor.metrics_server import MetricsServer
+from engine.worker.gpu_worker import GpuWorker
 
 log = logging.getLogger("engine.supervisor")
 

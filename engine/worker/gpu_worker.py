@@ -38,11 +38,13 @@ import numpy as np
 import zmq
 
 from engine import protocol as P
-from engine.avatars.frames import AttachedAvatars, AvatarError
-from engine.worker.inference import InferenceCore, InferenceError, LoadedModel
+from engine.avatars.attached import AttachedAvatars
+from engine.avatars.disk import AvatarError
 from engine.kernels.image import fill_visual
 from engine.runtime.process import Role, send_msg
 from engine.runtime.ring import BatchRing, SlotState
+from engine.worker.inference import InferenceCore, InferenceError
+from engine.worker.loaded import LoadedModel
 
 log = logging.getLogger("engine.gpu_worker")
 

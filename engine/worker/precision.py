@@ -34,6 +34,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from engine.audio.speech import speech_like_features, speech_pcm
+
 log = logging.getLogger("engine.precision")
 
 ERROR_FRAMES = 8                  # avatar frames the error is measured on
@@ -113,7 +115,8 @@ def sample_inputs(avatar: Path, graph, frames: int = ERROR_FRAMES,
     Audio: the engine's speech signal through ``encoder`` (mel windows -> encoder -> each frame's
     16-vector context), or speech-like features when there is no encoder or the shapes differ.
     """
-    from engine.avatars.frames import _decode, avatar_files, read_rects
+    from engine.avatars.disk import avatar_files, read_rects
+    from engine.avatars.disk import decode_frame as _decode
     from engine.kernels.image import cut_crop, fill_visual
     files = avatar_files(avatar.parent, avatar.name)
     n = len(files.frames)
@@ -128,13 +131,11 @@ def sample_inputs(avatar: Path, graph, frames: int = ERROR_FRAMES,
 
 def speech_features(count: int, shape: tuple[int, ...], encoder: Path | None) -> np.ndarray:
     """``count`` frames of network audio input from speech (see :func:`sample_inputs`)."""
-    from engine.cli.bench import speech_like_features
     if encoder is None or not encoder.is_file():
         return speech_like_features(count, 0, shape)
     import onnxruntime as ort
 
     from engine.audio.mel import frame_audio_features, mel_windows, melspectrogram
-    from engine.audio.speech import speech_pcm
     pcm = speech_pcm(max(1.0, (count + 8) / 25), seed=11)
     total = int(len(pcm) // 640)
     windows = mel_windows(melspectrogram(pcm), 0, total)
@@ -157,7 +158,7 @@ def _session(path: Path, providers: list) -> Any:
 def measure_error(src: Path, half: Path, image: np.ndarray, audio: np.ndarray, providers: list,
                   graph: Any = None) -> dict[str, Any]:
     """Run both networks on the same inputs; the output's absolute differences."""
-    from engine.avatars.frames import read_graph
+    from engine.avatars.disk import read_graph
     g = graph or read_graph(src)
     step, n = g.fixed_batch or 1, len(image)
     pad = -n % step                              # a graph exported with a fixed batch runs in whole pieces
@@ -188,7 +189,7 @@ def error_report(src: Path, cache_dir: Path, avatar: Path, encoder: Path | None,
     with _locked(report_path.with_suffix(".lock")):
         report = _read_json(report_path)
         if force or provider not in report:
-            from engine.avatars.frames import read_graph
+            from engine.avatars.disk import read_graph
             g = graph or read_graph(src)
             image, audio = sample_inputs(avatar, g, encoder=encoder)
             report[provider] = measure_error(src, half, image, audio, providers, g)

@@ -8,10 +8,11 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.avatars.frames import AvatarError, AvatarView, UnknownAvatar, avatar_files, discover, read_graph
-from engine.avatars.store import AvatarStore, CapacityError
-from engine.runtime.config import config_from_dict
+from engine.avatars.disk import AvatarError, UnknownAvatar, avatar_files, discover, read_graph
+from engine.avatars.frames import AvatarView
+from engine.avatars.store import AvatarStore
 from engine.kernels.image import cut_crop
+from engine.runtime.config import config_from_dict
 from engine.runtime.shm import list_segments
 
 PREFIX = "tav"

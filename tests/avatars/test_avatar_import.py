@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from engine.cli.avatar_check import check_avatar
+from engine.audio.speech import speech_pcm
 from engine.avatars.disk import AvatarError
 from engine.avatars.importer import import_synctalk, import_video, video_frames
+from engine.cli.avatar_check import check_avatar
 from engine.client import Client, EngineError
 from engine.runtime.config import load_config
 from engine.runtime.shm import list_segments
-from engine.audio.speech import speech_pcm
 
 from ..conftest import _counter, start_engine, write_config
 from .face_videos import background, talking_head, write_video

@@ -10,12 +10,14 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.avatars import frames as avatar_mod
-from engine.avatars.frames import AvatarView, attach_view, avatar_files
+from engine.avatars import disk as avatar_mod
+from engine.avatars.attached import attach_view
+from engine.avatars.disk import avatar_files
+from engine.avatars.frames import AvatarView
 from engine.avatars.spliced import PREPARED_DIR, SplicedAvatarView, estimate_bytes, prepared_path, prepared_size
 from engine.kernels.image import FrameCompositor
-from engine.runtime.shm import list_segments
 from engine.kernels.splice import FrameCodec, Settings, SpliceCompositor
+from engine.runtime.shm import list_segments
 
 from .test_avatar import copy_avatar
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.avatars.disk import AvatarError
 from engine.avatars.crop_rects import CROP_SCALE, CROP_TOP, ranges, read_lms, rects_from_boxes, synctalk_rect
+from engine.avatars.disk import AvatarError
 from engine.avatars.face_detect import Box
 
 

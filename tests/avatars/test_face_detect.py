@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.avatars.importer import video_frames
 from engine.avatars.face_detect import FaceDetector, cascade_path
+from engine.avatars.importer import video_frames
 
 from .face_videos import astronaut_head, background, moving_head, place, write_video
 

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from engine.avatars.frames import AvatarView, avatar_files, read_graph
+from engine.avatars.disk import avatar_files, read_graph
+from engine.avatars.frames import AvatarView
 from engine.avatars.spliced import SplicedAvatarView, prepared_path
 from engine.kernels.image import FrameCompositor, crop_border, cut_crop
 from engine.kernels.splice import FrameCodec, FrameParts, Settings, SpliceCompositor
@@ -30,7 +31,7 @@ def demo_face(models_root, bg: np.ndarray, rect) -> np.ndarray:
     a real output, so the region JPEG has a face's content, not noise."""
     import onnxruntime as ort
 
-    from engine.cli.bench import speech_like_features
+    from engine.audio.speech import speech_like_features
     from engine.kernels.image import fill_visual
     image = np.empty((1, 6, 320, 320), np.float32)
     fill_visual(cut_crop(bg, rect, 320)[None], image)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.cli.bench import BareLoop, speech_like_features
+from engine.audio.speech import speech_like_features
+from engine.cli.bench import BareLoop
 from engine.client import Client
 
 pytestmark = pytest.mark.benchmark(group="batch-of-12-demo")

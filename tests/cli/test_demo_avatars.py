@@ -12,22 +12,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-try:
-    from engine.cli import demo_avatars as ma
-except ImportError:
-    # Without tests/__init__.py, pytest's default "prepend" import mode imports this folder as the
-    # top-level package "tools", which hides the project's tools/ package. Load the module by path.
-    import importlib.util
-    import sys
-
-    _path = Path(__file__).resolve().parents[2] / "tools" / "make_avatars.py"
-    _spec = importlib.util.spec_from_file_location("_make_avatars_under_test", _path)
-    ma = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = ma
-    _spec.loader.exec_module(ma)
+from engine.cli import demo_avatars as ma
+from engine.cli import demo_networks as nets
 
 FRAMES = 12
-MX, MY = ma.MOUTH_CENTER_320
+MX, MY = nets.MOUTH_CENTER_320
 # Everything the demo network may change lies inside this box of the 320 face.
 MOUTH_BOX = (slice(int(MY) - 50, int(MY) + 51), slice(int(MX) - 70, int(MX) + 71))
 
@@ -62,12 +51,12 @@ def demo_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_model() -> onnx.ModelProto:
-    return ma.build_demo_network()
+    return nets.build_demo_network()
 
 
 @pytest.fixture(scope="module")
 def bench_model() -> onnx.ModelProto:
-    return ma.build_bench_network()
+    return nets.build_bench_network()
 
 
 # ---------------------------------------------------------------------------------- frames
@@ -199,7 +188,7 @@ def test_demo_network_batch_items_are_independent(demo_model: onnx.ModelProto) -
 
 
 def test_bench_network_cost(bench_model: onnx.ModelProto) -> None:
-    params, macs = ma.count_cost(bench_model)
+    params, macs = nets.count_cost(bench_model)
     assert abs(params - 12.2e6) / 12.2e6 < 0.10, params
     assert abs(macs - 4.9e9) / 4.9e9 < 0.10, macs
     ops = {n.op_type for n in bench_model.graph.node}
@@ -238,7 +227,7 @@ def test_count_cost_of_a_tiny_graph() -> None:
         [w, bias, m],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    params, macs = ma.count_cost(model)
+    params, macs = nets.count_cost(model)
     assert params == 4 * 2 * 9 + 4 + 4 * 5
     assert macs == 4 * 2 * 9 * 8 * 4 + 4 * 8 * 4 * 5
 
@@ -330,7 +319,7 @@ def test_demo_audio_encoder_contract_and_levels(tmp_path: Path) -> None:
     assert [(vi.name, dims(vi)) for vi in model.graph.output] == [("audio_features", ["batch", 512])]
     mtime = path.stat().st_mtime_ns
     assert ma.make_audio_encoder(tmp_path) == path and path.stat().st_mtime_ns == mtime  # kept
-    assert path.read_bytes() == ma.build_demo_audio_encoder().SerializeToString()  # deterministic
+    assert path.read_bytes() == nets.build_demo_audio_encoder().SerializeToString()  # deterministic
 
     sess = _session(model)
     (silent,) = sess.run(None, {"mel_spectrogram": np.full((3, 1, 80, 16), -4.0, np.float32)})
@@ -342,7 +331,7 @@ def test_demo_audio_encoder_contract_and_levels(tmp_path: Path) -> None:
     windows = mel_windows(mel, 0, frame_count(pcm.size))
     (feats,) = sess.run(None, {"mel_spectrogram": windows})
     level = np.abs(feats).mean(axis=1)
-    pattern = ma.audio_encoder_pattern()
+    pattern = nets.audio_encoder_pattern()
     np.testing.assert_allclose(feats, level[:, None] * pattern[None], rtol=1e-6, atol=1e-7)  # s * P
     loudness = windows.mean(axis=(1, 2, 3))
     assert np.all(level[loudness < -3.9] == 0)  # pauses (-80 dBFS noise floor): closed mouth
@@ -366,4 +355,4 @@ def test_ensure_avatars_writes_the_audio_encoder(tmp_path: Path) -> None:
     assert enc.stat().st_mtime_ns == mtime
     enc.unlink()
     ma.ensure_avatars(tmp_path, names=("demo",), frames=2)
-    assert enc.read_bytes() == ma.build_demo_audio_encoder().SerializeToString()
+    assert enc.read_bytes() == nets.build_demo_audio_encoder().SerializeToString()

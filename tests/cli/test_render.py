@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from engine.kernels.image import frame_index
 from engine.audio.speech import make_speech_wav, read_wav
 from engine.cli.mp4 import probe_mp4, read_mp4_frames
 from engine.cli.render import render
+from engine.kernels.image import frame_index
 
 pytestmark = pytest.mark.integration
 

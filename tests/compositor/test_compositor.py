@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from engine.avatars.frames import AvatarView, avatar_files
+from engine.avatars.disk import avatar_files
+from engine.avatars.frames import AvatarView
 from engine.avatars.spliced import SplicedAvatarView
 from engine.compositor.compositor import ChunkCompositor
 from engine.kernels.image import FrameCompositor
+from engine.kernels.splice import FrameCodec, Settings
 from engine.runtime.ring import BatchRing, RingGeometry
 from engine.runtime.shm import list_segments
-from engine.kernels.splice import FrameCodec, Settings
-
 from tests.avatars.test_avatar import copy_avatar
 
 PREFIX = "tcmp"

@@ -2,15 +2,14 @@
 push an hour of audio, or pile up requests; the engine keeps serving everyone else."""
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
 import pytest
 import zmq
 
-from engine.client import Client, EngineError, StreamClosed
 from engine.audio.speech import speech_pcm
+from engine.client import Client, EngineError, StreamClosed
 
 pytestmark = pytest.mark.integration
 MB = 1 << 20

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from engine import protocol as P
-from engine.client import Client, EngineError
-from engine.runtime.config import config_from_dict
-from engine.front.connections import Connection, Connections
-from engine.protocol import ProtocolError
-from engine.front.quotas import FrontQuotas, QuotaExceeded, Quotas, request_frames
 from engine.audio.speech import speech_pcm
+from engine.client import Client, EngineError
+from engine.front.connections import Connection, Connections
+from engine.front.quotas import FrontQuotas, QuotaExceeded, Quotas, request_frames
+from engine.protocol import ProtocolError
+from engine.runtime.config import config_from_dict
 from tests.conftest import make_keys
 
 

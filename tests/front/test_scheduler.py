@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from engine.audio.mel import FPS
-from engine.front.scheduler import QueueFull, Scheduler, SchedulerConfig, WorkerView
 from engine.audio.speech import speech_pcm
+from engine.front.scheduler import QueueFull, Scheduler, SchedulerConfig, WorkerView
 from engine.front.streams import Stream, StreamBatch
 
 

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import zmq
 
-from engine.runtime import keys as K
 from engine.client import Client, EngineError, EngineRefused, EngineTimeout
+from engine.front.security import AllowList, RateLimitedLog, SecurityError, client_keys, is_local, preflight, zap_reply
+from engine.runtime import keys as K
 from engine.runtime.config import config_from_dict
-from engine.front.security import (AllowList, RateLimitedLog, SecurityError, client_keys, is_local, preflight,
-                             zap_reply)
 from engine.supervisor.supervisor import EngineStopped, Supervisor
 from tests.conftest import free_port, make_keys, write_config
 

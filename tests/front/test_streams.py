@@ -10,8 +10,8 @@ import pytest
 import simplejpeg
 import zmq
 
-from engine.client import Client, EngineError, StreamClosed
 from engine.audio.speech import speech_pcm
+from engine.client import Client, EngineError, StreamClosed
 
 pytestmark = pytest.mark.integration
 
@@ -175,7 +175,7 @@ def slow_avatar(models_root):
     import os
     import shutil
 
-    from engine.cli.demo_avatars import build_bench_network
+    from engine.cli.demo_networks import build_bench_network
     d = models_root / "slow"
     if not (d / "checkpoint" / "model_best.onnx").exists():
         (d / "checkpoint").mkdir(parents=True, exist_ok=True)

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import free_port
-from engine.cli.demo_avatars import make_audio_encoder
 from engine.audio.speech import resample, speech_pcm, write_wav
+from engine.cli.demo_avatars import make_audio_encoder
+from tests.conftest import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

@@ -14,11 +14,11 @@ import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient, TestServer
 
+from engine.audio.speech import speech_pcm
+from engine.cli.demo_avatars import make_audio_encoder
 from engine.client import Client
 from frontends.web.gateway import make_app, pack_frame, unpack_frame
 from tests.conftest import free_port
-from engine.cli.demo_avatars import make_audio_encoder
-from engine.audio.speech import speech_pcm
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from engine.client import Client, EngineError, StreamClosed
 from engine.audio.speech import speech_pcm
+from engine.client import Client, EngineError, StreamClosed
 from tests.conftest import kill
 
 pytestmark = pytest.mark.integration

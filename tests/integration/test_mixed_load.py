@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from engine.client import Client
 from engine.audio.speech import speech_pcm
+from engine.client import Client
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.kernels.jpeg_bits import JpegError, add_restarts, parse_jpeg, restart_interval
+from engine.kernels.jpeg_bits import add_restarts
+from engine.kernels.jpeg_layout import JpegError, parse_jpeg, restart_interval
 
 from .test_splice import pillow_jpeg, textured
 

@@ -12,10 +12,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine import protocol as P
+from engine.audio.speech import speech_pcm
 from engine.client import Client, EngineError
 from engine.runtime.metrics import FrontMetrics
 from engine.supervisor.metrics_server import EngineCollector, GpuCollector, segment_kind, split_address
-from engine.audio.speech import speech_pcm
 from tests.conftest import free_port, kill
 
 

@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
+from engine.audio.speech import speech_pcm
 from engine.client import Client, EngineError
 from engine.runtime.shm import list_segments
-from engine.audio.speech import speech_pcm
 from tests.conftest import kill
 
 pytestmark = pytest.mark.integration

@@ -12,10 +12,11 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from engine.cli.bench import run_stream_bench, speech_like_features
+from engine.audio.speech import speech_like_features, speech_pcm
+from engine.cli.bench import run_stream_bench
+from engine.cli.demo_avatars import make_demo
+from engine.cli.demo_networks import build_demo_network
 from engine.client import Client, EngineError
-from engine.cli.demo_avatars import build_demo_network, make_demo
-from engine.audio.speech import speech_pcm
 
 pytestmark = pytest.mark.integration
 
@@ -27,6 +28,7 @@ def add_avatar(models_root: Path, name: str, network: onnx.ModelProto | None = N
     (default: the demo network); ``tiny``: two small frames of its own instead (decoded in no time,
     so that only the network's load is measured)."""
     import json
+
     import cv2
     d = models_root / name
     if d.exists():

@@ -144,14 +144,14 @@ def test_device_buffers_give_the_plain_runs_output(demo_onnx):
 
 
 def test_a_bucket_whose_device_path_fails_its_check_falls_back(demo_onnx, monkeypatch, caplog):
-    from engine.worker import inference
-    real = inference.DeviceBuffers.run
+    from engine.worker import device_buffers
+    real = device_buffers.DeviceBuffers.run
 
     def wrong_for_4(self, image, audio, out, graph=None):
         real(self, image, audio, out, graph)
         if len(image) == 4:
             out += 1.0                                          # a replay that reads stale buffers, say
-    monkeypatch.setattr(inference.DeviceBuffers, "run", wrong_for_4)
+    monkeypatch.setattr(device_buffers.DeviceBuffers, "run", wrong_for_4)
     core = InferenceCore(None, buckets=(1, 4), device_buffers=True)
     m = core.load("demo", demo_onnx)
     assert m.bucket_modes == {4: "bind_ring"} and "batch 4" in m.fallback[0]
@@ -214,8 +214,8 @@ def test_the_serving_thread_finishes_a_network_step_by_step(demo_onnx):
 
 
 def test_a_graph_whose_replay_differs_is_not_used(demo_onnx, monkeypatch):
-    from engine.worker import inference
-    real = inference.DeviceBuffers.run
+    from engine.worker import device_buffers
+    real = device_buffers.DeviceBuffers.run
 
     def stale_replay(self, image, audio, out, graph=None):
         real(self, image, audio, out, graph)
@@ -225,7 +225,7 @@ def test_a_graph_whose_replay_differs_is_not_used(demo_onnx, monkeypatch):
     m = core.prepare("demo", demo_onnx)
     m.buffers.graphs = True
     core.install(m)
-    monkeypatch.setattr(inference.DeviceBuffers, "run", stale_replay)
+    monkeypatch.setattr(device_buffers.DeviceBuffers, "run", stale_replay)
     while core.finish_step():
         pass
     assert m.buffers.captured == {1} and m.bucket_modes == {2: "device_buffers"}
@@ -236,7 +236,8 @@ def test_networks_of_a_worker_share_their_device_buffers(demo_onnx, tmp_path):
     """One set of buffers per shape and bucket for all networks (a worker runs one batch at a time):
     interleaved runs of two networks stay correct."""
     import onnx
-    from engine.cli.demo_avatars import build_demo_network
+
+    from engine.cli.demo_networks import build_demo_network
     other = tmp_path / "other.onnx"
     m2 = build_demo_network()
     for n in m2.graph.initializer:

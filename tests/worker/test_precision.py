@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import pytest
 
-from engine.worker import precision as fp16
-from engine.avatars.frames import read_graph
+from engine.avatars.disk import read_graph
 from engine.cli.demo_avatars import make_bench
+from engine.worker import precision as fp16
 
 
 @pytest.fixture(scope="module")

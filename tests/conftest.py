@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from engine.cli.demo_avatars import make_audio_encoder, make_demo
@@ -204,3 +205,60 @@ def make_keys(folder: Path, names: tuple[str, ...], authorised: tuple[str, ...])
     for name in authorised:
         shutil.copy(folder / f"{name}.key", keys.clients / f"{name}.key")
     return keys
+
+
+# -- running in parallel (pytest-xdist: ./tools/dev test runs `-n auto --dist loadgroup`) -----------
+def pytest_configure(config):
+    config.addinivalue_line("markers", "realtime: asserts real-time rates or latencies; under pytest-xdist it "
+                                       "runs alone (no other test of any worker runs meanwhile)")
+
+
+def pytest_sessionstart(session):
+    """Compile the numba kernels once, here, before any engine starts: on a fresh clone their cache
+    is empty, and every compositor of every worker's engines would compile them at once."""
+    if hasattr(session.config, "workerinput"):
+        return                                     # an xdist worker: the controller did it
+    from engine.compositor.compositor import warm_up_kernels
+    from engine.kernels.image import fill_visual
+    warm_up_kernels()
+    fill_visual(np.zeros((1, 24, 24, 3), np.uint8), np.empty((1, 6, 16, 16), np.float32))
+
+
+ENGINE_FIXTURES = {"engine_factory", "shared_engine"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that use a module-scoped fixture (a shared engine, a generated video) stay on one
+    worker, so it is made once; every other test goes wherever a worker is free. Modules whose
+    tests start engines come first and the quick in-process tests last, so that these fill the
+    workers' gaps at the end instead of one long engine test running alone there."""
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        scopes = {d.scope for ds in (defs.name2fixturedefs.values() if defs else ()) for d in ds}
+        if "module" in scopes:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    if hasattr(config, "workerinput") or config.getoption("numprocesses", None):
+        heavy = {item.nodeid.split("::")[0] for item in items
+                 if ENGINE_FIXTURES & set(item.fixturenames) or item.get_closest_marker("integration")}
+        items.sort(key=lambda item: item.nodeid.split("::")[0] not in heavy)      # stable: order kept within
+
+
+@pytest.fixture(autouse=True)
+def _realtime_runs_alone(request, tmp_path_factory):
+    """A readers-writer lock across the xdist workers: every test holds it shared, a ``realtime``
+    test exclusively, so real-time assertions are not measured against another worker's load. A
+    turnstile taken first keeps a waiting real-time test from being overtaken by later tests."""
+    if not hasattr(request.config, "workerinput"):
+        yield
+        return
+    import fcntl
+    root = tmp_path_factory.getbasetemp().parent
+    exclusive = request.node.get_closest_marker("realtime") is not None
+    with open(root / "realtime.turnstile", "a") as gate, open(root / "realtime.lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -8,7 +8,7 @@ model=${1:-demo}; rounds=${2:-3}; shift $(( $# > 2 ? 2 : $# )) || true
 args=("$@"); [ ${#args[@]} -gt 0 ] || args=(--batches 20 --batch-size 24)
 ctl=.venv/bin/engine-ctl
 [ -x "$ctl" ] || ./tools/dev ctl --help >/dev/null
-.venv/bin/python -c "from engine.demo_avatars import ensure_avatars; from pathlib import Path; ensure_avatars(Path('models'))"
+.venv/bin/python -c "from engine.cli.demo_avatars import ensure_avatars; from pathlib import Path; ensure_avatars(Path('models'))"
 work=$(mktemp -d /tmp/lse-curve-bench.XXXXXX)
 trap '$ctl --config "$work/plain.toml" stop >/dev/null 2>&1 || true; $ctl --config "$work/curve.toml" stop >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 $ctl keygen server --dir "$work/keys" >/dev/null

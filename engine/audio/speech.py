@@ -17,7 +17,7 @@ samples, bit for bit.
 
 Command line::
 
-    python -m engine.speech OUT.wav [--seconds 6] [--seed 3]
+    python -m engine.audio.speech OUT.wav [--seconds 6] [--seed 3]
 
 WAV helpers: :func:`read_wav` (8/16/24/32-bit integer PCM, any channel count, mixed down to mono
 float32) and :func:`resample` (windowed-sinc interpolation, see its docstring).
@@ -269,7 +269,7 @@ def resample(pcm: np.ndarray, sr_from: int, sr_to: int = SAMPLE_RATE) -> np.ndar
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.speech",
+    ap = argparse.ArgumentParser(prog="python -m engine.audio.speech",
                                  description="Write a deterministic speech-like 16 kHz mono WAV file.")
     ap.add_argument("out", type=Path, help="output .wav path")
     ap.add_argument("--seconds", type=float, default=6.0, help="length in seconds (default: 6)")

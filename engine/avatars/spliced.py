@@ -3,7 +3,7 @@
 With ``output.encoder = "splice"`` (the default) an avatar's segment holds, per frame, its
 background JPEG with restart markers, the pixels of the region a paste can change (the crop
 rectangle widened to whole MCUs), the 4-pixel border of its (F+8) crop (all a synctalk paste needs
-of the crop) and the records of the background intervals the region touches (``engine/splice.py``):
+of the crop) and the records of the background intervals the region touches (``engine/kernels/splice.py``):
 about 0.2 MB per 1280x720 frame instead of 2.76 MB + 0.32 MB. The network's image input is cut
 from the region pixels when a batch needs it (:meth:`SplicedAvatarView.crops_for`).
 

@@ -172,7 +172,7 @@ AUDIO_ENCODER_SEED = 512
 # s = clip((mean(window) - ENCODER_FLOOR) * ENCODER_SCALE, 0, ENCODER_MAX). The normalised mel is
 # in [-4, 4] with silence at -4; the floor -3.5 is a dead zone above silence and a -80 dBFS noise
 # floor (whose windows average about -3.96), so both give exactly 0. Speech from
-# engine/speech.py (peak 0.3) has window means of about -3.3 .. -1.6, i.e. s of 0.1 .. 0.95,
+# engine/audio/speech.py (peak 0.3) has window means of about -3.3 .. -1.6, i.e. s of 0.1 .. 0.95,
 # changing syllable by syllable (a window is 200 ms).
 ENCODER_FLOOR = -3.5
 ENCODER_SCALE = 0.5

@@ -1,7 +1,7 @@
 """Render an avatar speaking a WAV file to an MP4 (H.264 + the audio), through the engine like any client.
 
     engine-ctl render --model demo --wav speech.wav --out out/demo.mp4
-    python -m engine.render --model demo --wav speech.wav --out out/demo.mp4 [--engine tcp://127.0.0.1:5555]
+    python -m engine.cli.render --model demo --wav speech.wav --out out/demo.mp4 [--engine tcp://127.0.0.1:5555]
 
 The WAV (any rate, mono or stereo, 8/16/24/32-bit PCM) is resampled to 16 kHz mono, pushed into an
 engine stream in 200 ms chunks as fast as the engine takes them (``realtime=false``: no pacing),

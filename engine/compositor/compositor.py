@@ -30,8 +30,8 @@ import numpy as np
 import zmq
 
 from engine.avatars.attached import AttachedAvatars
-from engine.kernels.image import FrameCompositor
-from engine.kernels.splice import FrameCodec, Settings, SpliceCompositor
+from engine.kernels.image import FrameCompositor, crop_border
+from engine.kernels.splice import FrameCodec, FrameParts, Settings, SpliceCompositor
 from engine.runtime.process import Role, send_msg
 from engine.runtime.ring import BatchRing
 
@@ -124,20 +124,7 @@ class Compositor(Role):
 
     def _warm_up(self) -> None:
         """Compile the numba kernels before reporting ready, not on the first request."""
-        from engine.kernels.image import crop_border
-        from engine.kernels.splice import FrameParts
-        fc = FrameCompositor()
-        bg = np.zeros((64, 64, 3), np.uint8)
-        face = np.zeros((3, 16, 16), np.float32)
-        fc(bg, face, (8, 8, 40, 40), np.zeros((24, 24, 3), np.uint8), "synctalk")
-        fc(bg, face, (8, 8, 40, 40), None, "stretch")
-        codec = FrameCodec(64, 64, Settings())
-        jpeg = codec.encode_full(bg)
-        rect = (8, 8, 40, 40)
-        x0, y0, x1, y1 = codec.box(rect)
-        parts = FrameParts(np.frombuffer(jpeg, np.uint8)[len(codec.header):-2], codec.plan(jpeg, rect),
-                           bg[y0:y1, x0:x1].copy(), rect, crop_border(np.zeros((24, 24, 3), np.uint8)))
-        SpliceCompositor(codec)(parts, face, "synctalk")
+        warm_up_kernels()
 
     def run(self) -> None:
         self.serve()
@@ -174,3 +161,20 @@ class Compositor(Role):
             ring.close()
         if hasattr(self, "ctx"):
             self.ctx.destroy(linger=0)
+
+
+def warm_up_kernels() -> None:
+    """Compile (or load from numba's cache) the kernels a compositor runs, so that a request never
+    waits for it."""
+    fc = FrameCompositor()
+    bg = np.zeros((64, 64, 3), np.uint8)
+    face = np.zeros((3, 16, 16), np.float32)
+    fc(bg, face, (8, 8, 40, 40), np.zeros((24, 24, 3), np.uint8), "synctalk")
+    fc(bg, face, (8, 8, 40, 40), None, "stretch")
+    codec = FrameCodec(64, 64, Settings())
+    jpeg = codec.encode_full(bg)
+    rect = (8, 8, 40, 40)
+    x0, y0, x1, y1 = codec.box(rect)
+    parts = FrameParts(np.frombuffer(jpeg, np.uint8)[len(codec.header):-2], codec.plan(jpeg, rect),
+                       bg[y0:y1, x0:x1].copy(), rect, crop_border(np.zeros((24, 24, 3), np.uint8)))
+    SpliceCompositor(codec)(parts, face, "synctalk")

@@ -163,11 +163,14 @@ class Front(Role):
         self.poller.register(self.monitor, zmq.POLLIN)
         self.poller.register(self.wake_r, zmq.POLLIN)
         self.guards.register(self.poller)
+        self.watch_signals(self.poller)
         last_check = time.monotonic()
         while not self.stopping:
             self.beat()
             events = dict(self.poller.poll(self._poll_timeout()))
             self.guards.poll(events)
+            if self.signal_r in events:
+                self.drain_signals()
             if self.monitor in events:
                 self._on_monitor()
             if self.backend in events:

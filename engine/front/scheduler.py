@@ -5,7 +5,7 @@ front feeds it (queued batch requests, open streams, each GPU worker's free slot
 networks, the current time) and calls :meth:`Scheduler.schedule` after every turn of its loop,
 whatever happened (a freed slot, a delivered frame, a push, a worker coming back), so nothing that
 gates a decision can change without the scheduler being asked again. It returns the jobs to start;
-the front starts them. Tested on its own with simulated time (``tests/engine/test_scheduler.py``).
+the front starts them. Tested on its own with simulated time (``tests/front/test_scheduler.py``).
 
 Policy: earliest deadline first over one timeline shared by both kinds of work.
 

@@ -23,7 +23,7 @@ Latency budget of a frame (real time, audio pushed as it is spoken):
   audio look-ahead   frame i needs audio up to the end of frame i+7's mel window: ~490 ms after
                      frame i's first sample (REFERENCE.md section 5: 8 frames + the 200 ms STFT window)
   batching           none: frames are scheduled as soon as their audio is complete and their
-                     deadline comes up (engine/scheduler.py)
+                     deadline comes up (engine/front/scheduler.py)
   inference + paste  one Run and one JPEG per frame (see docs/performance.md)
   pacing             frames wait for their due time; ``late_ms`` says by how much one missed it
 Due times: frame k of a stream is due at ``t0 + k / 25``. ``t0`` is set when the first frame is

@@ -1,6 +1,6 @@
-"""Baseline JPEG at the bit level, for splicing (:mod:`engine.kernels.splice`): header parsing, Huffman
-tables as arrays, and numba kernels that walk an entropy-coded scan MCU by MCU, re-code it with
-restart markers and splice one scan's MCUs into another's.
+"""Baseline JPEG at the bit level, for splicing (:mod:`engine.kernels.splice`): numba kernels that walk
+an entropy-coded scan MCU by MCU, re-code it with restart markers and splice one scan's MCUs into
+another's (the header, and the Huffman tables as arrays, come from :mod:`engine.kernels.jpeg_layout`).
 
 Bit positions count in the unstuffed data (0xFF00 -> 0xFF, markers removed), most significant bit
 first. The output writer stuffs a zero byte after every 0xFF and pads with 1-bits before markers,

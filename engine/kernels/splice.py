@@ -6,7 +6,7 @@ background frame of an avatar is encoded once, with restart markers (:func:`add_
 output frame then re-encodes only the MCUs the paste can change (the crop rectangle widened to
 whole MCUs, "the region") and splices them into the background's intervals. The result is, byte
 for byte, the JPEG that encoding the whole composited frame with the same settings and interval
-gives (``tests/engine/test_splice.py``); a silent frame is the background's own JPEG.
+gives (``tests/kernels/test_splice.py``); a silent frame is the background's own JPEG.
 
 The region is encoded by the same encoder as today's full-frame path (simplejpeg, libjpeg-turbo,
 standard Huffman tables), so quality, every chroma subsampling and ``fastdct`` behave the same.

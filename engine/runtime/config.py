@@ -102,7 +102,7 @@ class GpuConfig:
     slots_per_device: int | Literal["auto"] = "auto"
     intra_op_threads: int = 0           # 0 = onnxruntime's choice
     io_binding: bool = True
-    # batch sizes a network runs at (engine/buckets.py): "auto" = AUTO_BUCKETS on a GPU, exact
+    # batch sizes a network runs at (engine/worker/buckets.py): "auto" = AUTO_BUCKETS on a GPU, exact
     # sizes on the CPU provider; "off" = exact sizes; a list = those sizes on any provider
     batch_buckets: tuple[int, ...] | Literal["auto", "off"] = "auto"
     device_buffers: bool | Literal["auto"] = "auto"   # pre-allocated per-bucket I/O buffers ("auto": on CUDA)
@@ -141,7 +141,7 @@ class OutputConfig:
     jpeg_quality: int = 75
     chroma_subsampling: Subsampling = "420"
     fastdct: bool = True
-    encoder: Encoder = "splice"         # splice: encode only the face's region (engine/splice.py); full: every pixel
+    encoder: Encoder = "splice"         # splice: encode only the face's region (engine/kernels/splice.py); full: every pixel
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,12 @@ class Role:
         # Ctrl-C reaches the whole process group: only the supervisor reacts, then stops us cleanly
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self._on_term)
+        # a signal also writes a byte here, so a loop that polls this fd wakes at once to stop,
+        # instead of when its poll times out
+        self.signal_r, signal_w = os.pipe()
+        os.set_blocking(self.signal_r, False)
+        os.set_blocking(signal_w, False)
+        signal.set_wakeup_fd(signal_w)
         self.heartbeats = Heartbeats.attach(f"{self.cfg.server.instance}_hb")
         self.beat()
         try:
@@ -107,6 +113,16 @@ class Role:
 
     def _on_term(self, signum: int, frame: Any) -> None:
         self.stopping = True
+
+    def watch_signals(self, poller: zmq.Poller) -> None:
+        """Let ``poller`` wake when a signal arrives (SIGTERM: stop now, not at the next timeout)."""
+        poller.register(self.signal_r, zmq.POLLIN)
+
+    def drain_signals(self) -> None:
+        try:
+            os.read(self.signal_r, 4096)
+        except (BlockingIOError, OSError):
+            pass
 
     def beat(self) -> None:
         self.heartbeats.beat(self.hb_slot)
@@ -129,9 +145,13 @@ class Role:
         """Worker loop: beat, then hand each backend message to ``handle_<t>(msg)``."""
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        self.watch_signals(poller)
         while not self.stopping:
             self.beat()
-            if not poller.poll(1000):
+            events = dict(poller.poll(1000))
+            if self.signal_r in events:
+                self.drain_signals()
+            if self.sock not in events:
                 continue
             msg = json.loads(self.sock.recv_multipart()[0])
             handler = getattr(self, f"handle_{msg.get('t')}", None)

@@ -1,6 +1,6 @@
 """The GPU worker: one process per (GPU, slot), running whole batches from its ring.
 
-Messages (backend channel, JSON; see ``engine/front.py``)::
+Messages (backend channel, JSON; see ``engine/front/front.py``)::
 
     front -> worker  {"t": "run", "slot", "seq", "model", "onnx", "batch", "image", "audio",
                       "fill": null | {"avatar": segment, "indices": [...]}}
@@ -101,9 +101,10 @@ class GpuWorker(Role):
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.wake_r, zmq.POLLIN)
+        self.watch_signals(poller)
         while not self.stopping:
             self.beat()
-            # a network installed but not finished on this thread (engine/inference.py: finish_step)
+            # a network installed but not finished on this thread (engine/worker/inference.py: finish_step)
             # takes one short step whenever no message waits; never while the loader works
             finishing = self.core.has_todo() and not self.loading
             events = dict(poller.poll(0 if finishing else 1000))
@@ -112,6 +113,8 @@ class GpuWorker(Role):
                 if self._signature() != self._sent_sig:
                     self._send_models()
                 continue
+            if self.signal_r in events:
+                self.drain_signals()
             if self.wake_r in events:
                 try:
                     os.read(self.wake_r, 4096)

@@ -1,6 +1,6 @@
 """Inference core: ONNX Runtime sessions for one device, no sockets (used by the GPU worker).
 
-A network is run only at the batch sizes of its bucket policy (``engine/buckets.py``), every one
+A network is run only at the batch sizes of its bucket policy (``engine/worker/buckets.py``), every one
 warmed up at load, before the network serves anything; a Run at a size not run before is a
 *cold run*, counted and reported (``stats()``), since on a GPU it costs seconds of set-up.
 

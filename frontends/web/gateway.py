@@ -4,7 +4,7 @@ Routes::
 
     GET /                 the player page (static/index.html)
     GET /static/<file>    the page's files; /static/speech.wav is generated on first request
-                          (engine.speech, 6 s of speech-like audio) into the cache folder
+                          (engine.audio.speech, 6 s of speech-like audio) into the cache folder
     GET /api/avatars      {"engine": endpoint, "avatars": [{"name", "loaded", "state", "frames"}]}
                           from the engine's ``models`` method (502 + {"error": {code, message}} when
                           the engine does not answer)

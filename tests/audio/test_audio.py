@@ -1,4 +1,4 @@
-"""Audio features (engine/audio.py) against librosa and the Wav2Lip / SyncTalk_2D recipe (REFERENCE.md s. 5)."""
+"""Audio features (engine/audio/mel.py) against librosa and the Wav2Lip / SyncTalk_2D recipe (REFERENCE.md s. 5)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Tests for engine.speech: the deterministic speech-like signal and the WAV helpers."""
+"""Tests for engine.audio.speech: the deterministic speech-like signal and the WAV helpers."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import cv2
@@ -15,7 +16,7 @@ from engine.kernels.image import cut_crop
 from engine.runtime.config import config_from_dict
 from engine.runtime.shm import list_segments
 
-PREFIX = "tav"
+PREFIX = f"tav{os.getpid()}"      # per process: the xdist workers run this module side by side
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""An avatar's spliced form (engine/avatar_splice.py): built from the frames, saved beside them,
+"""An avatar's spliced form (engine/avatars/spliced.py): built from the frames, saved beside them,
 reloaded by a file read, rebuilt when its sources change, and equal to the decoded form where it matters."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from engine.runtime.shm import list_segments
 
 from .test_avatar import copy_avatar
 
-PREFIX = "tavs"
+PREFIX = f"tavs{os.getpid()}"      # per process: the xdist workers run this module side by side
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ Figures and their ratios: docs/performance.md. Nothing here asserts a time.
 from __future__ import annotations
 
 import json
+import os
 
 import cv2
 import numpy as np
@@ -23,6 +24,7 @@ from engine.avatars.spliced import SplicedAvatarView, prepared_path
 from engine.kernels.image import FrameCompositor, crop_border, cut_crop
 from engine.kernels.splice import FrameCodec, FrameParts, Settings, SpliceCompositor
 
+SHM = f"lsebench{os.getpid()}"          # per process: xdist workers may run this module side by side
 SIZES = {"1280x720": (720, 1280, 1.0), "1920x1080": (1080, 1920, 1.5)}
 
 
@@ -221,7 +223,7 @@ def test_load_decoded(benchmark, models_root):
     files = avatar_files(models_root, "demo")
 
     def load() -> None:
-        AvatarView.create("lsebench_dec", files, 320).close()
+        AvatarView.create(f"{SHM}_dec", files, 320).close()
     benchmark.pedantic(load, rounds=3, warmup_rounds=1)
 
 
@@ -230,7 +232,7 @@ def test_load_build_spliced(benchmark, models_root):
     files = avatar_files(models_root, "demo")
 
     def build() -> None:
-        SplicedAvatarView.create("lsebench_bld", files, 320, Settings(), save=False).close()
+        SplicedAvatarView.create(f"{SHM}_bld", files, 320, Settings(), save=False).close()
     benchmark.pedantic(build, rounds=3, warmup_rounds=1)
 
 
@@ -238,13 +240,13 @@ def test_load_prepared(benchmark, models_root, capsys):
     benchmark.group = "avatar-load"
     files = avatar_files(models_root, "demo")
     face = read_graph(files.onnx).face
-    SplicedAvatarView.create("lsebench_pre", files, face, Settings()).close()     # make sure the file exists
+    SplicedAvatarView.create(f"{SHM}_pre", files, face, Settings()).close()     # make sure the file exists
     assert prepared_path(files, Settings(), face).is_file()
 
     def reload() -> None:
-        SplicedAvatarView.create("lsebench_pre", files, face, Settings()).close()
+        SplicedAvatarView.create(f"{SHM}_pre", files, face, Settings()).close()
     benchmark.pedantic(reload, rounds=10, warmup_rounds=1)
-    v = SplicedAvatarView.create("lsebench_pre", files, face, Settings())
+    v = SplicedAvatarView.create(f"{SHM}_pre", files, face, Settings())
     say(capsys, f"spliced demo avatar: {v.n} frames, {v.nbytes} B in shared memory, {v.nbytes / v.n:.0f} B per frame "
                 f"({json.dumps(v.memory())})")
     v.close()
@@ -255,8 +257,8 @@ def test_load_prepared(benchmark, models_root, capsys):
 def both_layouts(models_root):
     cv2.setNumThreads(1)
     files = avatar_files(models_root, "demo")
-    spliced = SplicedAvatarView.create("lsebench_gs", files, 320, Settings())
-    decoded = AvatarView.create("lsebench_gd", files, 320)
+    spliced = SplicedAvatarView.create(f"{SHM}_gs", files, 320, Settings())
+    decoded = AvatarView.create(f"{SHM}_gd", files, 320)
     yield spliced, decoded
     spliced.close()
     decoded.close()

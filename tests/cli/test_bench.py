@@ -1,4 +1,4 @@
-"""engine/bench.py: the stream-capacity search (a pure function of the measurements)."""
+"""engine/cli/bench.py: the stream-capacity search (a pure function of the measurements)."""
 from __future__ import annotations
 
 import pytest

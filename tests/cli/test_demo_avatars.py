@@ -1,4 +1,4 @@
-"""Tests for engine.demo_avatars: layout, determinism, the two networks' contracts, ensure_avatars."""
+"""Tests for engine.cli.demo_avatars: layout, determinism, the two networks' contracts, ensure_avatars."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""The compositor's chunk work (engine/compositor.py: ChunkCompositor), in-process on a real ring:
+"""The compositor's chunk work (engine/compositor/compositor.py: ChunkCompositor), in-process on a real ring:
 both avatar layouts, idle frames given per chunk or per frame, JPEGs too big for their area."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from engine.runtime.ring import BatchRing, RingGeometry
 from engine.runtime.shm import list_segments
 from tests.avatars.test_avatar import copy_avatar
 
-PREFIX = "tcmp"
+PREFIX = f"tcmp{os.getpid()}"      # per process: the xdist workers run this module side by side
 FACE = [3, 320, 320]
 
 

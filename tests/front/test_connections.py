@@ -1,4 +1,4 @@
-"""The front's connection records (engine/connections.py): going away, unread bytes."""
+"""The front's connection records (engine/front/connections.py): going away, unread bytes."""
 from __future__ import annotations
 
 import zmq

@@ -1,4 +1,4 @@
-"""A stream's state on its own (engine/streams.py): lazy mel, per-frame silence, bounds, lag."""
+"""A stream's state on its own (engine/front/streams.py): lazy mel, per-frame silence, bounds, lag."""
 from __future__ import annotations
 
 import numpy as np

@@ -36,11 +36,12 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def gateway_url(engine_factory, models_root, tmp_path):
-    """A real engine and the gateway started by its command line on a free port."""
+@pytest.fixture(scope="module")
+def gateway_url(shared_engine, models_root, tmp_path_factory):
+    """A real engine and the gateway started by its command line on a free port (one for the module)."""
     make_audio_encoder(models_root)
-    eng = engine_factory()
+    eng = shared_engine
+    tmp_path = tmp_path_factory.mktemp("gateway")
     port = free_port()
     log = tmp_path / "gateway.log"
     with open(log, "wb") as fh:

@@ -88,14 +88,14 @@ def test_stream_chaos_leaves_a_clean_engine(engine_factory, seed):
     print("seed", seed)
     eng = engine_factory()
     rng = random.Random(seed)
-    until = time.monotonic() + 20
+    until = time.monotonic() + 14
     log: list = []
     errors: list = []
     threads = [threading.Thread(target=actor, args=(eng.endpoint, rng.randrange(1 << 30), until, log, errors))
                for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(rng.uniform(6, 10))
+    time.sleep(rng.uniform(4, 7))
     kill(eng.pid_of("gpu"))
     for t in threads:
         t.join(120)

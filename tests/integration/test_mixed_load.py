@@ -13,6 +13,7 @@ from engine.client import Client
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.realtime
 def test_live_streams_keep_their_rate_while_batch_clients_saturate_the_rings(engine_factory):
     eng = engine_factory()
     stop = threading.Event()

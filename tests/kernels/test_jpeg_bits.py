@@ -1,4 +1,4 @@
-"""Baseline JPEG at the bit level (engine/jpeg_bits.py): restart coding byte-identical to libjpeg's
+"""Baseline JPEG at the bit level (engine/kernels/jpeg_bits.py): restart coding byte-identical to libjpeg's
 own (Pillow encodes with and without restart markers), and JPEGs that cannot be spliced, named."""
 from __future__ import annotations
 

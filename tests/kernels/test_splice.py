@@ -1,4 +1,4 @@
-"""Restart-interval splicing (engine/splice.py): byte equality with a full-frame encode of the same
+"""Restart-interval splicing (engine/kernels/splice.py): byte equality with a full-frame encode of the same
 composited frame, decoders, edges, subsamplings, qualities, pastes."""
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def face_output(seed: int) -> np.ndarray:
 
 
 def prepared(codec: FrameCodec, frame: np.ndarray, rect) -> FrameParts:
-    """A background frame's spliced form, as engine/avatar_splice.py stores it."""
+    """A background frame's spliced form, as engine/avatars/spliced.py stores it."""
     jpeg = codec.encode_full(frame)
     x0, y0, x1, y1 = codec.box(rect)
     return FrameParts(np.frombuffer(jpeg, np.uint8)[len(codec.header):-2].copy(), codec.plan(jpeg, rect),

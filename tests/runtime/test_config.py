@@ -1,4 +1,4 @@
-"""engine/config.py: defaults, the repository's engine.toml, every kind of bad value, overrides, derived values."""
+"""engine/runtime/config.py: defaults, the repository's engine.toml, every kind of bad value, overrides, derived values."""
 from __future__ import annotations
 
 import dataclasses
@@ -282,7 +282,7 @@ def test_seconds_reject_booleans(tmp_path: Path) -> None:
             continue
         accepted.append(f"supervision.{key}")
     if accepted:
-        pytest.fail(f"ENGINE BUG engine/config.py _validate: {', '.join(accepted)} = true is accepted (as True, "
+        pytest.fail(f"ENGINE BUG engine/runtime/config.py _validate: {', '.join(accepted)} = true is accepted (as True, "
                     "i.e. 1 s): the rules `isinstance(v, (int, float)) and v > 0` let bool through, unlike the "
                     "integer keys, which use _is_int")
 

@@ -1,4 +1,4 @@
-"""engine/logs.py: the size-bounded log writer; log formats (JSON lines and text), each line about a
+"""engine/runtime/logs.py: the size-bounded log writer; log formats (JSON lines and text), each line about a
 request naming it; a real engine in JSON."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""engine/ring.py (BatchRing) and engine/shm.py (owned segments): layout, processes, ownership, a stress test."""
+"""engine/runtime/ring.py (BatchRing) and engine/runtime/shm.py (owned segments): layout, processes, ownership, a stress test."""
 from __future__ import annotations
 
 import dataclasses
@@ -305,7 +305,7 @@ def test_attach_tiny_non_ring_segment(shm_prefix: str) -> None:
     except ValueError:
         pass
     except struct.error as e:
-        pytest.fail("ENGINE BUG engine/ring.py BatchRing.attach: a segment smaller than the 40-byte header "
+        pytest.fail("ENGINE BUG engine/runtime/ring.py BatchRing.attach: a segment smaller than the 40-byte header "
                     f"raises struct.error ({e}) instead of ValueError, and its Segment is not closed")
     else:
         pytest.fail("attaching an 8-byte segment as a ring succeeded")
@@ -395,7 +395,7 @@ def test_owner_close_with_a_live_view(shm_prefix: str) -> None:
             assert msg[1], "the owner's close() must unlink even while a view is alive"
         if msg != ("done", True, True) or p.exitcode != 0:
             seen = "a segfault" if p.exitcode == -signal.SIGSEGV else f"{msg!r}, exit code {p.exitcode}"
-            pytest.fail("ENGINE BUG engine/shm.py Segment.close (with engine/ring.py BatchRing._view): the "
+            pytest.fail("ENGINE BUG engine/runtime/shm.py Segment.close (with engine/runtime/ring.py BatchRing._view): the "
                         "`except BufferError` guard never fires for the ring's views, because "
                         "np.ndarray(shape, dtype, buffer=segment.buf, offset=...) keeps no buffer export on the "
                         "memoryview; SharedMemory.close() therefore unmaps the memory while a view is still alive "

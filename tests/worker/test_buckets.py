@@ -1,4 +1,4 @@
-"""engine/buckets.py: which batch sizes a network and an encoder run at, and how a batch is cut."""
+"""engine/worker/buckets.py: which batch sizes a network and an encoder run at, and how a batch is cut."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""engine/precision.py: fp16 conversion (cached by the source's hash) and its error against fp32,
+"""engine/worker/precision.py: fp16 conversion (cached by the source's hash) and its error against fp32,
 on the real-architecture bench network."""
 from __future__ import annotations
 

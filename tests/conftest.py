@@ -224,23 +224,14 @@ def pytest_sessionstart(session):
     fill_visual(np.zeros((1, 24, 24, 3), np.uint8), np.empty((1, 6, 16, 16), np.float32))
 
 
-ENGINE_FIXTURES = {"engine_factory", "shared_engine"}
-
-
 def pytest_collection_modifyitems(config, items):
     """Tests that use a module-scoped fixture (a shared engine, a generated video) stay on one
-    worker, so it is made once; every other test goes wherever a worker is free. Modules whose
-    tests start engines come first and the quick in-process tests last, so that these fill the
-    workers' gaps at the end instead of one long engine test running alone there."""
+    worker, so it is made once; every other test goes wherever a worker is free."""
     for item in items:
         defs = getattr(item, "_fixtureinfo", None)
         scopes = {d.scope for ds in (defs.name2fixturedefs.values() if defs else ()) for d in ds}
         if "module" in scopes:
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
-    if hasattr(config, "workerinput") or config.getoption("numprocesses", None):
-        heavy = {item.nodeid.split("::")[0] for item in items
-                 if ENGINE_FIXTURES & set(item.fixturenames) or item.get_closest_marker("integration")}
-        items.sort(key=lambda item: item.nodeid.split("::")[0] not in heavy)      # stable: order kept within
 
 
 @pytest.fixture(autouse=True)

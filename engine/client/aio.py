@@ -73,8 +73,16 @@ class AsyncClient:
         req_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._waiting[req_id] = fut
-        await self.sock.send_multipart(request_parts(req_id, method, params or {}, buffers), copy=False)
         deadline = time.monotonic() + self.timeout
+        try:                                     # bounded: with no connection, a send would wait for ever
+            await asyncio.wait_for(self.sock.send_multipart(request_parts(req_id, method, params or {}, buffers),
+                                                            copy=False), self.timeout)
+        except asyncio.TimeoutError:
+            self._waiting.pop(req_id, None)
+            self._check()
+            why = self.watch.why()
+            raise EngineTimeout(self.timeout, "the request could not be sent: no connection to the engine"
+                                + (f"; {why}" if why else "")) from None
         try:
             while True:                          # check the connection every 0.1 s while waiting
                 self._check()

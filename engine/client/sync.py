@@ -89,7 +89,22 @@ class Client:
                buffers: list[tuple[str, np.ndarray]] | None = None) -> int:
         self._check_connection()
         req_id = next(self._ids)
-        self.sock.send_multipart(request_parts(req_id, method, params or {}, buffers), copy=False)
+        parts = request_parts(req_id, method, params or {}, buffers)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            # never a blocking send: a DEALER with no connection (a handshake that failed for good, as a
+            # plain-text client against CURVE) would wait in it for ever
+            try:
+                self.sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+                break
+            except zmq.Again:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.watch.check()
+                    why = self.watch.why()
+                    raise EngineTimeout(self.timeout, "the request could not be sent: no connection to the engine"
+                                        + (f"; {why}" if why else "")) from None
+                self.sock.poll(int(1000 * min(left, 0.1)) + 1, zmq.POLLOUT)
         self._sent.add(req_id)
         return req_id
 

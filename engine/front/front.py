@@ -55,7 +55,7 @@ from engine.front.jobs import CompHandle, GpuHandle, Job
 from engine.front.pipeline import Pipeline
 from engine.front.requests import Requests
 from engine.front.scheduler import Scheduler, SchedulerConfig
-from engine.front.security import MONITOR_EVENTS
+from engine.front.security import MONITOR_EVENTS, RateLimitedLog
 from engine.front.stream_methods import StreamMethods
 from engine.protocol import ProtocolError
 from engine.runtime.logs import request_scope
@@ -102,6 +102,7 @@ class Front(Role):
             batch_slack_s=cfg.scheduling.batch_slack_ms / 1000, max_pending=cfg.capacity.max_pending,
             max_pending_bytes=cfg.capacity.max_pending_bytes, worker_queue=cfg.scheduling.worker_queue))
         self.conns = Connections(cfg.server.client_queue_bytes)
+        self.unread_log = RateLimitedLog(log)        # a client that never reads must not flood the log
         # CURVE + ZAP on self.client (before it binds), quotas, metrics
         self.guards = Guards(cfg, self.ctx, self.client, self.conns, self.store)
         self.metrics, self.quotas, self.security = self.guards.metrics, self.guards.quotas, self.guards.security
@@ -198,6 +199,7 @@ class Front(Role):
                 last_check = now
                 self.pipeline.expire(now)
                 self.security.tick()
+                self.unread_log.flush()
 
     def _poll_timeout(self) -> int:
         if any(c.over_since is not None and c.streams for c in self.conns.by_id.values()):
@@ -271,7 +273,7 @@ class Front(Role):
     # -- client side: replies and events out -------------------------------------------------------
     def answer(self, req: P.Request | None, envelope: list[Any], header: bytes, body: list[Any] = ()) -> bool:
         """Send the one reply of a request (its connection's count goes down)."""
-        self.guards.replied(req, header)             # metrics, access log (DEBUG)
+        self.guards.replied(req, header, envelope[0])   # metrics, access log (DEBUG)
         if req is not None and req.held:
             req.held = False
             conn = self.conns.get(envelope[0])
@@ -303,7 +305,8 @@ class Front(Role):
             if e.errno == zmq.EAGAIN:
                 # still connected, but its 1000-message queue is full: it keeps its record (its
                 # requests are counted there), loses its streams (their events cannot reach it either)
-                log.warning("client %s does not read (its send queue is full): its streams close", parts[0].hex())
+                self.unread_log.emit("send queue full", "client %s does not read (its send queue is full): its "
+                                     "streams close", parts[0].hex())
                 conn = self.conns.get(parts[0])
                 for sid in list(conn.streams if conn else ()):
                     s = self.scheduler.streams.get(sid)

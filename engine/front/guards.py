@@ -47,14 +47,20 @@ class Guards:
         conn = self.conns.get(identity)
         return conn.key if conn is not None and conn.key else identity.hex()
 
-    def replied(self, req: P.Request | None, header: bytes) -> None:
-        """Every reply, before it is sent: counted; at DEBUG, one access-log line naming the request."""
+    def replied(self, req: P.Request | None, header: bytes, identity: bytes | None = None) -> None:
+        """Every reply, before it is sent: counted; at DEBUG, one access-log line naming the request
+        (or, for a request that could not be read, its client: ``identity``)."""
         self.metrics.replied(req, header)
-        if req is not None and log.isEnabledFor(logging.DEBUG):
+        if not log.isEnabledFor(logging.DEBUG):
+            return
+        if req is not None:
             log.debug("reply %s%s", P.reply_code(header),
                       f" after {1000 * (time.monotonic() - req.t_recv):.1f} ms" if req.t_recv else "",
                       extra={"request_id": req.id, "client": self.client_label(req.envelope[0]),
                              "method": req.method})
+        elif identity is not None:
+            log.debug("reply %s to a request that could not be read", P.reply_code(header),
+                      extra={"request_id": None, "client": self.client_label(identity), "method": None})
 
     def admit(self, conn: Connection, req: P.Request) -> None:
         """A parsed request: name it in the logs, then check its key's quotas (raises ProtocolError)."""

@@ -68,13 +68,16 @@ class Requests(FrontPart):
     def do_health(self, req: P.Request) -> None:
         self.front.reply_ok(req, self.front.health())
 
+    def describe(self, m: dict) -> dict:
+        """An avatar's object as ``models`` and ``load`` give it (docs/protocol.md 7.4, 7.5): the
+        store's description, its precision and each worker's report on its network (path, fp16 error)."""
+        m["precision"] = self.cfg.precision(m["name"])
+        m["networks"] = [{"worker": g.idx, **g.stats["networks"][m["name"]]} for g in self.front.gpus
+                         if m["name"] in g.stats.get("networks", {})]
+        return m
+
     def do_models(self, req: P.Request) -> None:
-        models = self.front.store.describe()
-        for m in models:        # issue 7: each worker's report on the network (precision, path, fp16 error)
-            m["precision"] = self.cfg.precision(m["name"])
-            m["networks"] = [{"worker": g.idx, **g.stats["networks"][m["name"]]} for g in self.front.gpus
-                             if m["name"] in g.stats.get("networks", {})]
-        self.front.reply_ok(req, {"models": models})
+        self.front.reply_ok(req, {"models": [self.describe(m) for m in self.front.store.describe()]})
 
     def do_load(self, req: P.Request) -> None:
         name = P.check_str(req.params, "model", req_id=req.id)
@@ -86,7 +89,7 @@ class Requests(FrontPart):
                 self.front.to_backend(g.identity, {"t": "load", "model": name, "onnx": str(e.files.onnx)})
                 if name not in g.models:
                     g.loading.add(name)
-            self.front.reply_ok(req, e.describe())
+            self.front.reply_ok(req, self.describe(e.describe()))
         self.acquire(name, lambda e: self.guard_request(req, loaded, e))
 
     def _pick_gpu(self, e: AvatarEntry) -> GpuHandle | None:

@@ -53,11 +53,11 @@ class FrontMetrics:
                                     "(avatar loading included) to a ring slot", ["method"], buckets=TIME_BUCKETS,
                                     registry=r)
         self.inference_time = Histogram("lse_inference_duration_seconds", "The network's run over one batch, by "
-                                        "job (composite, infer, stream)", ["job"], buckets=TIME_BUCKETS, registry=r)
+                                        "source (composite, infer, stream)", ["source"], buckets=TIME_BUCKETS, registry=r)
         self.composite_time = Histogram("lse_composite_duration_seconds", "Paste and JPEG of one batch on the "
-                                        "compositors, by job (composite, stream)", ["job"], buckets=TIME_BUCKETS,
+                                        "compositors, by source (composite, stream)", ["source"], buckets=TIME_BUCKETS,
                                         registry=r)
-        self.batch_size = Histogram("lse_batch_size", "Frames per GPU batch, by job", ["job"],
+        self.batch_size = Histogram("lse_batch_size", "Frames per GPU batch, by source (composite, infer, stream)", ["source"],
                                     buckets=BATCH_BUCKETS, registry=r)
         self.frames = Counter("lse_frames", "JPEG frames sent to clients: in composite replies, or as stream "
                               "frame events", ["source"], registry=r)

@@ -59,6 +59,23 @@ def test_a_client_that_never_reads_cannot_grow_the_front(engine_factory):
     assert h["healthy"]
 
 
+def test_a_client_that_never_reads_cannot_flood_the_log(shared_engine):
+    """Every reply past its 1000-message send queue fails; the front says so in a handful of lines
+    per 10 s (then one summary), not one line per request."""
+    sock = raw_dealer(shared_engine.endpoint)
+    try:
+        for i in range(20_000):                                  # ~16,000 replies past the queue
+            sock.send_multipart(request(i, "health", {}))
+        with Client(shared_engine.endpoint) as c:                # served meanwhile, and all sent by now
+            deadline = time.monotonic() + 30
+            while shared_engine.log.read_text().count("does not read") < 5:
+                assert c.health()["healthy"] and time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        sock.close(0)
+    assert shared_engine.log.read_text().count("does not read") <= 6
+
+
 def test_requests_per_connection_are_bounded(engine_factory):
     eng = engine_factory(server="max_requests_per_client = 4\n")
     audio = np.zeros((24, 32, 16, 16), np.float32)

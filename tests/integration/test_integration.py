@@ -252,6 +252,10 @@ def test_models_load_unload(shared_engine):
         assert "demo" in names
         info = c.load("demo")
         assert info["loaded"] and info["frames"] == 12 and info["layout"] == "splice"
+        # the avatar's object as models gives it (7.5), precision and the workers' networks included
+        listed = next(m for m in c.models() if m["name"] == "demo")
+        assert info["precision"] == listed["precision"] == "fp32" and isinstance(info["networks"], list)
+        assert set(info) == set(listed)
         mem = info["memory_bytes"]
         # spliced form: background JPEGs + face regions, <= 0.25 MB per 1280x720 frame (decoded: 2.76 MB)
         assert mem["backgrounds"] == mem["parts"]["total"] <= 12 * 250_000

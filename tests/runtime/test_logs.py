@@ -124,6 +124,8 @@ def test_engine_writes_json_lines_naming_each_request(engine_factory):
         assert c.receive(rid).ok
         with pytest.raises(EngineError):
             c.call("composite", {"model": "nosuch", "batch_size": 1}, [("audio_features", audio[:1])])
+        with pytest.raises(EngineError):                         # a reply to an unknown method: logged too
+            c.call("no_such_method", {})
     eng.stop()
     lines = eng.log.read_text().splitlines()
     records = []
@@ -138,3 +140,5 @@ def test_engine_writes_json_lines_naming_each_request(engine_factory):
     assert all(r["client"] and r["logger"] == "engine.front" for r in mine)
     failed = [r for r in records if r.get("method") == "composite" and "unknown_model" in r["msg"]]
     assert failed and failed[0]["request_id"] == rid + 1
+    assert any(r["msg"] == "reply unknown_method to a request that could not be read" and r["client"]
+               for r in records), [r["msg"] for r in records if r.get("role") == "front-0"][-5:]

@@ -55,10 +55,10 @@ def test_front_metrics_count_what_happened():
     assert value(snap, "lse_requests_total", method="health", code="ok") == 0          # exists before use
     assert value(snap, "lse_request_duration_seconds_sum", method="composite") == pytest.approx(1.0)
     assert value(snap, "lse_queue_duration_seconds_sum", method="composite") == pytest.approx(0.5)
-    assert value(snap, "lse_inference_duration_seconds_sum", job="composite") == pytest.approx(0.2)
-    assert value(snap, "lse_composite_duration_seconds_sum", job="composite") == pytest.approx(0.2)
-    assert value(snap, "lse_batch_size_bucket", job="composite", le="4.0") == 0
-    assert value(snap, "lse_batch_size_bucket", job="composite", le="8.0") == 1
+    assert value(snap, "lse_inference_duration_seconds_sum", source="composite") == pytest.approx(0.2)
+    assert value(snap, "lse_composite_duration_seconds_sum", source="composite") == pytest.approx(0.2)
+    assert value(snap, "lse_batch_size_bucket", source="composite", le="4.0") == 0
+    assert value(snap, "lse_batch_size_bucket", source="composite", le="8.0") == 1
     assert value(snap, "lse_frames_total", source="composite") == 6
     assert value(snap, "lse_frames_total", source="stream") == 3
     assert value(snap, "lse_stream_frame_lateness_seconds_count") == 2                  # real-time frames only
@@ -125,6 +125,13 @@ def test_dashboard_and_readme_name_only_metrics_that_exist():
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
     used = {m for e in exprs for m in re.findall(r"lse_[a-z_]+", e)}
     assert used and used <= names, used - names
+    # no label the engine sets is one Prometheus owns on every scraped series (a scrape renames a
+    # target's `job` or `instance` to `exported_job`, and dashboards grouping by it mix series up)
+    labels = {label for c in list(reg._collector_to_names) for label in getattr(c, "_labelnames", ())}
+    labels |= {"role", "kind"}                       # the supervisor's families (lse_processes_*, lse_shared_memory_*)
+    assert {"method", "source", "avatar"} <= labels and not labels & {"job", "instance"}, labels
+    grouped = {g.strip() for e in exprs for by in re.findall(r"by \(([^)]*)\)", e) for g in by.split(",")}
+    assert grouped <= labels | {"le"}, grouped - labels
     readme = (root / "README.md").read_text()
     table = readme[readme.index("## Monitoring"):readme.index("**Logs.**")]
     documented = set(re.findall(r"`(lse_[a-z_]+)`", table))
@@ -190,17 +197,17 @@ def test_counters_and_histograms_move_as_the_requests_say(metrics_engine):
     assert delta("lse_requests_total", method="infer", code="ok") == 1
     assert delta("lse_request_duration_seconds_count", method="composite") == N
     assert delta("lse_queue_duration_seconds_count", method="composite") == N
-    assert delta("lse_inference_duration_seconds_count", job="composite") == N
-    assert delta("lse_inference_duration_seconds_count", job="infer") == 1
-    assert delta("lse_composite_duration_seconds_count", job="composite") == N
-    assert delta("lse_batch_size_count", job="composite") == N
-    assert delta("lse_batch_size_sum", job="composite") == N * B
-    assert delta("lse_batch_size_bucket", job="composite", le="4.0") == 0
-    assert delta("lse_batch_size_bucket", job="composite", le="8.0") == N
+    assert delta("lse_inference_duration_seconds_count", source="composite") == N
+    assert delta("lse_inference_duration_seconds_count", source="infer") == 1
+    assert delta("lse_composite_duration_seconds_count", source="composite") == N
+    assert delta("lse_batch_size_count", source="composite") == N
+    assert delta("lse_batch_size_sum", source="composite") == N * B
+    assert delta("lse_batch_size_bucket", source="composite", le="4.0") == 0
+    assert delta("lse_batch_size_bucket", source="composite", le="8.0") == N
     assert delta("lse_avatar_requests_total", avatar="demo") == N + 1
     assert value(after, "lse_avatar_load_duration_seconds_count", avatar="demo") == 1
     assert delta("lse_request_duration_seconds_sum", method="composite") >= \
-        delta("lse_inference_duration_seconds_sum", job="composite") > 0
+        delta("lse_inference_duration_seconds_sum", source="composite") > 0
     assert value(after, "lse_ready") == 1
     assert value(after, "lse_processes_ready", role="compositor") == 2
     assert value(after, "lse_shared_memory_bytes", kind="ring") > 0
@@ -222,7 +229,7 @@ def test_stream_frames_and_restarts_survive_a_front_restart(metrics_engine):
     assert value(snap, "lse_frames_total", source="stream") == len(got) > 20
     assert value(snap, "lse_streams_opened_total") == 1
     assert value(snap, "lse_stream_frame_lateness_seconds_count") == len(got)
-    assert value(snap, "lse_batch_size_sum", job="stream") >= len(got) - 1     # the silent tail may be idle
+    assert value(snap, "lse_batch_size_sum", source="stream") >= len(got) - 1     # the silent tail may be idle
 
     kill(eng.pid_of("compositor", 1))
     deadline = time.monotonic() + 60

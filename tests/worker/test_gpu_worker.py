@@ -182,7 +182,7 @@ preload = true
         for n in newcomers:
             n.start()
         opened.wait(60)
-        live_s = 10.0
+        live_s = 12.0
         t = threading.Thread(target=lambda: box.update(r=run_stream_bench(eng.endpoint, "demo", 1, seconds=live_s)))
         t.start()
         time.sleep(1.5)                                          # the live stream is running

@@ -20,14 +20,12 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_CLIENT_NAMES = ("Client", "AsyncClient", "Stream", "AsyncStream", "EngineError", "EngineTimeout", "Disconnected",
-                 "EngineRefused", "StreamClosed", "StreamFrame", "CompositeResult")
-
 
 def __getattr__(name: str) -> Any:
-    """``from engine import Client``: the client is imported on first use, so that importing a
-    subpackage (every engine process does) does not pull in the client."""
-    if name in _CLIENT_NAMES:
+    """``from engine import Client`` (any name of ``engine.client.__all__``): the client is imported
+    on first use, so that importing a subpackage (every engine process does) does not pull it in."""
+    if name[:1].isupper():
         from engine import client
-        return getattr(client, name)
+        if name in client.__all__:
+            return getattr(client, name)
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -119,12 +119,8 @@ class Compositor(Role):
         self.chunks = ChunkCompositor()
         self.ctx = zmq.Context()
         self.sock = self.backend_socket(self.ctx)
-        self._warm_up()
+        warm_up_kernels()                # the numba kernels compiled before ready, not on the first request
         send_msg(self.sock, {"t": "ready"})
-
-    def _warm_up(self) -> None:
-        """Compile the numba kernels before reporting ready, not on the first request."""
-        warm_up_kernels()
 
     def run(self) -> None:
         self.serve()

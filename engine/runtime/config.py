@@ -108,6 +108,16 @@ class GpuConfig:
     device_buffers: bool | Literal["auto"] = "auto"   # pre-allocated per-bucket I/O buffers ("auto": on CUDA)
     cuda_graphs: bool = False           # capture a CUDA graph per bucket (CUDA only; falls back when refused)
     precision: Precision = "fp32"       # default for every avatar ([models.NAME] precision overrides)
+    # one session per network architecture, each network's weights bound per run (engine/worker/weights.py):
+    # "auto" = on CUDA (loads are a file read, thousands resident), off on the CPU provider (runs 1.6-2x
+    # slower there with weights as inputs: docs/performance.md)
+    shared_sessions: bool | Literal["auto"] = "auto"
+
+    def shared(self, gpu: bool) -> bool:
+        """Whether networks share sessions (``gpu``: False for the CPU provider)."""
+        if self.shared_sessions == "auto":
+            return gpu and self.io_binding
+        return bool(self.shared_sessions)
 
     def slots(self, gpu: bool) -> int:
         """GPU worker processes per device (``gpu``: False for the CPU provider)."""
@@ -130,7 +140,11 @@ class RingConfig:
 
 @dataclass(frozen=True)
 class CapacityConfig:
-    models_per_device: int = 8          # ONNX sessions a GPU worker keeps
+    models_per_device: int = 8          # networks with their own ONNX session a GPU worker keeps
+    # weight bytes of the networks a GPU worker keeps resident (shared sessions or not), least recently
+    # used out: "auto" = half the memory free when the worker starts (the device's on CUDA, the host's
+    # on the CPU provider), shared by the workers of that device
+    network_bytes: int | Literal["auto"] = "auto"
     background_bytes: int = 8 << 30     # avatar backgrounds kept in shared memory (either layout)
     max_pending: int = 256              # requests queued in the front when every ring is full
     max_pending_bytes: int = 2 << 30    # their tensors' bytes
@@ -359,6 +373,8 @@ def _validate(obj: Any, prefix: str) -> None:
             '"auto", "off" or increasing batch sizes 1..50 such as [1, 2, 4, 8, 16, 32, 50]'),
         "device_buffers": (lambda v: v == "auto" or isinstance(v, bool), '"auto", true or false'),
         "cuda_graphs": (lambda v: isinstance(v, bool), "true or false"),
+        "shared_sessions": (lambda v: v == "auto" or isinstance(v, bool), '"auto", true or false'),
+        "network_bytes": (lambda v: v == "auto" or (_is_int(v) and v >= 1 << 20), '"auto" or a byte count >= 1048576'),
         "precision": (lambda v: v is None or v in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
         "processes": (lambda v: _is_int(v) and 0 <= v <= 256, "an integer 0..256 (0 = one per core)"),
         "slots": (lambda v: _is_int(v) and 1 <= v <= 256, "an integer 1..256"),
@@ -468,5 +484,7 @@ def _cross_check(cfg: EngineConfig) -> None:
         raise ConfigError("gpu.device_buffers: true needs gpu.io_binding = true (the buffers are bound)")
     if not g.io_binding and g.cuda_graphs:
         raise ConfigError("gpu.cuda_graphs: true needs gpu.io_binding = true (a graph replays bound buffers)")
+    if not g.io_binding and g.shared_sessions is True:
+        raise ConfigError("gpu.shared_sessions: true needs gpu.io_binding = true (the weights are bound per run)")
     if g.device_buffers is False and g.cuda_graphs:
         raise ConfigError("gpu.cuda_graphs: true needs gpu.device_buffers (a graph replays fixed device buffers)")

@@ -117,6 +117,36 @@ class EngineCollector(Collector):
                                 value=bg.get("used", 0))
         yield GaugeMetricFamily("lse_avatar_memory_budget_bytes", "capacity.background_bytes",
                                 value=bg.get("budget", self.sup.cfg.capacity.background_bytes))
+        yield from self._networks(st.get("gpu_workers", []))
+
+    @staticmethod
+    def _networks(workers: list[dict[str, Any]]) -> Iterator[Metric]:
+        """Per GPU worker: its resident networks, their weight bytes and budget, its sessions, loads
+        and evictions (``health``'s ``resident``)."""
+        fams = {
+            "networks": GaugeMetricFamily("lse_networks_resident", "Networks resident in a GPU worker",
+                                          labels=["worker"]),
+            "bytes": GaugeMetricFamily("lse_network_bytes", "Weight bytes of a GPU worker's resident networks",
+                                       labels=["worker"]),
+            "budget_bytes": GaugeMetricFamily("lse_network_budget_bytes", "capacity.network_bytes as a GPU "
+                                              "worker resolved it", labels=["worker"]),
+            "sessions": GaugeMetricFamily("lse_network_sessions", "ONNX Runtime sessions of a GPU worker's networks "
+                                          "(one per shared architecture, one per network with its own)",
+                                          labels=["worker"]),
+            "loads": CounterMetricFamily("lse_network_loads", "Networks made resident by a GPU worker",
+                                         labels=["worker"]),
+            "evictions": CounterMetricFamily("lse_network_evictions", "Networks a GPU worker evicted (least "
+                                             "recently used, for the budget)", labels=["worker"]),
+        }
+        for w in workers:
+            r = w.get("resident")
+            if not r:
+                continue
+            r = {**r, "sessions": r.get("own_sessions", 0) + len(w.get("architectures", {}))}
+            for key, fam in fams.items():
+                if r.get(key) is not None:
+                    fam.add_metric([str(w.get("idx", 0))], r[key])
+        yield from fams.values()
 
 
 class GpuCollector(Collector):

@@ -23,6 +23,7 @@ class _BufferSet:
     out: Any
     binding: Any
     options: Any
+    bound: int = 0                # shared sessions: the network whose weights the binding holds (its token)
 
 
 class DeviceBuffers:
@@ -80,16 +81,32 @@ class DeviceBuffers:
         self.sets = {}
         self._bind(sizes, pool)
 
-    def run(self, image: np.ndarray, audio: np.ndarray, out: np.ndarray, graph: bool | None = None) -> None:
-        """One run at bucket ``len(image)``; ``graph``: use (or capture) its graph; None: if captured."""
+    def run(self, image: np.ndarray, audio: np.ndarray, out: np.ndarray, graph: bool | None = None,
+            weights: dict[str, Any] | None = None, token: int = 0) -> None:
+        """One run at bucket ``len(image)``; ``graph``: use (or capture) its graph; None: if captured.
+        ``weights`` (shared sessions): the network's weights, bound unless network ``token``'s already are."""
         b = len(image)
         s = self.sets[b]
+        if weights is not None and s.bound != token:
+            for name, value in weights.items():
+                s.binding.bind_ortvalue_input(name, value)
+            s.bound = token
         s.image.update_inplace(image)                 # ring -> device
         s.audio.update_inplace(audio)
         if graph is None:
             graph = b in self.captured
         self.session.run_with_iobinding(s.binding, s.options if graph and self.graphs else self.no_graph)
         self._read(s.out, out)                        # device -> ring
+
+    def release(self, token: int) -> None:
+        """Network ``token`` is gone: no binding keeps its weights (their memory) alive."""
+        g = self.graph
+        for s in self.sets.values():
+            if s.bound == token:
+                s.binding.clear_binding_inputs()
+                s.binding.bind_ortvalue_input(g.image_input, s.image)
+                s.binding.bind_ortvalue_input(g.audio_input, s.audio)
+                s.bound = 0
 
     def _read(self, src: Any, out: np.ndarray) -> None:
         if self.readback == "update_inplace":

@@ -72,6 +72,7 @@ class GpuWorker(Role):
         self.parked: dict[str, list[dict]] = {}              # run messages waiting for their network
         self.failed: dict[str, str] = {}                     # load failures not yet reported
         self.discard: set[str] = set()                       # unloaded while loading
+        self.inbox: deque[bytes] = deque()                   # messages read ahead (see _read_ahead)
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         self._sent_sig: Any = None
@@ -107,8 +108,8 @@ class GpuWorker(Role):
             # a network installed but not finished on this thread (engine/worker/inference.py: finish_step)
             # takes one short step whenever no message waits; never while the loader works
             finishing = self.core.has_todo() and not self.loading
-            events = dict(poller.poll(0 if finishing else 1000))
-            if not events and finishing:
+            events = dict(poller.poll(0 if finishing or self.inbox else 1000))
+            if not events and finishing and not self.inbox:
                 self.core.finish_step()
                 if self._signature() != self._sent_sig:
                     self._send_models()
@@ -121,16 +122,41 @@ class GpuWorker(Role):
                 except BlockingIOError:
                     pass
             while self.done:
+                self._read_ahead()
                 self._loaded(*self.done.popleft())
-            if self.sock in events:
+            if self.sock in events or self.inbox:
                 for _ in range(64):
-                    try:
-                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._dispatch(frames[0])
+                    if self.inbox:
+                        raw = self.inbox.popleft()
+                    else:
+                        try:
+                            raw = self.sock.recv_multipart(zmq.NOBLOCK)[0]
+                        except zmq.Again:
+                            break
+                    self._dispatch(raw)
                     if self.done:                   # a load finished: install it before the next job
                         break
+
+    def _read_ahead(self) -> None:
+        """Read every message waiting on the socket into the inbox, so that an install knows
+        which networks have jobs on their way (those are never evicted)."""
+        while True:
+            try:
+                self.inbox.append(self.sock.recv_multipart(zmq.NOBLOCK)[0])
+            except zmq.Again:
+                return
+
+    def _busy(self) -> set[str]:
+        """Networks with work in flight in this worker: parked jobs and jobs read ahead."""
+        busy = set(self.parked)
+        for raw in self.inbox:
+            try:
+                msg = json.loads(raw)
+            except ValueError:
+                continue
+            if msg.get("t") == "run":
+                busy.add(msg.get("model"))
+        return busy
 
     def _dispatch(self, raw: bytes) -> None:
         msg = json.loads(raw)
@@ -188,7 +214,7 @@ class GpuWorker(Role):
                 self.discard.discard(name)
                 log.info("network %s loaded after it was unloaded: dropped", name)
             else:
-                self.core.install(result)
+                self.core.install(result, self._busy() | {name})
                 log.info("network %s ready (%s, %s) after %.0f ms", name, precision, result.mode, result.load_ms)
         else:
             message = str(result) if isinstance(result, (InferenceError, AvatarError)) else f"loading failed: {result}"

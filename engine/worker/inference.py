@@ -53,8 +53,12 @@ import onnxruntime as ort
 
 from engine.avatars.disk import AvatarError, GraphInfo, read_encoder, session_graph
 from engine.worker.buckets import encoder_buckets, network_buckets, plan, rows_needed
+from engine.worker.budget import auto_budget, victims
 from engine.worker.device_buffers import GRAPH_ID, DeviceBuffers
-from engine.worker.loaded import EncoderSession, LoadedModel
+from engine.worker.loaded import EncoderSession, InferenceError, LoadedModel
+from engine.worker.shared import SharedSessions
+from engine.worker.weights import NotShareable
+from engine.worker.weights import prepare as split_network
 
 log = logging.getLogger("engine.inference")
 
@@ -62,19 +66,21 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
 
-class InferenceError(Exception):
-    """A network could not be loaded or run."""
-
-
 class InferenceCore:
-    """Sessions of one device, least recently used first out when more than ``capacity``."""
+    """The networks of one device, least recently used first out when more than ``capacity`` have
+    their own session or their weights exceed ``network_bytes`` (None: no byte budget)."""
 
     def __init__(self, device: int | None, capacity: int = 8, intra_op_threads: int = 0,
                  io_binding: bool = True, buckets: str | tuple[int, ...] = "auto", max_batch: int = 50,
                  device_buffers: bool | str = "auto", cuda_graphs: bool = False,
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, shared_sessions: bool = False,
+                 network_bytes: int | None = None) -> None:
         self.device = device
         self.capacity = capacity
+        self.network_bytes = network_bytes
+        self.sharing = shared_sessions and io_binding
+        self.shared = SharedSessions(self)
+        self.loads = self.evictions = 0
         self.intra_op_threads = intra_op_threads
         self.io_binding = io_binding
         self.buckets = buckets
@@ -111,8 +117,10 @@ class InferenceCore:
     @classmethod
     def from_config(cls, device: int | None, cfg) -> InferenceCore:
         g = cfg.gpu
+        budget = cfg.capacity.network_bytes
         return cls(device, cfg.capacity.models_per_device, g.intra_op_threads, g.io_binding, g.batch_buckets,
-                   cfg.ring.max_batch, g.device_buffers, g.cuda_graphs, cfg.cache_dir)
+                   cfg.ring.max_batch, g.device_buffers, g.cuda_graphs, cfg.cache_dir, g.shared(device is not None),
+                   auto_budget(device, g.slots(device is not None)) if budget == "auto" else budget)
 
     def _probe(self) -> None:
         """Fail at boot, not on the first request, when the GPU cannot run a session."""
@@ -168,13 +176,21 @@ class InferenceCore:
                 file = fp16.fp16_model(path, self.cache_dir)
             except Exception as e:  # noqa: BLE001 - onnx / the converter raise many kinds
                 raise InferenceError(f"{path}: fp16 conversion failed: {e}") from None
+        if self.sharing:
+            try:
+                split = split_network(file, self.cache_dir)
+            except NotShareable as e:
+                log.info("%s: its own session (%s)", name, e)
+            else:
+                m = self.shared.prepare(name, path, precision, file, split, progress)
+                return self._finish_prepare(m, encoder, progress, t0)
         sess, graphs, why = self._session(file)
         try:
             graph = session_graph(sess, path)       # not read_graph: no protobuf parse under the GIL
         except AvatarError as e:
             raise InferenceError(str(e)) from None
         m = LoadedModel(name, path, sess, graph, time.time(), precision=precision, file=file,
-                        sizes=self.sizes_for(graph))
+                        sizes=self.sizes_for(graph), weight_bytes=file.stat().st_size)
         if why:
             m.fallback.append(why)
         if graphs:                                  # runs outside the device buffers never capture
@@ -191,34 +207,55 @@ class InferenceCore:
                 log.warning("%s: device buffers could not be allocated (%s); binding the ring instead", name, e)
         elif self.device_buffers:
             m.fallback.append("device buffers need fixed batch sizes (gpu.batch_buckets is off)")
-        self._warm_up(m, progress)
+        self.warm_up(m, progress)
+        return self._finish_prepare(m, encoder, progress, t0)
+
+    def _finish_prepare(self, m: LoadedModel, encoder: str | None, progress: Callable[[], None],
+                        t0: float) -> LoadedModel:
         if encoder:
             m.encoder = self.prepare_encoder(encoder, progress)
-        if precision == "fp16":
-            m.fp16_error = self._fp16_error(m, encoder)
+        if m.precision == "fp16":
+            m.fp16_error = self.shared.fp16_error(m, lambda: self._fp16_error(m, encoder))
         m.load_ms = 1000 * (time.perf_counter() - t0)
-        log.info("prepared network %s (%s, %s, sizes %s) on %s in %.0f ms", name, precision, m.mode,
-                 list(m.sizes) if m.sizes else "exact", self.provider, m.load_ms)
+        log.info("prepared network %s (%s, %s, sizes %s%s) on %s in %.0f ms", m.name, m.precision, m.mode,
+                 list(m.sizes) if m.sizes else "exact", f", architecture {m.arch.key[:12]}" if m.arch else "",
+                 self.provider, m.load_ms)
         return m
 
-    def install(self, m: LoadedModel) -> list[str]:
-        """Make a prepared network serve (the worker's thread); returns the names it evicted."""
-        evicted = []
-        self.models.pop(m.name, None)
-        while len(self.models) >= self.capacity:
-            old, _ = self.models.popitem(last=False)
-            evicted.append(old)
-            log.info("unloaded network %s (capacity %d)", old, self.capacity)
+    def install(self, m: LoadedModel, busy: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """Make a prepared network serve (the worker's thread); returns the names it evicted: least
+        recently used first, never one in ``busy`` (networks with work in flight)."""
+        old = self.models.pop(m.name, None)
+        if old is not None and old is not m:
+            self.shared.release(old)
+        evicted = self._make_room(m, busy)
         self.models[m.name] = m
-        if m.buffers is not None:
+        self.loads += 1
+        if m.arch is not None:
+            if m.buffers is not None and not m.arch.adopted:
+                m.buffers.adopt(self.buffer_pool)
+                m.arch.adopted = True
+        elif m.buffers is not None:
             m.buffers.adopt(self.buffer_pool)
-        m.todo = [("touch", (m.sizes or (1,))[0], 0)]
+        m.todo = [] if m.arch is not None and m.arch.touched else [("touch", (m.sizes or (1,))[0], 0)]
         if m.buffers is not None and m.buffers.graphs:
             for b in m.sizes or ():
                 if m.bucket_modes.get(b) is None:
                     m.todo += [("ref", b, 0), ("ref", b, 1), *[("capture", b, 0)] * 3, ("check", b, 1), ("check", b, 0)]
         if m.encoder is not None and m.encoder.path not in self.encoders:
             self.encoders[m.encoder.path] = m.encoder
+        return evicted
+
+    def resident_bytes(self) -> int:
+        return sum(m.weight_bytes for m in self.models.values())
+
+    def _make_room(self, m: LoadedModel, busy: set[str] | frozenset[str]) -> list[str]:
+        evicted = []
+        for victim in victims(self.models, m, self.capacity, self.network_bytes, busy):
+            self.shared.release(self.models.pop(victim))
+            self.evictions += 1
+            evicted.append(victim)
+            log.info("unloaded network %s (least recently used)", victim)
         return evicted
 
     # -- finishing on the serving thread ---------------------------------------------------------
@@ -241,9 +278,11 @@ class InferenceCore:
             out = np.empty((b, *g.output_shape), np.float32)
             if kind == "touch":                    # this thread's first run: its cuBLAS/cuDNN handles
                 self._piece(m, image, audio, out)
+                if m.arch is not None:
+                    m.arch.touched = True
                 if m.encoder is not None:
                     n = m.encoder.sizes[0] if m.encoder.sizes else 1
-                    self._encode(m.encoder, np.zeros((n, *self._encoder_shape(m.encoder)), np.float32))
+                    m.encoder.run(np.zeros((n, *m.encoder.input_shape()), np.float32))
                 return True
             try:
                 if kind == "ref":
@@ -271,7 +310,7 @@ class InferenceCore:
         finally:
             self.lock.release()
 
-    def _options(self) -> ort.SessionOptions:
+    def session_options(self) -> ort.SessionOptions:
         opts = ort.SessionOptions()
         if self.intra_op_threads:
             opts.intra_op_num_threads = self.intra_op_threads
@@ -286,7 +325,7 @@ class InferenceCore:
         if self.cuda_graphs and self.device_buffers and self.device is not None:
             providers = [(CUDA, {**self.providers[0][1], "enable_cuda_graph": "1"}), CPU]
             try:
-                sess = ort.InferenceSession(str(file), self._options(), providers=providers)
+                sess = ort.InferenceSession(str(file), self.session_options(), providers=providers)
                 if sess.get_providers()[0] == CUDA:
                     return sess, True, ""
                 why = f"CUDA graphs: session runs on {sess.get_providers()[0]}"
@@ -298,7 +337,7 @@ class InferenceCore:
                    else "CUDA graphs need device buffers (gpu.device_buffers, gpu.batch_buckets)")
             log.warning("%s: %s; running without them", file, why)
         try:
-            sess = ort.InferenceSession(str(file), self._options(), providers=self.providers)
+            sess = ort.InferenceSession(str(file), self.session_options(), providers=self.providers)
         except Exception as e:  # noqa: BLE001
             raise InferenceError(f"{file}: onnxruntime cannot load it: {e}") from None
         actual = sess.get_providers()[0]
@@ -306,7 +345,7 @@ class InferenceCore:
             raise InferenceError(f"{file}: session runs on {actual}, not {self.provider}")
         return sess, False, why
 
-    def _warm_up(self, m: LoadedModel, progress: Callable[[], None]) -> None:
+    def warm_up(self, m: LoadedModel, progress: Callable[[], None]) -> None:
         """Run every size before the network serves: the first runs pick kernels, allocate and
         (with graphs) capture; with device buffers each size is also checked against a plain run."""
         sizes = m.sizes or (1,)
@@ -334,14 +373,15 @@ class InferenceCore:
         skip = ort.RunOptions()
         skip.add_run_config_entry(GRAPH_ID, "-1")     # plain runs never take part in a capture
         try:
-            refs = [m.session.run([g.output], {g.image_input: i, g.audio_input: a}, skip)[0] for i, a in inputs]
+            refs = [m.session.run([g.output], {**(m.host or {}), g.image_input: i, g.audio_input: a}, skip)[0]
+                    for i, a in inputs]
             out = np.empty((b, *g.output_shape), np.float32)
             for _ in range(2):
-                m.buffers.run(*inputs[0], out, graph=False)
+                m.buffers.run(*inputs[0], out, graph=False, weights=m.weights, token=m.token)
                 progress()
             worst = 0.0
             for (image, audio), ref in zip(inputs[::-1], refs[::-1]):
-                m.buffers.run(image, audio, out, graph=False)
+                m.buffers.run(image, audio, out, graph=False, weights=m.weights, token=m.token)
                 worst = max(worst, float(np.max(np.abs(out - ref) / (1.0 + np.abs(ref)))))
             if worst > 1e-3:
                 raise InferenceError(f"output differs from a plain run by {worst:.3g}")
@@ -362,20 +402,15 @@ class InferenceCore:
         except AvatarError as e:
             raise InferenceError(str(e)) from None
         try:
-            sess = ort.InferenceSession(path, self._options(), providers=self.providers)
+            sess = ort.InferenceSession(path, self.session_options(), providers=self.providers)
         except Exception as e:  # noqa: BLE001
             raise InferenceError(f"{path}: onnxruntime cannot load the audio encoder: {e}") from None
         enc = EncoderSession(path, sess, encoder_buckets(self.bucketed, self.max_batch))
-        shape = self._encoder_shape(enc)
         for n in enc.sizes or ():
-            self._encode(enc, np.zeros((n, *shape), np.float32))
+            enc.run(np.zeros((n, *enc.input_shape()), np.float32))
             enc.shapes.add(n)
             (progress or (lambda: None))()
         return enc
-
-    @staticmethod
-    def _encoder_shape(enc: EncoderSession) -> list[int]:
-        return [d if isinstance(d, int) else 1 for d in enc.session.get_inputs()[0].shape[1:]]
 
     def load_encoder(self, path: str) -> EncoderSession:
         enc = self.encoders.get(path)
@@ -393,7 +428,10 @@ class InferenceCore:
             return {"error": str(e)}
 
     def unload(self, name: str) -> bool:
-        return self.models.pop(name, None) is not None
+        m = self.models.pop(name, None)
+        if m is not None:
+            self.shared.release(m)
+        return m is not None
 
     # -- running ---------------------------------------------------------------------------------
     def rows(self, model: LoadedModel, n: int) -> int:
@@ -428,12 +466,12 @@ class InferenceCore:
         b = len(image)
         mode = m.bucket_modes.get(b, m.mode)
         if mode in ("device_buffers", "cuda_graphs") and m.buffers is not None and b in m.buffers.sets:
-            m.buffers.run(image, audio, out)      # with its graph once captured on this thread
+            m.buffers.run(image, audio, out, weights=m.weights, token=m.token)   # its graph once captured
             return
         g = m.graph
         options = m.run_options
         if self.io_binding:
-            binding = m.session.io_binding()
+            binding = m.binding if m.binding is not None else m.session.io_binding()
             for name, arr in ((g.image_input, image), (g.audio_input, audio)):
                 binding.bind_input(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
             binding.bind_output(g.output, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
@@ -454,23 +492,7 @@ class InferenceCore:
         """The audio encoder ([N,1,80,16] mel windows -> [N,D] features) at its window-count buckets
         (padded with silence rows whose output is dropped; exact counts when not bucketed)."""
         enc = self.load_encoder(path)
-        n = len(windows)
-        if not n:
-            return np.zeros((0, enc.session.get_outputs()[0].shape[-1]), np.float32)
-        outs = []
-        for start, size in plan(n, enc.sizes):
-            part = windows[start:start + size]
-            if len(part) < size:
-                padded = np.zeros((size, *windows.shape[1:]), np.float32)
-                padded[:len(part)] = part
-                part = padded
-            outs.append(self._encode(enc, np.ascontiguousarray(part, np.float32))[:n - start])
-            self._count(f"encoder:{path}", enc.shapes, size, enc.sizes is not None)
-        return outs[0] if len(outs) == 1 else np.concatenate(outs)
-
-    @staticmethod
-    def _encode(enc: EncoderSession, windows: np.ndarray) -> np.ndarray:
-        return enc.session.run(None, {enc.session.get_inputs()[0].name: windows})[0]
+        return enc.encode(windows, lambda size: self._count(f"encoder:{path}", enc.shapes, size, enc.sizes is not None))
 
     # -- reporting -------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -479,4 +501,10 @@ class InferenceCore:
         shapes = {name: sorted(m.shapes) for name, m in self.models.items()}
         shapes.update({f"encoder:{p}": sorted(e.shapes) for p, e in self.encoders.items()})
         return {"cold_runs": self.cold_runs, "cold_shapes": list(self.cold_shapes), "shapes": shapes,
-                "networks": {name: m.describe() for name, m in self.models.items()}}
+                "networks": {name: m.describe() for name, m in self.models.items()},
+                "resident": {"networks": len(self.models), "bytes": self.resident_bytes(),
+                             "budget_bytes": self.network_bytes, "own_sessions": sum(m.arch is None for m in self.models.values()),
+                             "shared_sessions": self.sharing, "sessions_built": self.shared.built,
+                             "loads": self.loads, "evictions": self.evictions},
+                "architectures": self.shared.describe(list(self.models.values()))}
+

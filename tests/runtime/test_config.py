@@ -116,6 +116,7 @@ max_batch = 1
 max_face = 32
 [capacity]
 models_per_device = 2
+network_bytes = 2097152
 background_bytes = 1048576
 max_pending = 0
 [output]
@@ -139,12 +140,12 @@ preferred_gpu = 1
 """)
     cfg = load_config(p)
     assert cfg.server == C.ServerConfig("tcp://0.0.0.0:6000", "tcp://127.0.0.1:6001", "/tmp/lse-run", "eng2", "DEBUG")
-    assert cfg.gpu == C.GpuConfig((0, 1), 2, 4, False, "auto", "auto", False, "fp32")
+    assert cfg.gpu == C.GpuConfig((0, 1), 2, 4, False, "auto", "auto", False, "fp32", "auto")
     assert isinstance(cfg.gpu.devices, tuple)
     assert cfg.gpu_devices() == (0, 1)
     assert cfg.compositor_count() == 3
     assert cfg.ring == C.RingConfig(8, 1, 32)
-    assert cfg.capacity == C.CapacityConfig(2, 1 << 20, 0)
+    assert cfg.capacity == C.CapacityConfig(2, 2 << 20, 1 << 20, 0)
     assert cfg.output == C.OutputConfig(100, "444", False, "full")
     assert cfg.supervision == C.SupervisionConfig(0.5, 10, 0, 1.5, 30)
     assert cfg.models["alice"] == C.ModelConfig("alice", "people/alice", True, "stretch", "modulo", 1)

@@ -147,8 +147,8 @@ def test_a_bucket_whose_device_path_fails_its_check_falls_back(demo_onnx, monkey
     from engine.worker import device_buffers
     real = device_buffers.DeviceBuffers.run
 
-    def wrong_for_4(self, image, audio, out, graph=None):
-        real(self, image, audio, out, graph)
+    def wrong_for_4(self, image, audio, out, graph=None, **kw):
+        real(self, image, audio, out, graph, **kw)
         if len(image) == 4:
             out += 1.0                                          # a replay that reads stale buffers, say
     monkeypatch.setattr(device_buffers.DeviceBuffers, "run", wrong_for_4)
@@ -217,8 +217,8 @@ def test_a_graph_whose_replay_differs_is_not_used(demo_onnx, monkeypatch):
     from engine.worker import device_buffers
     real = device_buffers.DeviceBuffers.run
 
-    def stale_replay(self, image, audio, out, graph=None):
-        real(self, image, audio, out, graph)
+    def stale_replay(self, image, audio, out, graph=None, **kw):
+        real(self, image, audio, out, graph, **kw)
         if graph and len(image) == 2:
             out *= 0.5
     core = InferenceCore(None, buckets=(1, 2), device_buffers=True)

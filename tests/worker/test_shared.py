@@ -1,0 +1,133 @@
+"""Shared sessions in the inference core: one session per architecture, each network's weights
+bound per run; the byte budget (engine/worker/shared.py, engine/worker/budget.py)."""
+from __future__ import annotations
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+
+from engine.worker.budget import victims
+from engine.worker.inference import InferenceCore
+from tests.nets import make_avatar, run_own_session
+
+BUCKETS = (1, 2, 4)
+
+
+@pytest.fixture
+def nets(tmp_path, models_root):
+    return [make_avatar(tmp_path / "avatars", f"n{i}", 10 + i, models_root / "demo") for i in range(4)]
+
+
+def inputs(b: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.random((b, 6, 320, 320), np.float32), rng.standard_normal((b, 32, 16, 16)).astype(np.float32)
+
+
+def core(tmp_path, shared: bool = True, **kw) -> InferenceCore:
+    kw.setdefault("buckets", BUCKETS)
+    return InferenceCore(None, intra_op_threads=1, max_batch=4, cache_dir=tmp_path / "cache",
+                         shared_sessions=shared, **kw)
+
+
+@pytest.mark.parametrize("device_buffers", [False, True])
+def test_shared_outputs_equal_their_own_sessions_at_every_bucket_fp32(tmp_path, nets, device_buffers):
+    c = core(tmp_path, device_buffers=device_buffers)
+    models = [c.load(f"n{i}", p) for i, p in enumerate(nets)]
+    assert {m.arch.key for m in models} == {models[0].arch.key}
+    assert models[0].mode == ("device_buffers" if device_buffers else "bind_ring")
+    for b in (*BUCKETS, 3):                                   # 3 runs padded to the bucket of 4
+        image, audio = inputs(b, b)
+        outs = []
+        for m, p in zip(models * 2, nets * 2):               # twice round: bindings switch networks
+            out = np.full((b, 3, 320, 320), -1, np.float32)
+            c.run(m, image, audio, out)
+            ref = run_own_session(p, image, audio)
+            assert float(np.abs(out - ref).max()) <= 1e-5, (m.name, b)
+            outs.append(out)
+        # each network's output differs from its neighbour's, as their weights do
+        assert all(float(np.abs(outs[i] - outs[i + 1]).max()) > 0.05 for i in range(len(nets) - 1))
+    assert c.cold_runs == 0
+
+
+def test_shared_fp16_equals_its_own_fp16_session_within_the_error_report(tmp_path, nets, models_root):
+    own = core(tmp_path, shared=False)
+    shared = core(tmp_path)
+    image, audio = inputs(4, 7)
+    for i, p in enumerate(nets[:2]):
+        a = own.load(f"n{i}", p, precision="fp16")
+        m = shared.load(f"n{i}", p, precision="fp16")
+        assert m.arch is not None and a.arch is None
+        out_own, out_shared = (np.empty((4, 3, 320, 320), np.float32) for _ in range(2))
+        own.run(a, image, audio, out_own)
+        shared.run(m, image, audio, out_shared)
+        assert float(np.abs(out_shared - out_own).max()) <= 1e-3
+        fp32 = run_own_session(p, image, audio)
+        bound = a.fp16_error["max_abs_diff"]
+        assert float(np.abs(out_shared - fp32).max()) <= 2 * bound + 1e-3
+        if i == 0:            # the architecture's first network measured it; the second found its own cached
+            assert m.fp16_error["max_abs_diff"] == pytest.approx(bound)
+        else:
+            assert m.fp16_error.get("max_abs_diff") == pytest.approx(bound)
+    assert shared.stats()["resident"]["sessions_built"] == 1
+
+
+def test_later_networks_of_an_architecture_build_no_session_and_another_architecture_gets_its_own(
+        tmp_path, nets, models_root):
+    c = core(tmp_path)
+    first = c.load("n0", nets[0])
+    assert first.load_ms > 0 and c.shared.built == 1
+    later = [c.load(f"n{i}", p) for i, p in enumerate(nets[1:], 1)]
+    assert c.shared.built == 1 and all(not m.todo for m in later)
+    demo = c.load("demo", models_root / "demo" / "checkpoint" / "model_best.onnx")
+    assert c.shared.built == 2 and demo.arch.key != first.arch.key
+    st = c.stats()
+    assert st["resident"]["networks"] == 5 and st["resident"]["own_sessions"] == 0
+    assert sorted(a["networks"] for a in st["architectures"].values()) == [1, 4]
+    assert st["networks"]["n1"]["architecture"] == first.arch.key[:16]
+
+
+def test_without_shared_sessions_each_network_has_its_own(tmp_path, nets):
+    c = core(tmp_path, shared=False)
+    models = [c.load(f"n{i}", p) for i, p in enumerate(nets[:2])]
+    assert all(m.arch is None for m in models) and c.shared.built == 0
+    assert models[0].session is not models[1].session
+    assert c.stats()["resident"]["own_sessions"] == 2
+
+
+def test_the_byte_budget_evicts_least_recently_used_never_busy_and_frees_the_weights(tmp_path, nets):
+    c = core(tmp_path, device_buffers=True)
+    m0 = c.load("n0", nets[0])
+    size = m0.weight_bytes
+    c.network_bytes = 2 * size + size // 2                    # room for two
+    m1 = c.load("n1", nets[1])
+    image, audio = inputs(2)
+    c.run(m1, image, audio, np.empty((2, 3, 320, 320), np.float32))     # n1 used last; its weights bound
+    gone = weakref.ref(next(iter(m0.host.values())))
+    m2 = c.prepare("n2", nets[2])
+    assert c.install(m2) == ["n0"]                           # least recently used
+    assert list(c.models) == ["n1", "n2"] and c.evictions == 1
+    del m0
+    gc.collect()
+    assert gone() is None, "an evicted network's weights are still referenced"
+    c.run(m2, image[:1], audio[:1], np.empty((1, 3, 320, 320), np.float32))   # bucket 1 holds n2's weights
+    m3 = c.prepare("n3", nets[3])
+    assert c.install(m3, busy={"n1"}) == ["n2"]              # n1 has work in flight: the next one goes
+    assert c.resident_bytes() <= c.network_bytes
+    bound = {b: s.bound for b, s in m1.arch.buffers.sets.items()}
+    assert bound[2] == m1.token and bound[1] == 0, bound     # nothing holds the evicted n2's weights
+    st = c.stats()["resident"]
+    assert (st["networks"], st["evictions"], st["loads"], st["budget_bytes"]) == (2, 2, 4, c.network_bytes)
+
+
+def test_victims_by_count_for_own_sessions_and_by_bytes_for_all():
+    class M:
+        def __init__(self, name, nbytes, shared):
+            self.name, self.weight_bytes, self.arch = name, nbytes, object() if shared else None
+    models = {m.name: m for m in (M("a", 10, False), M("s", 10, True), M("b", 10, False))}
+    assert victims(models, M("c", 10, False), capacity=2, budget=None) == ["a"]      # own sessions only
+    assert victims(models, M("t", 10, True), capacity=2, budget=None) == []          # shared: no count
+    assert victims(models, M("t", 10, True), capacity=9, budget=25) == ["a", "s"]   # bytes: any, LRU first
+    assert victims(models, M("t", 10, True), capacity=9, budget=25, busy={"a"}) == ["s", "b"]
+    assert victims(models, M("t", 10, True), capacity=9, budget=5, busy={"a", "s", "b"}) == []   # all busy: kept

@@ -205,6 +205,22 @@ def stream_capacity(eng: Engine, avatar: str, opts: dict, deadline: float) -> di
 
 
 # -- report ----------------------------------------------------------------------------------------
+def networks(tmp: Path, device: int | None, small: bool, budget: float) -> list[dict]:
+    """Many networks of the bench architecture in one inference core (engine-ctl bench-networks):
+    a session per network against shared sessions (CUDA: fp16, the engine's buckets)."""
+    from engine.cli.bench_networks import run_modes, write_networks
+    if elapsed() > 0.9 * budget:
+        return [{"skipped": "time budget"}]
+    rows = []
+    plan = [("shared", 2)] if small else [("own", 10), ("shared", 100)]
+    for mode, n in plan:
+        paths = write_networks(tmp / "networks", n)
+        rows += run_modes(paths, device, "fp32" if device is None else "fp16", 1 if small else 8,
+                          "off" if device is None else "auto", 8, tmp / "networks" / "cache", 0, (mode,))
+        say(f"networks: {mode} x {n} done")
+    return rows
+
+
 def tables(report: dict) -> str:
     lines = ["", "| precision | asked | path | batch | ms/batch | ms/frame | frames/s | TFLOP/s | load s |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -242,6 +258,16 @@ def tables(report: dict) -> str:
                      f"{cap['cold_runs']} {cap['cold_shapes'] or ''}")
     elif cap:
         lines.append(f"stream capacity: skipped ({cap['skipped']})")
+    lines += ["", "| networks | mode | precision | resident ms (median) | MB per network | x weights | per GB | "
+                  "first request / warm | batch ms by size |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in report.get("networks", []):
+        if "skipped" in r:
+            lines.append(f"| skipped: {r['skipped']} | | | | | | | | |")
+            continue
+        per_gb = round(1e9 / r["bytes_per_network"], 1) if r["bytes_per_network"] > 0 else None
+        lines.append(f"| {r['networks']} | {r['mode']} | {r['precision']} | {r['resident_ms']['median']} | "
+                     f"{round(r['bytes_per_network'] / 1e6, 1)} | {r['bytes_vs_weights']} | {per_gb} | "
+                     f"{r['first_request_vs_warm']} | {r['run_ms']} |")
     return "\n".join(lines)
 
 
@@ -294,6 +320,7 @@ def main() -> None:
                                        {"workers": 1, "limit": 2 if quick else 8, "start": 1,
                                         "seconds": 1.5 if quick else 4.0, "processes": 1, "deadline": budget},
                                        extra, budget)
+    report["networks"] = networks(tmp, 0 if gpu else None, args.quick or not gpu, budget)
     report["elapsed_s"] = round(elapsed(), 1)
     (out / "gpu_bench.json").write_text(json.dumps(report, indent=2))
     for log in tmp.glob("*.log"):

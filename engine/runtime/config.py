@@ -109,14 +109,14 @@ class GpuConfig:
     cuda_graphs: bool = False           # capture a CUDA graph per bucket (CUDA only; falls back when refused)
     precision: Precision = "fp32"       # default for every avatar ([models.NAME] precision overrides)
     # one session per network architecture, each network's weights bound per run (engine/worker/weights.py):
-    # "auto" = on CUDA (loads are a file read, thousands resident), off on the CPU provider (runs 1.6-2x
-    # slower there with weights as inputs: docs/performance.md)
+    # "auto" = on CUDA unless cuda_graphs (loads are a file read, thousands resident), off on the CPU
+    # provider (runs about 2x slower there with weights as inputs: docs/performance.md)
     shared_sessions: bool | Literal["auto"] = "auto"
 
     def shared(self, gpu: bool) -> bool:
         """Whether networks share sessions (``gpu``: False for the CPU provider)."""
-        if self.shared_sessions == "auto":
-            return gpu and self.io_binding
+        if self.shared_sessions == "auto":              # CUDA graphs replay fixed weights: asked for, they win
+            return gpu and self.io_binding and not self.cuda_graphs
         return bool(self.shared_sessions)
 
     def slots(self, gpu: bool) -> int:

@@ -25,9 +25,9 @@ WINDOW = 6                                      # requests in flight at once (pi
 def many(tmp_path_factory):
     """200 avatars: two frames each (linked), each its own network of one architecture."""
     root = tmp_path_factory.mktemp("many")
-    make_demo(root / "src", frames=2)
+    make_demo(root, frames=2)                                # "demo": another architecture, beside them
     names = [f"a{i:03d}" for i in range(AVATARS)]
-    nets = {n: make_avatar(root, n, 1000 + i, root / "src" / "demo") for i, n in enumerate(names)}
+    nets = {n: make_avatar(root, n, 1000 + i, root / "demo") for i, n in enumerate(names)}
     rng = np.random.default_rng(5)
     image = rng.random((1, 6, 320, 320), np.float32)
     audio = rng.standard_normal((1, 32, 16, 16)).astype(np.float32)
@@ -68,6 +68,8 @@ def test_200_avatars_round_robin_each_output_its_own_one_session_built(many, tmp
         with Client(eng.endpoint, timeout=120) as c:
             outs = serve_round_robin(c, names, image, audio)
             w = worker(c)
+            c.infer("demo", audio, image)                    # another architecture: its own session
+            other = worker(c)
         for i, n in enumerate(names):
             assert float(np.abs(outs[n] - refs[n]).max()) <= 1e-5, n
             neighbour = names[(i + 1) % len(names)]
@@ -77,6 +79,8 @@ def test_200_avatars_round_robin_each_output_its_own_one_session_built(many, tmp
         (arch,) = w["architectures"].values()
         assert arch["networks"] == AVATARS and arch["first"] in names
         assert r["bytes"] == sum(w["networks"][n]["weight_bytes"] for n in names)
+        assert other["resident"]["sessions_built"] == 2
+        assert sorted(a["networks"] for a in other["architectures"].values()) == [1, AVATARS]
     finally:
         eng.stop()
         assert list_segments(eng.prefix) == []

@@ -62,7 +62,7 @@ def worker(c: Client) -> dict:
 
 
 def test_200_avatars_round_robin_each_output_its_own_one_session_built(many, tmp_path):
-    root, names, nets, image, audio, refs = many
+    root, names, _, image, audio, refs = many
     eng = start(root, tmp_path, None)
     try:
         with Client(eng.endpoint, timeout=120) as c:

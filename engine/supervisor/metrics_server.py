@@ -136,7 +136,7 @@ class EngineCollector(Collector):
             "loads": CounterMetricFamily("lse_network_loads", "Networks made resident by a GPU worker",
                                          labels=["worker"]),
             "evictions": CounterMetricFamily("lse_network_evictions", "Networks a GPU worker evicted (least "
-                                             "recently used, for the budget)", labels=["worker"]),
+                                             "recently used, for the byte budget or the own-session count)", labels=["worker"]),
         }
         for w in workers:
             r = w.get("resident")

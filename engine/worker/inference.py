@@ -178,11 +178,10 @@ class InferenceCore:
                 raise InferenceError(f"{path}: fp16 conversion failed: {e}") from None
         if self.sharing:
             try:
-                split = split_network(file, self.cache_dir)
+                m = self.shared.prepare(name, path, precision, file, split_network(file, self.cache_dir), progress)
             except NotShareable as e:
                 log.info("%s: its own session (%s)", name, e)
             else:
-                m = self.shared.prepare(name, path, precision, file, split, progress)
                 return self._finish_prepare(m, encoder, progress, t0)
         sess, graphs, why = self._session(file)
         try:

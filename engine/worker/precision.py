@@ -42,23 +42,44 @@ ERROR_FRAMES = 8                  # avatar frames the error is measured on
 _hashes: dict[tuple[str, int, int], str] = {}
 
 
-def file_sha256(path: Path) -> str:
-    """The file's SHA-256 (memoised by path, size and modification time)."""
+def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
+    """The file's SHA-256, memoised by path, size and modification time: in this process, and with
+    ``cache_dir`` also on disk (``<cache_dir>/sha256/``), so a new process need not read a large
+    network again to find its cached forms."""
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     h = _hashes.get(key)
-    if h is None:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        h = _hashes[key] = digest.hexdigest()
+    if h is not None:
+        return h
+    memo = None
+    if cache_dir is not None:
+        memo = cache_dir / "sha256" / hashlib.sha1(repr(key).encode()).hexdigest()
+        try:
+            h = memo.read_text().strip()
+        except OSError:
+            h = None
+        if h is not None and len(h) == 64:
+            _hashes[key] = h
+            return h
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    h = _hashes[key] = digest.hexdigest()
+    if memo is not None:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(h)
+            os.replace(tmp, memo)
+        except OSError as e:
+            log.debug("could not keep the hash of %s: %s", path, e)
     return h
 
 
 def cache_paths(src: Path, cache_dir: Path) -> tuple[Path, Path]:
     """(converted network, error report) for ``src`` under ``cache_dir``."""
-    h = file_sha256(src)
+    h = file_sha256(src, cache_dir)
     d = cache_dir / "fp16"
     return d / f"{h}.onnx", d / f"{h}.json"
 

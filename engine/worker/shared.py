@@ -46,10 +46,7 @@ class SharedSessions:
                 progress: Callable[[], None]) -> LoadedModel:
         """A network of ``split``'s architecture, resident (loader thread, under the core's lock)."""
         core = self.core
-        try:
-            host = read_weights(split)
-        except (OSError, ValueError) as e:
-            raise InferenceError(f"{split.weights_file}: prepared weights unreadable: {e}") from None
+        host = read_weights(split)                  # NotShareable: the caller gives it its own session
         where = "cpu" if core.device is None else "cuda"
         weights = {k: ort.OrtValue.ortvalue_from_numpy(v, where, core.device or 0) for k, v in host.items()}
         arch = self.archs.get(split.arch)
@@ -65,6 +62,8 @@ class SharedSessions:
             m.binding.bind_ortvalue_input(k, v)
         if new:
             core.warm_up(m, progress)
+            if arch.buffers is not None:            # the checks bound m's weights: hold nothing of it
+                arch.buffers.release(m.token)
             self.archs[split.arch] = arch           # warm: later networks of it just bind their weights
         if core.device is not None:
             m.host = None                           # on the device now; the host copy goes

@@ -63,7 +63,7 @@ class Split:
 
 def cache_paths(src: Path, cache_dir: Path) -> tuple[Path, Path]:
     """(weights, index) of network file ``src``."""
-    h = file_sha256(src)
+    h = file_sha256(src, cache_dir)
     d = cache_dir / "shared"
     return d / f"{h}.weights", d / f"{h}.json"
 
@@ -179,14 +179,19 @@ def _arch_key(model: Any) -> str:
 
 
 def read_weights(split: Split) -> dict[str, np.ndarray]:
-    """The network's weights, read into memory (one read of the file; the arrays are views of it)."""
-    meta = json.loads(split.index_file.read_text())
-    raw = np.fromfile(split.weights_file, dtype=np.uint8)
-    if len(raw) != meta["bytes"]:
-        raise NotShareable(f"{split.weights_file}: {len(raw)} bytes, the index says {meta['bytes']}")
-    out = {}
-    for name, e in meta["tensors"].items():
-        dt = np.dtype(e["dtype"])
-        count = int(np.prod(e["shape"], dtype=np.int64))
-        out[name] = raw[e["offset"]:e["offset"] + count * dt.itemsize].view(dt).reshape(e["shape"])
-    return out
+    """The network's weights, read into memory (one read of the file; the arrays are views of it).
+    A damaged cache entry raises :class:`NotShareable` and is removed, so the next load splits again."""
+    try:
+        meta = json.loads(split.index_file.read_text())
+        raw = np.fromfile(split.weights_file, dtype=np.uint8)
+        if len(raw) != meta["bytes"]:
+            raise ValueError(f"{len(raw)} bytes, the index says {meta['bytes']}")
+        out = {}
+        for name, e in meta["tensors"].items():
+            dt = np.dtype(e["dtype"])
+            count = int(np.prod(e["shape"], dtype=np.int64))
+            out[name] = raw[e["offset"]:e["offset"] + count * dt.itemsize].view(dt).reshape(e["shape"])
+        return out
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        split.index_file.unlink(missing_ok=True)
+        raise NotShareable(f"{split.weights_file}: prepared weights unreadable ({e}); removed from the cache") from None

@@ -1,0 +1,148 @@
+"""The engine a latency suite runs against: one started for the session from a config (its own
+port, shared-memory instance and run dir in a temporary folder; stopped, and ``/dev/shm`` checked,
+however the tests end), or an existing one named by its endpoint."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.runtime.keys import ClientKeys
+
+PATH_KEYS = {"": ("models_root",), "server": ("curve_secret_key", "curve_clients")}
+
+
+class EngineStartError(RuntimeError):
+    """The engine under test did not start; the message carries its log's tail."""
+
+
+@dataclass
+class EngineUnderTest:
+    endpoint: str
+    keys: ClientKeys | None = None
+    proc: subprocess.Popen | None = None        # None: an engine started by someone else
+    config: Path | None = None
+    log: Path | None = None
+    instance: str = ""
+
+    @property
+    def started_here(self) -> bool:
+        return self.proc is not None
+
+    def client(self, timeout: float = 120.0):
+        from engine.client import Client
+        return Client(self.endpoint, timeout=timeout, keys=self.keys)
+
+    def log_tail(self, lines: int = 30) -> str:
+        if self.log is None or not self.log.exists():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop an engine started here (SIGTERM, then SIGKILL of its process group) and fail if it
+        left shared memory behind."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            from engine.runtime.config import load_config
+            from engine.supervisor.control import control
+            control(load_config(self.config), "stop", 2.0)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+                raise EngineStartError(f"the engine did not stop within {timeout} s:\n{self.log_tail()}") from None
+        from engine.runtime.shm import list_segments
+        left = list_segments(f"{self.instance}_")
+        if left:
+            raise EngineStartError(f"the engine left shared memory behind: {left}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """TOML for a config tree (tables of scalars and lists, nested tables)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+
+    def table(name: str, t: dict[str, Any]) -> None:
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in t.items() if not isinstance(v, dict))
+        for k, v in t.items():
+            if isinstance(v, dict):
+                table(f"{name}.{json.dumps(k) if not k.replace('_', '').isalnum() else k}", v)
+    for k, v in data.items():
+        if isinstance(v, dict):
+            table(k, v)
+    return "\n".join(lines) + "\n"
+
+
+def prepared_config(config: Path | None, tmp: Path) -> tuple[Path, str]:
+    """The config the engine under test runs: the user's (or, without one, the demo avatar made in
+    ``tmp``) with its own front port, run dir and shared-memory instance, paths made absolute."""
+    if config is None:
+        from engine.cli.demo_avatars import ensure_avatars
+        models = tmp / "models"
+        ensure_avatars(models, names=("demo",), frames=25)
+        data: dict[str, Any] = {"models_root": str(models)}
+    else:
+        base = config.resolve().parent
+        data = tomllib.loads(config.read_text())
+        for section, keys in PATH_KEYS.items():
+            table = data if not section else data.get(section, {})
+            for k in keys:
+                if isinstance(table.get(k), str) and table[k] and not Path(table[k]).is_absolute():
+                    table[k] = str(base / table[k])
+        data.setdefault("models_root", str(base / "models"))
+    instance = f"lt{os.getpid()}x{int(time.time() * 1000) % 100000}"
+    server = data.setdefault("server", {})
+    server.update(front=f"tcp://127.0.0.1:{free_port()}", run_dir=str(tmp / "run"), instance=instance)
+    for k in ("control", "log_file", "metrics"):      # its own control socket; no second metrics port; our log
+        server.pop(k, None)
+    path = tmp / "engine.toml"
+    path.write_text(dump_toml(data))
+    return path, instance
+
+
+def start(config: Path | None, tmp: Path, keys: ClientKeys | None = None, timeout: float = 300.0) -> EngineUnderTest:
+    """Start an engine from ``config`` (see :func:`prepared_config`) and wait until it is ready."""
+    from engine.runtime.config import load_config
+    from engine.supervisor.control import control
+    path, instance = prepared_config(config, tmp)
+    cfg = load_config(path)
+    cfg.run_path.mkdir(parents=True, exist_ok=True)
+    log = cfg.run_path / "engine.log"
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "--config", str(path), "start"], stdout=fh,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    eng = EngineUnderTest(cfg.server.front, keys, proc, path, log, instance)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise EngineStartError(f"the engine exited during start-up (config {path}):\n{eng.log_tail()}")
+        st = control(cfg, "status", 1.0)
+        if st and st.get("ready") and all(p["state"] == "ready" for p in st["processes"]):
+            return eng
+        time.sleep(0.3)
+    eng.stop()
+    raise EngineStartError(f"the engine was not ready within {timeout} s:\n{eng.log_tail()}")

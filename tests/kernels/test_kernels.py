@@ -164,3 +164,12 @@ def test_fill_visual_reads_the_indexed_crops_in_place(scene):
     np.testing.assert_array_equal(out, ref)
     with pytest.raises(ValueError, match="indices"):
         fill_visual(crops, out, np.array([1, 2]))
+
+
+def test_fastdct_changes_nothing_with_this_simplejpeg():
+    """README: output.fastdct has no effect, because simplejpeg's encoder writes the same bytes
+    either way. If a simplejpeg release changes that, this fails: make the setting matter then."""
+    img = (np.random.default_rng(0).random((96, 128, 3)) * 255).astype(np.uint8)
+    for sub in ("444", "420"):
+        assert simplejpeg.encode_jpeg(img, 75, "RGB", sub, fastdct=True) == \
+            simplejpeg.encode_jpeg(img, 75, "RGB", sub, fastdct=False)

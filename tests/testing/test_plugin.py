@@ -82,3 +82,25 @@ def test_against_an_engine_that_runs_already_with_curve(tmp_path, engine_factory
                    "--lse-timeout=3", timeout=200)
     assert r.returncode == 1 and "1 error" in r.stdout, r.stdout[-3000:]
     assert "the engine requires CURVE (give the client keys)" in r.stdout
+
+
+def test_an_engine_started_from_the_users_config_with_curve(tmp_path, models_root):
+    keys = make_keys(tmp_path / "keys", ("me",), ("me",))
+    project = tmp_path / "p"
+    project.mkdir()
+    shutil.copy(EXAMPLE, project / "test_my_latency.py")
+    # the user's own config, paths relative to it, CURVE on; the plugin gives it its own port and run dir
+    (project / "engine.toml").write_text(
+        f'models_root = "{models_root}"\n[server]\nfront = "tcp://127.0.0.1:5555"\n'
+        f'curve_secret_key = "../keys/server.key_secret"\ncurve_clients = "../keys/clients"\n'
+        '[gpu]\ndevices = []\n[compositor]\nprocesses = 1\n')
+    before = set(list_segments("lt"))
+    r = run_pytest(project, "-k", "composite_round_trip and 1]", "--lse-config=engine.toml", "--benchmark-json=out.json",
+                   f"--lse-server-key={keys.folder / 'server.key'}", f"--lse-client-key={keys.folder / 'me.key_secret'}",
+                   f"--basetemp={tmp_path / 'bt'}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (b,) = json.loads((project / "out.json").read_text())["benchmarks"]
+    assert b["stats"]["rounds"] == 10
+    log = next((tmp_path / "bt").rglob("engine.log")).read_text()
+    assert "CURVE" in log and "tcp://127.0.0.1:5555" not in log
+    assert engines_of(tmp_path / "bt") == [] and set(list_segments("lt")) <= before

@@ -59,7 +59,8 @@ def _align(n: int) -> int:
 
 def settings_key(settings: Settings, face: int) -> str:
     """The prepared file's name part: everything that changes its bytes besides the frames."""
-    blob = json.dumps([FORMAT, ENCODER_VERSION, settings.quality, settings.subsampling, settings.fastdct,
+    # True: where output.fastdct stood (removed: it changed no byte), so prepared files keep their names
+    blob = json.dumps([FORMAT, ENCODER_VERSION, settings.quality, settings.subsampling, True,
                        settings.interval_px, face])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -123,7 +124,7 @@ class SplicedAvatarView:
         n, self.height, self.width, self.face = meta["n"], meta["h"], meta["w"], meta["face"]
         self.n = n
         s = meta["sections"]
-        self.settings = Settings(**meta["settings"])
+        self.settings = Settings(**{k: v for k, v in meta["settings"].items() if k != "fastdct"})   # older files
         self.rects = segment.array((n, 4), np.int32, s["rects"])
         self.boxes = segment.array((n, 4), np.int32, s["boxes"])
         self.index = segment.array((n + 1, 4), np.int64, s["index"])
@@ -238,7 +239,7 @@ def _build(segment_name: str, files: AvatarFiles, face: int, settings: Settings,
     sec = _sections(n, hl, scan_bytes, pixel_bytes, face, records)
     meta = {"layout": "splice", "format": FORMAT, "name": files.name, "n": n, "h": h, "w": w, "face": face,
             "settings": {"quality": settings.quality, "subsampling": settings.subsampling,
-                         "fastdct": settings.fastdct, "interval_px": settings.interval_px},
+                         "interval_px": settings.interval_px},
             "interval": codec.interval, "encoder": ENCODER_VERSION, "sources": fingerprint,
             "header_bytes": hl, "scan_bytes": scan_bytes, "pixel_bytes": pixel_bytes, "records": records,
             "sections": sec}

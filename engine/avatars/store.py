@@ -51,7 +51,7 @@ def shared_bytes(cfg: EngineConfig, files: AvatarFiles, face: int) -> int:
     if cfg.output.encoder == "full":
         return avatar_bytes(n, h, w, face)
     out = cfg.output
-    size = prepared_size(files, Settings(out.jpeg_quality, out.chroma_subsampling, out.fastdct), face)
+    size = prepared_size(files, Settings(out.jpeg_quality, out.chroma_subsampling), face)
     if size:
         return size
     return estimate_bytes(n, h, w, face, read_rects(files.rects, n, w, h), out.chroma_subsampling)
@@ -205,7 +205,7 @@ class AvatarStore:
 
     def settings(self) -> Settings:
         out = self.cfg.output
-        return Settings(out.jpeg_quality, out.chroma_subsampling, out.fastdct)
+        return Settings(out.jpeg_quality, out.chroma_subsampling)
 
     def _estimate(self, files: AvatarFiles, face: int) -> int:
         """Bytes to reserve while the avatar loads (the real size replaces it once loaded)."""

@@ -173,10 +173,9 @@ class FrameCompositor:
     """Background copy + paste-back + JPEG encode of a whole frame, reusing its buffers: the
     ``output.encoder = "full"`` path (the splice path is :class:`engine.kernels.splice.SpliceCompositor`)."""
 
-    def __init__(self, quality: int = 75, subsampling: str = "420", fastdct: bool = True) -> None:
+    def __init__(self, quality: int = 75, subsampling: str = "420") -> None:
         self.quality = quality
         self.subsampling = subsampling
-        self.fastdct = fastdct
         self._frame: np.ndarray | None = None
         self._paster = FacePaster()
 
@@ -192,7 +191,7 @@ class FrameCompositor:
 
     def encode(self, frame: np.ndarray) -> bytes:
         return simplejpeg.encode_jpeg(frame, quality=self.quality, colorspace="BGR",
-                                      colorsubsampling=self.subsampling, fastdct=self.fastdct)
+                                      colorsubsampling=self.subsampling)
 
     def __call__(self, background: np.ndarray, face: np.ndarray, rect: tuple[int, int, int, int],
                  crop: np.ndarray | None, mode: str = "synctalk") -> bytes:

@@ -9,7 +9,7 @@ for byte, the JPEG that encoding the whole composited frame with the same settin
 gives (``tests/kernels/test_splice.py``); a silent frame is the background's own JPEG.
 
 The region is encoded by the same encoder as today's full-frame path (simplejpeg, libjpeg-turbo,
-standard Huffman tables), so quality, every chroma subsampling and ``fastdct`` behave the same.
+standard Huffman tables), so quality and every chroma subsampling behave the same.
 An interval holds MCUs on both sides of the region (A | region | C): the region's MCUs are
 written in at bit level, with the first DC of each component re-coded against its new
 predecessor (the region's own JPEG predicted it from 0 or from the row above), and the
@@ -57,12 +57,11 @@ class Settings:
     splice costs within 5% of the fastest interval)."""
     quality: int = 75
     subsampling: str = "420"
-    fastdct: bool = True
     interval_px: int = 0
 
     def encode(self, pixels: np.ndarray) -> bytes:
         return simplejpeg.encode_jpeg(pixels, quality=self.quality, colorspace="BGR",
-                                      colorsubsampling=self.subsampling, fastdct=self.fastdct)
+                                      colorsubsampling=self.subsampling)
 
 
 class FrameCodec:

@@ -6,6 +6,7 @@ so a typo never silently falls back to a default.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -150,11 +151,13 @@ class CapacityConfig:
     max_pending_bytes: int = 2 << 30    # their tensors' bytes
 
 
+REMOVED_OUTPUT_KEY = "fastdct"            # output.fastdct: accepted and ignored with a warning (README)
+
+
 @dataclass(frozen=True)
 class OutputConfig:
     jpeg_quality: int = 75
     chroma_subsampling: Subsampling = "420"
-    fastdct: bool = True
     encoder: Encoder = "splice"         # splice: encode only the face's region (engine/kernels/splice.py); full: every pixel
 
 
@@ -385,7 +388,6 @@ def _validate(obj: Any, prefix: str) -> None:
         "max_pending": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
         "jpeg_quality": (lambda v: _is_int(v) and 1 <= v <= 100, "an integer 1..100"),
         "chroma_subsampling": (lambda v: v in SUBSAMPLINGS, "one of " + ", ".join(SUBSAMPLINGS)),
-        "fastdct": (lambda v: isinstance(v, bool), "true or false"),
         "encoder": (lambda v: v in ENCODERS, "one of " + ", ".join(ENCODERS)),
         "ready_timeout_s": (lambda v: _is_seconds(v), "a positive number of seconds"),
         "heartbeat_timeout_s": (lambda v: _is_seconds(v), "a positive number of seconds"),
@@ -439,6 +441,11 @@ def config_from_dict(data: dict[str, Any], source: str = "") -> EngineConfig:
                 "streams": StreamsConfig, "scheduling": SchedulingConfig, "client": ClientConfig}
     kwargs: dict[str, Any] = {"source": source}
     for key, value in data.items():
+        if key == "output" and isinstance(value, dict) and REMOVED_OUTPUT_KEY in value:
+            value = {k: v for k, v in value.items() if k != REMOVED_OUTPUT_KEY}
+            logging.getLogger("engine.config").warning(
+                "output.fastdct is ignored: it never changed a byte (simplejpeg's encoder writes the same JPEG "
+                "either way) and was removed on 2026-12-05; delete it from your config")
         if key in sections:
             kwargs[key] = _build(sections[key], value, key)
         elif key == "quotas":

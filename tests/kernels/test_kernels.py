@@ -167,8 +167,8 @@ def test_fill_visual_reads_the_indexed_crops_in_place(scene):
 
 
 def test_fastdct_changes_nothing_with_this_simplejpeg():
-    """README: output.fastdct has no effect, because simplejpeg's encoder writes the same bytes
-    either way. If a simplejpeg release changes that, this fails: make the setting matter then."""
+    """Why output.fastdct was removed (README, configuration): simplejpeg's encoder writes the same
+    bytes either way. If a simplejpeg release changes that, this fails: a setting may matter again."""
     img = (np.random.default_rng(0).random((96, 128, 3)) * 255).astype(np.uint8)
     for sub in ("444", "420"):
         assert simplejpeg.encode_jpeg(img, 75, "RGB", sub, fastdct=True) == \

@@ -146,7 +146,7 @@ preferred_gpu = 1
     assert cfg.compositor_count() == 3
     assert cfg.ring == C.RingConfig(8, 1, 32)
     assert cfg.capacity == C.CapacityConfig(2, 2 << 20, 1 << 20, 0)
-    assert cfg.output == C.OutputConfig(100, "444", False, "full")
+    assert cfg.output == C.OutputConfig(100, "444", "full")      # output.fastdct: ignored (removed)
     assert cfg.supervision == C.SupervisionConfig(0.5, 10, 0, 1.5, 30)
     assert cfg.models["alice"] == C.ModelConfig("alice", "people/alice", True, "stretch", "modulo", 1)
     assert cfg.models["bob"] == C.ModelConfig("bob")
@@ -190,7 +190,6 @@ BAD = [
     ("[output]\njpeg_quality = 0", "output.jpeg_quality", "expected"),
     ('[output]\nchroma_subsampling = "400"', "output.chroma_subsampling", "expected"),
     ("[output]\nchroma_subsampling = 420", "output.chroma_subsampling", "expected"),
-    ('[output]\nfastdct = "yes"', "output.fastdct", "expected"),
     ('[output]\nencoder = "turbo"', "output.encoder", "expected one of splice, full"),
     ('[gpu]\ndevices = "all"', "gpu.devices", "expected"),
     ("[gpu]\ndevices = [-1]", "gpu.devices", "expected"),
@@ -434,3 +433,11 @@ def test_readme_lists_every_configuration_key():
         if f.name != "name" and f"`[models.NAME]` `{f.name}`" not in readme:
             missing.append(f"[models.NAME] {f.name}")
     assert not missing, f"README configuration table lacks {missing}"
+
+
+def test_the_removed_fastdct_key_is_ignored_with_a_warning(tmp_path: Path, caplog) -> None:
+    p = tmp_path / "e.toml"
+    p.write_text("[output]\nfastdct = false\njpeg_quality = 80\n")
+    cfg = load_config(p)
+    assert cfg.output.jpeg_quality == 80 and not hasattr(cfg.output, "fastdct")
+    assert "output.fastdct is ignored" in caplog.text

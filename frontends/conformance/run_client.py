@@ -64,6 +64,8 @@ def run(endpoint: str, paths: list[Path]) -> tuple[list[str], int]:
     failures, skipped = [], 0
     for path in paths:
         transcript = json.loads(Path(path).read_text())
+        if "steps" not in transcript:                # conditions.json: a table, not a conversation
+            continue
         names: dict[str, Any] = {}
         with Client(endpoint, timeout=60) as c:
             for i, st in enumerate(transcript["steps"]):

@@ -86,6 +86,7 @@ async function run(endpoint, files) {
   const failures = []; let skipped = 0;
   for (const file of files) {
     const t = JSON.parse(fs.readFileSync(file, 'utf8'));
+    if (!t.steps) continue;                  // conditions.json: a table, not a conversation
     const client = new Client(endpoint, { timeout: 60 }); const names = {};
     try {
       for (const [i, st] of t.steps.entries()) {

@@ -23,7 +23,8 @@ import numpy as np
 VERSION = 1
 MAX_HEADER = 64 * 1024
 MAX_FRAME = (1 << 53) - 1             # frame numbers stay exact in every client's JSON numbers
-METHODS = ("composite", "infer", "health", "models", "load", "unload", "stream_open", "stream_audio", "stream_close")
+METHODS = ("composite", "infer", "health", "models", "load", "unload", "stream_open", "stream_audio", "stream_flush",
+           "stream_close")
 DTYPES = {"float32": np.dtype("<f4"), "int16": np.dtype("<i2"), "uint8": np.dtype("u1")}
 
 # error codes (docs/protocol.md, "Errors")

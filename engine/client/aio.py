@@ -172,6 +172,10 @@ class AsyncStream:
     async def end(self) -> dict[str, Any]:
         return await self.push(np.zeros(0, np.float32), end=True)
 
+    async def flush(self) -> dict[str, Any]:
+        """As :meth:`Stream.flush`: barge-in."""
+        return (await self.client.call("stream_flush", {"stream": self.id})).result
+
     async def frames(self) -> AsyncIterator[StreamFrame]:
         q = self.client._events.setdefault(self.id, asyncio.Queue())
         while True:

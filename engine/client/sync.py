@@ -244,6 +244,12 @@ class Stream:
     def end(self) -> dict[str, Any]:
         return self.push(np.zeros(0, np.float32), end=True)
 
+    def flush(self) -> dict[str, Any]:
+        """Barge-in (the listener interrupted): the engine drops the audio and the frames it has
+        not sent and shows idle frames from the next frame on until audio is pushed again. Frames
+        already received stay received. Result: ``frames_dropped``, ``audio_dropped_s``, ``next_frame``."""
+        return self.client.call("stream_flush", {"stream": self.id}).result
+
     def poll(self, timeout: float = 0.0) -> list[StreamFrame]:
         """Frames that have arrived (waiting at most ``timeout`` for the first)."""
         out: list[StreamFrame] = []

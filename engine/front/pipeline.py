@@ -122,7 +122,9 @@ class Pipeline(FrontPart):
             if job.streams is not None:
                 for b in job.streams:
                     b.stream.inflight -= 1
-                    if not b.stream.closed:
+                    if b.epoch != b.stream.epoch:       # taken before a flush: its frames were dropped anyway
+                        b.stream.stale -= 1
+                    elif not b.stream.closed:
                         self.front.streams.close(b.stream, (code, f"frames {b.first}..{b.first + b.count - 1}: "
                                                                   f"{message}"))
             else:
@@ -152,7 +154,7 @@ class Pipeline(FrontPart):
         idle = self.cfg.streams.idle_timeout_s
         for s in list(f.scheduler.streams.values()):
             if (s.total is None and now - s.last_audio > idle and not s.inflight and not s.ready
-                    and s.schedulable() == 0):
+                    and (s.filling or s.schedulable() == 0)):     # idle frames after a flush do not count
                 f.streams.close(s, (P.STREAM_TIMEOUT, f"no audio for {idle:.0f} s (streams.idle_timeout_s)"))
 
     # -- from the GPU workers ------------------------------------------------------------------------

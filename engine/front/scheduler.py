@@ -159,7 +159,7 @@ class Scheduler:
 
     def eligible(self, s: Stream) -> bool:
         cfg = self.cfg
-        return (not s.closed and s.schedulable() > 0 and s.inflight < cfg.max_inflight_batches
+        return (not s.closed and s.schedulable() > 0 and s.inflight - s.stale < cfg.max_inflight_batches
                 and s.next_frame - s.next_out < cfg.run_ahead_s * FPS)
 
     # -- the decision ------------------------------------------------------------------------------

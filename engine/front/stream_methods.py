@@ -1,4 +1,4 @@
-"""The front's stream methods (``stream_open``, ``stream_audio``, ``stream_close``), stream jobs and
+"""The front's stream methods (``stream_open``, ``stream_audio``, ``stream_flush``, ``stream_close``), stream jobs and
 paced delivery: a part of :class:`engine.front.front.Front`, whose sockets and scheduler it uses.
 The stream state and its decisions are in :mod:`engine.front.streams`, what runs next in
 :mod:`engine.front.scheduler`."""
@@ -116,6 +116,15 @@ class StreamMethods(FrontPart):
                          "frames_ready": s.next_frame + s.schedulable(), "ended": s.total is not None,
                          "frames_total": s.total, "audio_ahead_s": round(s.audio_ahead_s(), 3)})
 
+    def do_stream_flush(self, req: P.Request) -> None:
+        """Barge-in: the stream drops what it has not sent and shows idle frames until audio comes."""
+        s = self._stream(req)
+        result = s.flush()
+        log.info("stream %s flushed at frame %d (%d frames, %.2f s of audio dropped)", s.id, result["next_frame"],
+                 result["frames_dropped"], result["audio_dropped_s"])
+        self.front.reply_ok(req, result)
+        self.deliver(time.monotonic())
+
     def do_stream_close(self, req: P.Request) -> None:
         f = self.front
         s = self._stream(req)
@@ -155,7 +164,9 @@ class StreamMethods(FrontPart):
         for b in job.streams:
             s = b.stream
             s.inflight -= 1
-            if not s.closed:
+            if b.epoch != s.epoch:                  # taken before a flush: its frames are dropped
+                s.stale -= 1
+            elif not s.closed:
                 for j in range(b.count):
                     s.ready[b.first + j] = (frames[row + j], {"avatar_frame": int(job.indices[row + j]),
                                                               "idle": job.idle[row + j]})

@@ -46,6 +46,8 @@ from engine.kernels.image import frame_index
 
 MAX_CHUNK_SAMPLES = 16000 * 30          # one push may carry at most 30 s of audio
 CONTEXT = 8                              # encoder outputs of frames i-8 .. i+7 make frame i's input
+LOOKAHEAD_S = 0.49                       # audio a frame needs past its own start (docs/protocol.md 7.7)
+FILL_LEAD_S = 0.12                       # idle fill after a flush: frames scheduled this long before they are due
 _ids = itertools.count(1)
 
 
@@ -63,11 +65,12 @@ class StreamBatch:
     stream: Stream
     first: int
     count: int
-    win_first: int                       # first frame whose mel window is included (>= 0)
+    win_first: int                       # first frame whose mel window is included (>= the utterance's base)
     windows: np.ndarray | None           # [n, 1, 80, 16]; None once copied into the ring
     indices: list[int]                   # avatar frame of each frame
     idle: list[bool]                     # per frame: its whole audio context is silence
     nwin: int = 0                        # number of windows (kept when ``windows`` is dropped)
+    epoch: int = 0                       # the stream's flush count when taken (older results are dropped)
 
     def __post_init__(self) -> None:
         if self.windows is not None:
@@ -109,6 +112,12 @@ class Stream:
     preferred_gpu: int | None = None     # the avatar's preferred GPU
     entry: Any = None                    # the front's AvatarEntry (pinned while the stream is open)
     encoder: str = ""                    # audio encoder ONNX path
+    # barge-in (flush): the audio is an utterance whose sample 0 belongs to frame ``base``; frames
+    # [next_frame, fill_until) have no audio and are idle by decree (``fill_until`` None: until audio comes)
+    base: int = 0
+    fill_until: int | None = 0
+    epoch: int = 0                       # flushes so far
+    stale: int = 0                       # batches in flight taken before the last flush
 
     # -- audio -------------------------------------------------------------------------------------
     def push(self, pcm: np.ndarray, end: bool, max_ahead_s: float | None = None) -> None:
@@ -118,8 +127,14 @@ class Stream:
         if self.total is not None:
             raise StreamStateError(f"stream {self.id}'s audio already ended (end=true was sent); "
                                    "open a new stream for more audio")
+        if self.fill_until is None and (pcm.size or end):
+            # the first audio after a flush: it starts at the first frame that can be made from audio
+            # arriving now in real time (due a look-ahead from now); idle frames fill the gap
+            due = self.t0 if self.t0 is not None else self.opened
+            k = int(np.ceil((time.monotonic() + LOOKAHEAD_S - due) * FPS)) if self.realtime else 0
+            self.base = self.fill_until = max(self.next_frame, k)
         if max_ahead_s is not None and pcm.size:
-            ahead = (self.received + pcm.size) / SAMPLE_RATE - self.next_out / FPS
+            ahead = (self.received + pcm.size) / SAMPLE_RATE - (self.next_out - self.base) / FPS
             if ahead > max_ahead_s:
                 raise AudioFull(f"stream {self.id} would hold {ahead:.1f} s of audio not yet played out, more "
                                 f"than streams.max_audio_ahead_s = {max_ahead_s:g} s; push this chunk again once "
@@ -129,7 +144,36 @@ class Stream:
             self.received += pcm.size
             self.last_audio = time.monotonic()
         if end:
-            self.total = frame_count(self.received)
+            self.total = self.base + frame_count(self.received)
+
+    def flush(self) -> dict[str, Any]:
+        """Barge-in: drop the audio not yet turned into frames and every frame not yet sent (ready,
+        or in flight: those come back and are dropped); the stream goes on from its next frame with
+        idle frames until audio comes again, which starts a new utterance (:meth:`push`). After
+        ``end`` the stream ends at its next frame instead."""
+        n = self.next_out
+        dropped = self.next_frame - n
+        audio = max(0.0, self.received / SAMPLE_RATE - (n - self.base) / FPS)
+        self.ready.clear()
+        self.epoch += 1
+        self.stale = self.inflight
+        self.next_frame = n
+        self.resume_from = None
+        if self.total is not None:
+            self.total = n
+        else:
+            self.mel, self.pcm, self.received = StreamingMel(), deque(), 0
+            # a real-time stream shows idle frames until audio comes; one that is not waits for it
+            self.base, self.fill_until = n, (None if self.realtime else n)
+        now = time.monotonic()
+        if self.realtime and self.t0 is not None and self.clock(n) < now:
+            self.t0 = now - n / FPS                      # behind (or dry): frame n is due now, not in a burst
+        return {"stream": self.id, "frames_dropped": dropped, "audio_dropped_s": round(audio, 3), "next_frame": n}
+
+    @property
+    def filling(self) -> bool:
+        """Between a flush and the frame where the next utterance starts: idle frames by decree."""
+        return self.fill_until is None or self.next_frame < self.fill_until
 
     @property
     def audio_seconds(self) -> float:
@@ -137,14 +181,20 @@ class Stream:
 
     def audio_ahead_s(self) -> float:
         """Audio received but not yet played out as delivered frames."""
-        return max(0.0, self.received / SAMPLE_RATE - self.next_out / FPS)
+        return max(0.0, self.received / SAMPLE_RATE - max(0, self.next_out - self.base) / FPS)
 
     def frames_final(self) -> int:
-        """Frames (from 0) whose own mel window is final with the audio received so far."""
-        return self.total if self.total is not None else frames_final(self.received)
+        """Frames (stream numbers) whose own mel window is final with the audio received so far."""
+        return self.total if self.total is not None else self.base + frames_final(self.received)
 
     def schedulable(self) -> int:
-        """How many frames from ``next_frame`` on have their whole audio input final."""
+        """How many frames from ``next_frame`` on can be made now: idle fill frames due soon after a
+        flush, else those whose whole audio input is final."""
+        if self.filling:
+            due = self.t0 if self.t0 is not None else self.opened
+            soon = int((time.monotonic() + FILL_LEAD_S - due) * FPS) + 1
+            end = soon if self.fill_until is None else min(soon, self.fill_until)
+            return max(0, end - self.next_frame)
         if self.total is not None:
             return max(0, self.total - self.next_frame)
         # frame i needs the windows of frames up to i+7
@@ -153,6 +203,7 @@ class Stream:
     def _feed(self, frames: int) -> None:
         """Turn pushed PCM into mel columns until the windows of frames < ``frames`` are final."""
         mel = self.mel
+        frames -= self.base                              # the utterance's own frame numbers
         if mel.finished or mel.frames_ready() >= frames:
             return
         if self.total is not None and frames > frames_final(self.received):
@@ -173,13 +224,17 @@ class Stream:
     def take(self, count: int, now: float) -> StreamBatch:
         """The next ``count`` frames as a batch (caller checked ``schedulable``)."""
         a, b = self.next_frame, self.next_frame + count
-        limit = self.total if self.total is not None else self.frames_final()
-        w0, w1 = max(0, a - CONTEXT), min(b + CONTEXT - 1, limit)
-        self._feed(w1)
-        windows = self.mel.windows(w0, w1 - w0)
-        silent = (windows <= SILENCE + 1e-6).reshape(len(windows), -1).all(axis=1)
-        idle = [self.idle_frames and bool(silent[max(0, i - CONTEXT) - w0:min(i + CONTEXT, limit) - w0].all())
-                for i in range(a, b)]
+        if self.filling:                                 # after a flush: no audio, idle by decree
+            windows = np.zeros((0, 1, 80, 16), np.float32)
+            w0, idle = a, [self.idle_frames] * count
+        else:
+            limit = self.total if self.total is not None else self.frames_final()
+            w0, w1 = max(self.base, a - CONTEXT), min(b + CONTEXT - 1, limit)
+            self._feed(w1)
+            windows = self.mel.windows(w0 - self.base, w1 - w0)
+            silent = (windows <= SILENCE + 1e-6).reshape(len(windows), -1).all(axis=1)
+            idle = [self.idle_frames and bool(silent[max(self.base, i - CONTEXT) - w0:min(i + CONTEXT, limit) - w0].all())
+                    for i in range(a, b)]
         self.next_frame = b
         ks = np.arange(self.start_frame + a, self.start_frame + b, dtype=np.int64)
         indices = np.asarray(frame_index(ks, self.n_avatar, self.wrap)).tolist()
@@ -189,12 +244,12 @@ class Stream:
             # moves nothing: a slow job then shows as lateness, it does not add latency for good.
             self.resume_from = a
         self.inflight += 1
-        return StreamBatch(self, a, count, w0, windows, indices, idle)
+        return StreamBatch(self, a, count, w0, windows, indices, idle, epoch=self.epoch)
 
     # -- timing ------------------------------------------------------------------------------------
     def dry(self) -> bool:
         """Started, and everything sent: the stream ran dry waiting for the client's audio."""
-        return self.realtime and self.t0 is not None and self.inflight == 0 and not self.ready
+        return self.realtime and self.t0 is not None and self.inflight == self.stale and not self.ready
 
     def clock(self, k: int) -> float:
         """Nominal time of frame ``k``: its due time once the stream has started (``t0``)."""
@@ -206,7 +261,7 @@ class Stream:
         0 while the stream waits for the client's audio, and always 0 when not real time."""
         if not self.realtime or self.t0 is None or self.finished:
             return 0.0
-        owed = self.next_out in self.ready or self.inflight > 0 or self.schedulable() > 0
+        owed = self.next_out in self.ready or self.inflight > self.stale or self.schedulable() > 0
         return max(0.0, 1000 * (now - self.clock(self.next_out))) if owed else 0.0
 
     # -- delivery ----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ export class Stream {
   id: string; info: Record<string, any>; busyRetries: number;
   push(pcm: Int16Array | Float32Array, opts?: { end?: boolean }): Promise<Record<string, any>>;
   frames(): AsyncGenerator<Frame>;
+  flush(): Promise<{ stream: string; frames_dropped: number; audio_dropped_s: number; next_frame: number }>;
   close(): Promise<Record<string, any>>;
 }
 export class Client {

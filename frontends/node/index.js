@@ -186,6 +186,9 @@ class Stream {
     }
   }
 
+  /** Barge-in: the engine drops audio and frames not yet sent; idle frames follow until audio comes. */
+  async flush() { return (await this.client.call('stream_flush', { stream: this.id })).result; }
+
   async close() { this.client.streams.delete(this.id); return (await this.client.call('stream_close', { stream: this.id })).result; }
 }
 

@@ -206,15 +206,16 @@ def stream_capacity(eng: Engine, avatar: str, opts: dict, deadline: float) -> di
 
 # -- report ----------------------------------------------------------------------------------------
 def networks(tmp: Path, device: int | None, small: bool, budget: float) -> list[dict]:
-    """Many networks of the bench architecture in one inference core (engine-ctl bench-networks):
-    a session per network against shared sessions (CUDA: fp16, the engine's buckets)."""
+    """Many networks of one architecture in one inference core (engine-ctl bench-networks): on CUDA
+    10 bench networks with their own session against 100 shared (fp16, the engine's buckets); on
+    the CPU (``small``) 2 demo networks, shared."""
     from engine.cli.bench_networks import run_modes, write_networks
     if elapsed() > 0.9 * budget:
         return [{"skipped": "time budget"}]
     rows = []
     plan = [("shared", 2)] if small else [("own", 10), ("shared", 100)]
     for mode, n in plan:
-        paths = write_networks(tmp / "networks", n)
+        paths = write_networks(tmp / "networks", n, "demo" if small else "bench")   # quick: the small network
         rows += run_modes(paths, device, "fp32" if device is None else "fp16", 1 if small else 8,
                           "off" if device is None else "auto", 8, tmp / "networks" / "cache", 0, (mode,))
         say(f"networks: {mode} x {n} done")

@@ -38,18 +38,19 @@ from engine.cli.common import print_json
 WEIGHT_NOISE = 0.01
 
 
-def write_networks(folder: Path, n: int) -> list[Path]:
-    """N bench-architecture networks with distinct weights (made once; kept in ``folder``)."""
+def write_networks(folder: Path, n: int, arch: str = "bench") -> list[Path]:
+    """N networks of the ``bench`` (or the small ``demo``) architecture with distinct weights
+    (made once; kept in ``folder``)."""
     import onnx
     from onnx import numpy_helper
 
-    from engine.cli.demo_networks import build_bench_network
+    from engine.cli.demo_networks import build_bench_network, build_demo_network
     from engine.worker.weights import movable
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"net{i:04d}.onnx" for i in range(n)]
+    paths = [folder / f"{arch}{i:04d}.onnx" for i in range(n)]
     if all(p.is_file() for p in paths):
         return paths
-    base = build_bench_network()
+    base = build_bench_network() if arch == "bench" else build_demo_network()
     for i, p in enumerate(paths):
         if p.is_file():
             continue
@@ -173,7 +174,9 @@ def run_modes(paths: list[Path], device: int | None, precision: str, batch: int,
 
 
 @click.command("bench-networks")
-@click.option("--networks", "count", default=40, show_default=True, help="networks of the bench architecture")
+@click.option("--networks", "count", default=40, show_default=True, help="networks of the architecture")
+@click.option("--arch", type=click.Choice(["bench", "demo"]), default="bench", show_default=True,
+              help="bench: SyncTalk_2D's size (48.6 MB); demo: the small demo network")
 @click.option("--dir", "folder", type=click.Path(file_okay=False), default=None,
               help="where the networks are written (kept; default: <run_dir>/bench-networks)")
 @click.option("--gpu", "gpu_id", type=int, default=None, help="on this GPU (CUDA provider) instead of the CPU")
@@ -185,15 +188,15 @@ def run_modes(paths: list[Path], device: int | None, precision: str, batch: int,
 @click.option("--modes", default="own,shared", show_default=True)
 @click.option("--json", "as_json", type=click.Path(dir_okay=False), default=None, help="write the figures as JSON")
 @click.pass_context
-def bench_networks(ctx: click.Context, count: int, folder: str | None, gpu_id: int | None, precision: str,
+def bench_networks(ctx: click.Context, count: int, arch: str, folder: str | None, gpu_id: int | None, precision: str,
                    batch: int, buckets: str, own_capacity: int, threads: int, modes: str, as_json: str | None) -> None:
     """Many avatars' networks resident in one worker: shared sessions against a session per network."""
     from engine.cli.common import cfg_of
     cfg = cfg_of(ctx)
     where = Path(folder) if folder else cfg.run_path / "bench-networks"
     b: Any = buckets if buckets in ("off", "auto") else tuple(int(x) for x in buckets.split(","))
-    click.echo(f"writing {count} networks of the bench architecture to {where} (once)...")
-    paths = write_networks(where, count)
+    click.echo(f"writing {count} networks of the {arch} architecture to {where} (once)...")
+    paths = write_networks(where, count, arch)
     rows = run_modes(paths, gpu_id, precision, batch, b, own_capacity, where / "cache", threads,
                      tuple(m.strip() for m in modes.split(",")))
     for r in rows:

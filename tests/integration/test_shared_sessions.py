@@ -26,13 +26,28 @@ def many(tmp_path_factory):
     """200 avatars: two frames each (linked), each its own network of one architecture."""
     root = tmp_path_factory.mktemp("many")
     make_demo(root, frames=2)                                # "demo": another architecture, beside them
+    small = small_frames(root / "small_src")                 # 320x256 frames: 200 avatars load quickly
     names = [f"a{i:03d}" for i in range(AVATARS)]
-    nets = {n: make_avatar(root, n, 1000 + i, root / "demo") for i, n in enumerate(names)}
+    nets = {n: make_avatar(root, n, 1000 + i, small) for i, n in enumerate(names)}
     rng = np.random.default_rng(5)
     image = rng.random((1, 6, 320, 320), np.float32)
     audio = rng.standard_normal((1, 32, 16, 16)).astype(np.float32)
     refs = {n: run_own_session(p, image, audio) for n, p in nets.items()}
     return root, names, nets, image, audio, refs
+
+
+def small_frames(folder):
+    """Two 320x256 frames cut from the demo avatar's around its face, and their crop rectangles."""
+    from engine.cli.demo_avatars import RECTS_NAME, _frame_path, _write_png, _write_rects, crop_rect, draw_frame
+    x0, y0 = 480, 256
+    rects = []
+    for i in range(2):
+        _frame_path(folder, i).parent.mkdir(parents=True, exist_ok=True)
+        _write_png(_frame_path(folder, i), draw_frame(i)[y0:y0 + 256, x0:x0 + 320].copy())
+        x1, y1, x2, y2 = crop_rect(i)
+        rects.append([x1 - x0, y1 - y0, x2 - x0, y2 - y0])
+    _write_rects(folder / RECTS_NAME, rects)
+    return folder
 
 
 def serve_round_robin(c: Client, names, image, audio) -> dict[str, np.ndarray]:

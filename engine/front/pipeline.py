@@ -153,8 +153,9 @@ class Pipeline(FrontPart):
                                    "(supervision.request_timeout_s)")
         idle = self.cfg.streams.idle_timeout_s
         for s in list(f.scheduler.streams.values()):
-            if (s.total is None and now - s.last_audio > idle and not s.inflight and not s.ready
-                    and (s.filling or s.schedulable() == 0)):     # idle frames after a flush do not count
+            if s.total is None and now - s.last_audio > idle and (
+                    s.fill_until is None                        # idle frames after a flush are not audio
+                    or (not s.inflight and not s.ready and s.schedulable() == 0)):
                 f.streams.close(s, (P.STREAM_TIMEOUT, f"no audio for {idle:.0f} s (streams.idle_timeout_s)"))
 
     # -- from the GPU workers ------------------------------------------------------------------------

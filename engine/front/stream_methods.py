@@ -112,7 +112,8 @@ class StreamMethods(FrontPart):
         except AudioFull as e:
             f.quotas.refund(f.conns.get(req.envelope[0]), req)
             raise ProtocolError(P.BUSY, str(e), req.id) from None
-        f.reply_ok(req, {"stream": s.id, "samples": s.received, "audio_s": round(s.audio_seconds, 3),
+        f.reply_ok(req, {"stream": s.id, "samples": s.received, "utterance_frame": s.base,
+                         "audio_s": round(s.audio_seconds, 3),
                          "frames_ready": s.next_frame + s.schedulable(), "ended": s.total is not None,
                          "frames_total": s.total, "audio_ahead_s": round(s.audio_ahead_s(), 3)})
 

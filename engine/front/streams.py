@@ -46,7 +46,8 @@ from engine.kernels.image import frame_index
 
 MAX_CHUNK_SAMPLES = 16000 * 30          # one push may carry at most 30 s of audio
 CONTEXT = 8                              # encoder outputs of frames i-8 .. i+7 make frame i's input
-LOOKAHEAD_S = 0.49                       # audio a frame needs past its own start (docs/protocol.md 7.7)
+UTTERANCE_LEAD_S = 0.55                  # after a flush, new audio starts at the frame due this long after it
+                                         # arrives: the 490 ms look-ahead plus time to render (docs/protocol.md 7.7)
 FILL_LEAD_S = 0.12                       # idle fill after a flush: frames scheduled this long before they are due
 _ids = itertools.count(1)
 
@@ -127,18 +128,23 @@ class Stream:
         if self.total is not None:
             raise StreamStateError(f"stream {self.id}'s audio already ended (end=true was sent); "
                                    "open a new stream for more audio")
-        if self.fill_until is None and (pcm.size or end):
+        base = self.base
+        if self.fill_until is None:
             # the first audio after a flush: it starts at the first frame that can be made from audio
-            # arriving now in real time (due a look-ahead from now); idle frames fill the gap
-            due = self.t0 if self.t0 is not None else self.opened
-            k = int(np.ceil((time.monotonic() + LOOKAHEAD_S - due) * FPS)) if self.realtime else 0
-            self.base = self.fill_until = max(self.next_frame, k)
+            # arriving now in real time (due a look-ahead and a render from now); idle frames fill
+            # the gap. An end with no audio ends the stream at the next frame.
+            base = self.next_frame
+            if pcm.size:
+                due = self.t0 if self.t0 is not None else self.opened
+                base = max(base, int(np.ceil((time.monotonic() + UTTERANCE_LEAD_S - due) * FPS)))
         if max_ahead_s is not None and pcm.size:
-            ahead = (self.received + pcm.size) / SAMPLE_RATE - (self.next_out - self.base) / FPS
+            ahead = (self.received + pcm.size) / SAMPLE_RATE - max(0, self.next_out - base) / FPS
             if ahead > max_ahead_s:
                 raise AudioFull(f"stream {self.id} would hold {ahead:.1f} s of audio not yet played out, more "
                                 f"than streams.max_audio_ahead_s = {max_ahead_s:g} s; push this chunk again once "
                                 f"frames have been delivered")
+        if self.fill_until is None and (pcm.size or end):
+            self.base = self.fill_until = base
         if pcm.size:
             self.pcm.append(np.array(pcm))
             self.received += pcm.size
@@ -153,21 +159,21 @@ class Stream:
         ``end`` the stream ends at its next frame instead."""
         n = self.next_out
         dropped = self.next_frame - n
-        audio = max(0.0, self.received / SAMPLE_RATE - (n - self.base) / FPS)
+        audio = max(0.0, self.received / SAMPLE_RATE - max(0, n - self.base) / FPS)
         self.ready.clear()
         self.epoch += 1
         self.stale = self.inflight
         self.next_frame = n
         self.resume_from = None
         if self.total is not None:
-            self.total = n
+            self.total, self.fill_until = n, n
         else:
             self.mel, self.pcm, self.received = StreamingMel(), deque(), 0
             # a real-time stream shows idle frames until audio comes; one that is not waits for it
             self.base, self.fill_until = n, (None if self.realtime else n)
         now = time.monotonic()
-        if self.realtime and self.t0 is not None and self.clock(n) < now:
-            self.t0 = now - n / FPS                      # behind (or dry): frame n is due now, not in a burst
+        if self.realtime and (self.t0 is None or self.clock(n) < now):
+            self.t0 = now - n / FPS                      # not started, behind or dry: frame n is due now, no burst
         return {"stream": self.id, "frames_dropped": dropped, "audio_dropped_s": round(audio, 3), "next_frame": n}
 
     @property
@@ -194,6 +200,8 @@ class Stream:
             due = self.t0 if self.t0 is not None else self.opened
             soon = int((time.monotonic() + FILL_LEAD_S - due) * FPS) + 1
             end = soon if self.fill_until is None else min(soon, self.fill_until)
+            if self.total is not None:
+                end = min(end, self.total)
             return max(0, end - self.next_frame)
         if self.total is not None:
             return max(0, self.total - self.next_frame)
@@ -226,7 +234,7 @@ class Stream:
         a, b = self.next_frame, self.next_frame + count
         if self.filling:                                 # after a flush: no audio, idle by decree
             windows = np.zeros((0, 1, 80, 16), np.float32)
-            w0, idle = a, [self.idle_frames] * count
+            w0, idle = a, [True] * count               # the avatar's own frames, whatever idle_frames says
         else:
             limit = self.total if self.total is not None else self.frames_final()
             w0, w1 = max(self.base, a - CONTEXT), min(b + CONTEXT - 1, limit)

@@ -82,3 +82,58 @@ def test_flush_of_an_unknown_stream(shared_engine):
         with pytest.raises(EngineError) as info:
             c.call("stream_flush", {"stream": "nope"})
         assert info.value.code == "unknown_stream"
+
+
+# -- the stream's own bookkeeping around a flush (no engine) -----------------------------------------
+def stream(realtime: bool = True):
+    from engine.front.streams import Stream
+    return Stream("s1", [b"c"], "demo", 0, "pingpong", realtime, True)
+
+
+def test_a_busy_push_after_a_flush_changes_nothing():
+    from engine.front.streams import AudioFull
+    s = stream()
+    s.flush()
+    with pytest.raises(AudioFull):
+        s.push(np.zeros(16000 * 10, np.float32), False, max_ahead_s=5)
+    assert s.fill_until is None and s.received == 0            # still filling, nothing kept
+    s.push(np.zeros(16000 * 4, np.float32), False, max_ahead_s=5)   # the gap is not counted as audio
+    assert s.fill_until == s.base > s.next_frame
+
+
+def test_audio_dropped_is_never_more_than_received():
+    s = stream()
+    s.flush()
+    s.push(np.zeros(16000, np.float32), False)
+    assert s.flush()["audio_dropped_s"] <= 1.0
+
+
+def test_a_flush_before_any_frame_starts_the_clock_instead_of_a_burst():
+    import time
+    s = stream()
+    s.opened -= 5.0                                            # opened 5 s ago, nothing sent yet
+    s.flush()
+    assert s.t0 is not None and s.schedulable() <= 5           # the next few frames, not 125 at once
+    s.push(np.zeros(640, np.float32), False)
+    assert s.base - s.next_frame <= int(0.55 * 25) + 2         # the utterance starts ~550 ms from now
+    assert s.clock(s.base) - time.monotonic() < 0.65
+
+
+def test_a_flush_after_end_leaves_nothing_to_schedule():
+    s = stream()
+    s.push(np.zeros(16000, np.float32), True)
+    s.flush()
+    assert s.total == 0 and s.schedulable() == 0 and s.finished
+
+
+def test_a_flushed_stream_without_audio_times_out(engine_factory):
+    eng = engine_factory("[streams]\nidle_timeout_s = 1\n")
+    with Client(eng.endpoint, timeout=60) as c:
+        s = c.open_stream("demo", realtime=True)
+        s.push(np.zeros(640, np.int16))
+        s.flush()
+        with pytest.raises(Exception) as info:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                s.poll(0.2)
+        assert "stream_timeout" in str(info.value)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,12 +16,7 @@ from engine.cli.demo_avatars import make_audio_encoder, make_demo
 from engine.runtime.config import EngineConfig, load_config
 from engine.runtime.shm import list_segments
 from engine.supervisor.control import control
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from engine.testing.engine import dump_toml, free_port  # noqa: F401 - free_port: the tests import it from here
 
 
 @pytest.fixture(scope="session")
@@ -95,29 +89,8 @@ def write_config(path: Path, models_root: Path, run_dir: Path, instance: str, ex
             base[section].update(table)
         else:
             base[section] = table
-    lines = [f"models_root = {_toml(str(models_root))}"]
-    lines += [f"{k} = {_toml(v)}" for k, v in base.items() if not isinstance(v, dict)]
-
-    def table(name: str, t: dict) -> None:
-        lines.append(f"[{name}]")
-        lines.extend(f"{k} = {_toml(v)}" for k, v in t.items() if not isinstance(v, dict))
-        for k, v in t.items():
-            if isinstance(v, dict):
-                table(f"{name}.{k}", v)
-    for name, t in base.items():
-        if isinstance(t, dict):
-            table(name, t)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(dump_toml({"models_root": str(models_root), **base}))
     return path
-
-
-def _toml(v) -> str:
-    import json
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    return json.dumps(v)
 
 
 def start_engine(cfg_path: Path) -> RunningEngine:

@@ -99,10 +99,10 @@ def measure_mode(paths: list[str], shared: bool, device: int | None, precision: 
     fp16._hashes.clear()        # a worker starts without them in memory: loads find them on disk (cache/sha256)
     rng = np.random.default_rng(0)
 
-    def batch_inputs(m):
-        return (rng.random((batch, *m.graph.image_shape), np.float32),
-                rng.standard_normal((batch, *m.graph.audio_shape)).astype(np.float32),
-                np.empty((batch, *m.graph.output_shape), np.float32))
+    def batch_inputs(m, b: int = batch):
+        return (rng.random((b, *m.graph.image_shape), np.float32),
+                rng.standard_normal((b, *m.graph.audio_shape)).astype(np.float32),
+                np.empty((b, *m.graph.output_shape), np.float32))
     mem0 = _memory(device)
     t0 = time.perf_counter()
     first = core.load("net0", files[0], precision)
@@ -135,8 +135,7 @@ def measure_mode(paths: list[str], shared: bool, device: int | None, precision: 
     run_ms = {}
     m = core.models[next(reversed(core.models))]
     for b in m.sizes or (1, batch):
-        x = (rng.random((b, *m.graph.image_shape), np.float32), rng.standard_normal((b, *m.graph.audio_shape)).astype(
-            np.float32), np.empty((b, *m.graph.output_shape), np.float32))
+        x = batch_inputs(m, b)
         ts = []
         for _ in range(6):
             t = time.perf_counter()

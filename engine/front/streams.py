@@ -135,8 +135,7 @@ class Stream:
             # the gap. An end with no audio ends the stream at the next frame.
             base = self.next_frame
             if pcm.size:
-                due = self.t0 if self.t0 is not None else self.opened
-                base = max(base, int(np.ceil((time.monotonic() + UTTERANCE_LEAD_S - due) * FPS)))
+                base = max(base, int(np.ceil((time.monotonic() + UTTERANCE_LEAD_S - self.clock(0)) * FPS)))
         if max_ahead_s is not None and pcm.size:
             ahead = (self.received + pcm.size) / SAMPLE_RATE - max(0, self.next_out - base) / FPS
             if ahead > max_ahead_s:
@@ -197,8 +196,7 @@ class Stream:
         """How many frames from ``next_frame`` on can be made now: idle fill frames due soon after a
         flush, else those whose whole audio input is final."""
         if self.filling:
-            due = self.t0 if self.t0 is not None else self.opened
-            soon = int((time.monotonic() + FILL_LEAD_S - due) * FPS) + 1
+            soon = int((time.monotonic() + FILL_LEAD_S - self.clock(0)) * FPS) + 1
             end = soon if self.fill_until is None else min(soon, self.fill_until)
             if self.total is not None:
                 end = min(end, self.total)

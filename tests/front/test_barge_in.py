@@ -20,14 +20,20 @@ def idle_jpegs(c: Client) -> dict[int, bytes]:
     return {f.avatar_frame: f.jpeg for f in frames}
 
 
+def first_frames(s, n: int) -> list:
+    """At least ``n`` frames of stream ``s``, as they come."""
+    got = []
+    while len(got) < n:
+        got += s.poll(1.0)
+    return got
+
+
 def test_flush_drops_unsent_frames_and_idle_frames_follow_at_once(shared_engine):
     with Client(shared_engine.endpoint, timeout=60) as c:
         idle = idle_jpegs(c)
         s = c.open_stream("demo", realtime=True)
         s.push(speech_pcm(3.0, seed=1))
-        got = []
-        while len(got) < 10:
-            got += s.poll(1.0)
+        got = first_frames(s, 10)
         r = s.flush()
         n = r["next_frame"]
         assert r["frames_dropped"] > 0 and 0 < r["audio_dropped_s"] <= 3.0 and n >= got[-1].number + 1
@@ -52,9 +58,7 @@ def test_flush_after_end_ends_the_stream_at_the_next_frame(shared_engine):
     with Client(shared_engine.endpoint, timeout=60) as c:
         s = c.open_stream("demo", realtime=True)
         s.push(speech_pcm(2.0, seed=3), end=True)
-        got = []
-        while len(got) < 5:
-            got += s.poll(1.0)
+        got = first_frames(s, 5)
         r = s.flush()
         got += list(s.frames(30))                     # until stream_end
         assert [f.number for f in got] == list(range(r["next_frame"]))
@@ -65,9 +69,7 @@ def test_a_flushed_stream_that_is_not_real_time_waits_for_audio(shared_engine):
     with Client(shared_engine.endpoint, timeout=60) as c:
         s = c.open_stream("demo", realtime=False)
         s.push(speech_pcm(2.0, seed=4))
-        got = []
-        while len(got) < 3:
-            got += s.poll(1.0)
+        got = first_frames(s, 3)
         r = s.flush()
         time.sleep(0.5)
         got += s.poll(0.0)

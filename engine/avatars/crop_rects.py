@@ -1,51 +1,40 @@
-"""Crop rectangles for an avatar: from per-frame face boxes (smoothed), or from SyncTalk_2D landmarks.
+"""Crop rectangles from SyncTalk_2D landmarks, their jitter, and the zero-lag smoothing that the
+video import (:mod:`engine.avatars.face_track`) uses too.
 
 Plain functions, no I/O but :func:`read_lms`.
-
-**From face boxes** (:func:`rects_from_boxes`, used by ``engine-ctl avatar import VIDEO``): boxes
-that jump away from their neighbours are dropped, frames without a box are filled by linear
-interpolation, the centre and size are smoothed over time with a zero-lag Gaussian (the whole video
-is known, so no filter delay), and each box becomes the square SyncTalk_2D-style crop: as wide as
-``crop_scale`` x the box, its top ``crop_top`` x the box height below the box's top (the
-defaults put it at the nose bridge and make it as wide as the face at the cheekbones, like the
-crop SyncTalk_2D takes from its landmarks; calibrated by hand on scikit-image's astronaut photo).
 
 **From SyncTalk_2D landmarks** (:func:`synctalk_rect`): exactly SyncTalk_2D's inference crop
 (``inference_328.py``: ``xmin = lms[1][0]``, ``ymin = lms[52][1]``, ``xmax = lms[31][0]``,
 ``width = xmax - xmin``, ``ymax = ymin + width``, then ``img[ymin:ymax, xmin:xmax]``), landmarks
 parsed as it parses them (float32, then int32: truncation toward zero). numpy slicing clips a
-rectangle that runs past the right or bottom edge, so the rectangle is clipped the same way.
+rectangle that runs past the right or bottom edge, so the rectangle is clipped the same way. The
+files must hold 110 points (SyncTalk_2D's ``data_utils/get_landmark.py`` runs ``PFLD_GhostOne``,
+whose ``landmark_number`` is 110, and writes every point) or 98 (WFLW, the layout the indices 1, 31
+and 52 come from: the contour beside each eye and the nose bridge; forks running a WFLW-trained
+PFLD write it); any other count (a 68-point iBUG 300-W file, say) is another layout, whose points
+1, 31 and 52 are elsewhere on the face, so it is refused.
+
+**Jitter** (:func:`rect_jitter`): SyncTalk_2D crops every frame with its raw landmarks, so a
+network trained there saw exactly those rectangles and a dataset import keeps them by default;
+it measures how much they shake (the high-frequency part of the track that the zero-lag Gaussian
+:func:`_smooth` removes), and :func:`smooth_squares` smooths them when asked.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from engine.avatars.disk import AvatarError
-from engine.avatars.face_detect import Box
 
-CROP_SCALE = 0.86       # crop side / face box width
-CROP_TOP = 0.43         # crop top below the face box top, in box heights
-SIGMA_CENTRE = 2.0      # frames: the centre follows real head motion, not the detector's jitter
+SIGMA_CENTRE = 2.0      # frames: the centre follows real head motion, not the landmarks' jitter
 SIGMA_SIZE = 6.0        # frames: the face size changes slowly
-OUTLIER_SPAN = 3        # detections each side in the running median an outlier is judged against
-MIN_FOUND = 0.5         # below this share of frames with a face, the import fails
-
-
-@dataclass
-class TrackReport:
-    """What happened to the detections: which frames were filled in and why, which were clamped."""
-    frames: int
-    found: int = 0
-    missed: list[int] = field(default_factory=list)        # no face detected
-    rejected: list[int] = field(default_factory=list)      # a face far from its neighbours: dropped
-    clamped: list[int] = field(default_factory=list)       # rectangle shifted or shrunk into the frame
-
-    @property
-    def interpolated(self) -> list[int]:
-        return sorted(self.missed + self.rejected)
+LMS_COUNTS = (98, 110)  # landmarks per SyncTalk_2D .lms file: WFLW, or its data_utils' PFLD_GhostOne
+# rect_jitter above this (its 95th percentile residual, in crop sides) is reported: landmark noise of
+# ~2 px standard deviation on a 200 px face, a visible shake of the pasted face; a smooth track
+# measures ~0.3 % (whole-pixel rounding), natural head motion ~1.3 % (a +-20 px nod once a second),
+# raw landmarks that jump 30 px frame to frame on a 200 px face ~7 %.
+JITTER_WARN = 0.02
 
 
 def ranges(frames: list[int]) -> str:
@@ -75,49 +64,6 @@ def _smooth(x: np.ndarray, sigma: float) -> np.ndarray:
     return np.convolve(padded, k, mode="valid")
 
 
-def rects_from_boxes(boxes: list[Box | None], width: int, height: int, crop_scale: float = CROP_SCALE,
-                     crop_top: float = CROP_TOP) -> tuple[np.ndarray, TrackReport]:
-    """One square [x1, y1, x2, y2] per frame (int32 [N, 4]) from per-frame face boxes (None: no face)."""
-    n = len(boxes)
-    rep = TrackReport(n)
-    rep.missed = [i for i, b in enumerate(boxes) if b is None]
-    found = np.array([i for i, b in enumerate(boxes) if b is not None], np.int64)
-    if found.size == 0:
-        raise AvatarError(f"no face found in any of the {n} frames")
-    obs = np.array([[boxes[i].cx, boxes[i].cy, boxes[i].w] for i in found], np.float64)   # type: ignore[union-attr]
-    keep = np.ones(len(found), bool)
-    for j in range(len(found)):             # drop boxes far from the median of the 3 detections each side
-        near = obs[max(0, j - OUTLIER_SPAN):j + OUTLIER_SPAN + 1]
-        if len(near) < 3:
-            continue
-        med = np.median(near, axis=0)
-        if np.hypot(*(obs[j, :2] - med[:2])) > 0.35 * med[2] or not 0.75 < obs[j, 2] / med[2] < 1.33:
-            keep[j] = False
-    rep.rejected = [int(i) for i in found[~keep]]
-    found, obs = found[keep], obs[keep]
-    rep.found = int(found.size)
-    if rep.found < MIN_FOUND * n:
-        raise AvatarError(f"a face was found in only {rep.found} of {n} frames (missed: {ranges(rep.missed)}; "
-                          f"rejected as jumps: {ranges(rep.rejected) or 'none'}): is there one frontal face "
-                          "throughout? trim the video with --start/--end")
-    t = np.arange(n)
-    cx, cy, side = (np.interp(t, found, obs[:, k]) for k in range(3))
-    cx, cy, side = _smooth(cx, SIGMA_CENTRE), _smooth(cy, SIGMA_CENTRE), _smooth(side, SIGMA_SIZE)
-    s = np.rint(crop_scale * side)
-    x1 = np.rint(cx - s / 2)
-    y1 = np.rint(cy - side / 2 + crop_top * side)
-    limit = min(width, height)
-    over = s > limit
-    s = np.minimum(s, limit)
-    x1c = np.clip(x1, 0, width - s)
-    y1c = np.clip(y1, 0, height - s)
-    rep.clamped = [int(i) for i in np.nonzero(over | (x1c != x1) | (y1c != y1))[0]]
-    rects = np.stack([x1c, y1c, x1c + s, y1c + s], axis=1).astype(np.int32)
-    return rects, rep
-
-
-# -- SyncTalk_2D --------------------------------------------------------------------------------
-
 def read_lms(path: Path) -> np.ndarray:
     """A SyncTalk_2D ``landmarks/<i>.lms`` file ("x y" per line) as int32 [K, 2], parsed as
     SyncTalk_2D parses it: float32 values, then int32 (truncation toward zero)."""
@@ -128,18 +74,78 @@ def read_lms(path: Path) -> np.ndarray:
         raise AvatarError(f"{path}: not a landmark file of 'x y' lines: {e}") from None
     if lms.ndim != 2 or lms.shape[1] != 2:
         raise AvatarError(f"{path}: not a landmark file of 'x y' lines")
-    if len(lms) < 53:
-        raise AvatarError(f"{path}: {len(lms)} landmarks; SyncTalk_2D's crop needs points 1, 31 and 52 "
-                          "(its 98- or 110-point PFLD landmarks)")
+    if len(lms) not in LMS_COUNTS:
+        raise AvatarError(f"{path}: {len(lms)} landmarks; SyncTalk_2D datasets have 110 points per frame (its "
+                          "data_utils' PFLD_GhostOne) or 98 WFLW points (forks with a WFLW-trained PFLD), "
+                          "whose points 1, 31 and 52 its crop reads"
+                          + ("; a 68-point (iBUG 300-W) file is not SyncTalk_2D's" if len(lms) == 68 else "")
+                          + ": make the landmarks with SyncTalk_2D's data_utils/process.py, or import the video")
     return lms
+
+
+def synctalk_square(lms: np.ndarray) -> tuple[int, int, int, int]:
+    """SyncTalk_2D's crop [x1, y1, x2, y2] before numpy's slicing clips it at the frame's edges."""
+    xmin, ymin, xmax = int(lms[1][0]), int(lms[52][1]), int(lms[31][0])
+    return xmin, ymin, xmax, ymin + xmax - xmin
 
 
 def synctalk_rect(lms: np.ndarray, width: int, height: int, where: str = "") -> list[int]:
     """SyncTalk_2D's crop rectangle [x1, y1, x2, y2] from one frame's landmarks (see the module doc)."""
-    xmin, ymin, xmax = int(lms[1][0]), int(lms[52][1]), int(lms[31][0])
+    xmin, ymin, xmax, ymax = synctalk_square(lms)
     side = xmax - xmin
-    ymax = ymin + side
     if side < 2 or xmin < 0 or ymin < 0 or xmin >= width or ymin >= height:
         raise AvatarError(f"{where}: landmarks give the crop x {xmin}..{xmax}, y {ymin}..{ymax}, which is empty "
                           f"or outside the {width}x{height} frame (SyncTalk_2D could not crop it either)")
     return [xmin, ymin, min(xmax, width), min(ymax, height)]
+
+
+# -- jitter ---------------------------------------------------------------------------------------
+
+def rect_jitter(rects: np.ndarray) -> float:
+    """How much the rectangles shake, in crop sides: per frame, the largest distance of the centre's
+    x, y and the side from their zero-lag smoothed track (:func:`_smooth`, ``SIGMA_CENTRE``), over
+    the median side; the 95th percentile over the frames (a typical bad frame, not one outlier:
+    ``avatar check`` reports the single largest jump). 0.0 for fewer than 3 frames.
+
+    Smooth head motion passes the Gaussian almost untouched, so what remains is the frame-to-frame
+    noise of the landmarks or detections; see ``JITTER_WARN`` for what the numbers mean."""
+    r = np.asarray(rects, np.float64)
+    if len(r) < 3:
+        return 0.0
+    side = r[:, 2] - r[:, 0]
+    med = float(np.median(side))
+    if med <= 0:
+        return 0.0
+    track = ((r[:, 0] + r[:, 2]) / 2, (r[:, 1] + r[:, 3]) / 2, side)
+    residual = np.max([np.abs(x - _smooth(x, SIGMA_CENTRE)) for x in track], axis=0)
+    return float(np.percentile(residual, 95)) / med
+
+
+def smooth_squares(squares: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Unclipped square crops (int [N, 4], :func:`synctalk_square`) smoothed over time as
+    the video import smooths landmark crops (:mod:`engine.avatars.face_track`): centre with ``SIGMA_CENTRE``, side with
+    ``SIGMA_SIZE``, zero-lag; then kept inside the frame's top-left and clipped at its right and
+    bottom edges as SyncTalk_2D's slicing clips them. Rectangles a network trained on the raw ones
+    did not see: only for landmarks too noisy to use as they are."""
+    q = np.asarray(squares, np.float64)
+    side = _smooth(_line_ends(q[:, 2] - q[:, 0], SIGMA_SIZE), SIGMA_SIZE)
+    cx = _smooth(_line_ends((q[:, 0] + q[:, 2]) / 2, SIGMA_CENTRE), SIGMA_CENTRE)
+    cy = _smooth(_line_ends((q[:, 1] + q[:, 3]) / 2, SIGMA_CENTRE), SIGMA_CENTRE)
+    s = np.maximum(np.rint(side), 2)
+    x1 = np.clip(np.rint(cx - s / 2), 0, width - 2)
+    y1 = np.clip(np.rint(cy - s / 2), 0, height - 2)
+    return np.stack([x1, y1, np.minimum(x1 + s, width), np.minimum(y1 + s, height)], axis=1).astype(np.int32)
+
+
+def _line_ends(x: np.ndarray, sigma: float) -> np.ndarray:
+    """``x`` with its first and last values replaced by a straight line fitted through the
+    ``2 sigma + 1`` values at each end: :func:`_smooth` reflects the series about its end values,
+    which would otherwise keep the end frames' own noise (motion there stays: a line follows it)."""
+    k = min(len(x), 2 * int(np.ceil(sigma)) + 1)
+    if k < 3:
+        return x
+    out = x.astype(np.float64)
+    t = np.arange(k)
+    out[0] = np.polyval(np.polyfit(t, x[:k], 1), 0)
+    out[-1] = np.polyval(np.polyfit(t, x[-k:], 1), k - 1)
+    return out

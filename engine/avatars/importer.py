@@ -2,8 +2,9 @@
 SyncTalk_2D dataset folder, and a network (and an audio encoder).
 
 From a video: decoded with PyAV, resampled to 25 frames/s by nearest timestamp (each output instant
-takes the source frame shown then, as ffmpeg's ``fps`` filter does), the face found in each frame
-(:mod:`engine.avatars.face_detect`) and the boxes turned into smoothed square crops (:mod:`engine.avatars.crop_rects`).
+takes the source frame shown then, as ffmpeg's ``fps`` filter does), the face's 68 landmarks found in
+each frame (:mod:`engine.avatars.landmarks`) and made into SyncTalk_2D's crop, smoothed over time, or
+the video refused with the reason (:mod:`engine.avatars.face_track`).
 
 From a SyncTalk_2D dataset (``full_body_img/<i>.jpg`` and ``landmarks/<i>.lms``, as its
 ``data_utils/process.py`` writes them): the JPEGs are copied byte for byte and each rectangle is
@@ -17,7 +18,6 @@ renamed into place: a failed or interrupted import leaves nothing under ``models
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -32,13 +32,13 @@ import cv2
 import numpy as np
 
 from engine.avatars.crop_rects import (
-    CROP_SCALE,
-    CROP_TOP,
-    TrackReport,
+    JITTER_WARN,
     ranges,
     read_lms,
-    rects_from_boxes,
+    rect_jitter,
+    smooth_squares,
     synctalk_rect,
+    synctalk_square,
 )
 from engine.avatars.disk import (
     AvatarError,
@@ -53,7 +53,13 @@ from engine.avatars.disk import (
     read_rects,
     ring_room_error,
 )
-from engine.avatars.face_detect import Box, FaceDetector
+from engine.avatars.face_track import (
+    TrackReport,
+    rects_from_faces,
+    rects_from_landmarks,
+)
+from engine.avatars.landmarks import Face, LandmarkFinder
+from engine.avatars.staging import Staging
 
 FPS = 25
 Progress = Callable[[int, int], None]          # (done, estimated total)
@@ -71,16 +77,22 @@ class ImportResult:
     track: TrackReport | None = None
     rects: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int32))
     seconds: float = 0.0
+    jitter: float | None = None                 # rect_jitter of the dataset's own (landmark) rectangles
+    smoothed_jitter: float | None = None        # and of the smoothed ones written (smooth=True)
 
     def summary(self) -> str:
         side = self.rects[:, 2] - self.rects[:, 0]
         lines = [f"imported {self.name}: {self.frames} frames {self.width}x{self.height} at {FPS} frames/s into "
                  f"{self.folder} in {self.seconds:.1f} s"]
         if self.source_fps is not None and abs(self.source_fps - FPS) > 1e-3:
-            lines.append(f"  resampled from {self.source_fps:.3g} frames/s")
+            rate = f"{self.source_fps:.2f}".rstrip("0").rstrip(".")            # 29.97, 30, 12.5
+            lines.append(f"  resampled from {rate} frames/s")
         if self.track is not None:
             t = self.track
-            lines.append(f"  face found in {t.found} of {t.frames} frames")
+            lines.append(f"  face found in {t.found} of {t.frames} frames (detector score: lowest {t.score[0]:.2f}, "
+                         f"median {t.score[1]:.2f})")
+            if t.others:
+                lines.append(f"  another, smaller face also seen: frames {ranges(t.others)} (ignored)")
             if t.missed:
                 lines.append(f"  no face detected, interpolated: frames {ranges(t.missed)}")
             if t.rejected:
@@ -88,7 +100,23 @@ class ImportResult:
             if t.clamped:
                 lines.append(f"  rectangle moved or shrunk into the frame (face at the edge): frames {ranges(t.clamped)}")
         lines.append(f"  crop rectangles {int(side.min())}..{int(side.max())} px wide")
-        return "\n".join(lines)
+        return "\n".join(lines + _jitter_lines(self.jitter, self.smoothed_jitter))
+
+
+def _jitter_lines(jitter: float | None, smoothed: float | None) -> list[str]:
+    """The landmarks' jitter, and what to do when it is past ``JITTER_WARN`` (see crop_rects)."""
+    if jitter is None:
+        return []
+    line = (f"  landmark jitter {100 * jitter:.1f} % of the crop side (95th percentile; warned above "
+            f"{100 * JITTER_WARN:g} %)")
+    if smoothed is not None:
+        return [line + f"; smoothed rectangles written: {100 * smoothed:.1f} %"]
+    if jitter <= JITTER_WARN:
+        return [line]
+    return [line, ("  warning: the landmarks shake from frame to frame, so the pasted face will visibly shake. "
+                   "SyncTalk_2D trains and infers on these raw rectangles; to steady them import with --smooth (the "
+                   "network then sees crops a few px from those it was trained on), or smooth the landmarks before "
+                   "training")]
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -193,51 +221,6 @@ def video_frames(path: Path, start: float = 0.0, end: float | None = None, fps: 
             raise AvatarError(f"{path}: decoding failed after {decoded} frames: {e}") from None
 
 
-# -- staging --------------------------------------------------------------------------------------
-
-class Staging:
-    """A hidden folder beside the avatar's final place; renamed into place by :meth:`commit`,
-    removed on any failure (the ``with`` block)."""
-
-    def __init__(self, models_dir: Path, name: str, force: bool) -> None:
-        self.models_dir, self.name, self.force = models_dir, name, force
-        self.target = models_dir / name
-        models_dir.mkdir(parents=True, exist_ok=True)
-        self.folder = models_dir / f".import-{name}-{os.getpid()}"
-        if self.folder.exists():
-            shutil.rmtree(self.folder)
-        (self.folder / "frames").mkdir(parents=True)
-        (self.folder / "checkpoint").mkdir()
-
-    def __enter__(self) -> Staging:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.folder.exists():
-            shutil.rmtree(self.folder, ignore_errors=True)
-
-    def commit(self) -> Path:
-        old = None
-        if self.target.exists() or self.target.is_symlink():
-            if not self.force:
-                raise AvatarError(f"avatar {self.name!r} appeared at {self.target} during the import; "
-                                  "pass --force to replace it")
-            old = self.models_dir / f".replaced-{self.name}-{os.getpid()}"
-            os.rename(self.target, old)
-        try:
-            os.rename(self.folder, self.target)
-        except OSError:
-            if old is not None:
-                os.rename(old, self.target)
-            raise
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
-        return self.target
-
-
 def _write_rects(path: Path, rects: np.ndarray) -> None:
     path.write_text("[\n" + ",\n".join(json.dumps([int(v) for v in r]) for r in rects) + "\n]\n")
 
@@ -264,22 +247,59 @@ def _encode(img: np.ndarray, fmt: str) -> bytes:
     return buf.tobytes()
 
 
+def read_user_points(path: Path, kind: str) -> np.ndarray:
+    """``--rects`` (JSON [[x1, y1, x2, y2], ...]) or ``--landmarks`` (JSON [[[x, y], ...], ...]) as an
+    array, one entry per frame."""
+    shape = ("a list of [x1, y1, x2, y2], one per frame" if kind == "rects" else
+             "a list per frame of [x, y] points (68 or 98 of them, the same number in every frame)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise AvatarError(f"{path}: not a JSON file: {e}") from None
+    try:
+        arr = np.asarray(data, dtype=np.float64)
+    except (ValueError, TypeError):
+        arr = np.zeros(0)
+    if arr.ndim != (2 if kind == "rects" else 3) or arr.shape[-1] != (4 if kind == "rects" else 2) or not len(arr):
+        raise AvatarError(f"{path}: expected {shape}")
+    if not np.isfinite(arr).all():
+        raise AvatarError(f"{path}: {kind} must be finite numbers")
+    return arr.astype(np.int32) if kind == "rects" else arr
+
+
+def _span(info: dict[str, Any], start: float, end: float | None) -> str:
+    dur = info["duration"]
+    if dur is not None and start >= dur:
+        return f"--start {start:g} s is at or past the video's end ({dur:.2f} s)"
+    where = f" from {start:g} s" + (f" to {end:g} s" if end is not None else "")
+    return "no video frames" + (where if start or end is not None else "")
+
+
+def _detect(finder: LandmarkFinder | None, img: np.ndarray) -> Face | None:
+    return finder.find(img) if finder is not None else None
+
+
 def import_video(models_dir: Path, name: str, video: Path, network: Path, encoder: Path | None = None, *,
-                 start: float = 0.0, end: float | None = None, force: bool = False,
-                 crop_scale: float = CROP_SCALE, crop_top: float = CROP_TOP, frame_format: str = "png",
-                 encoder_name: str = "audio_encoder.onnx", face_room: int = 320,
-                 progress: Progress | None = None) -> ImportResult:
+                 start: float = 0.0, end: float | None = None, force: bool = False, frame_format: str = "jpg",
+                 encoder_name: str = "audio_encoder.onnx", face_room: int = 320, detect_threshold: float = 0.0,
+                 predictor: Path | None = None, rects: np.ndarray | None = None,
+                 landmarks: list[np.ndarray] | None = None, progress: Progress | None = None) -> ImportResult:
+    """A video: frames at 25 frames/s from ``start`` to ``end``, the face's landmarks found in each
+    (:mod:`engine.avatars.landmarks`) and made into SyncTalk_2D crops (:mod:`engine.avatars.face_track`);
+    or the user's own ``rects`` or ``landmarks`` (one per output frame), with no detection at all."""
     t0 = time.perf_counter()
     check_target(models_dir, name, force)
     check_network(network, encoder, face_room)
     if start < 0 or (end is not None and end <= start):
-        raise AvatarError(f"--start {start} / --end {end}: expected 0 <= start < end")
+        raise AvatarError(f"--start {start:g} / --end {end:g}: expected 0 <= start < end" if end is not None
+                          else f"--start {start:g}: expected a time >= 0")
     info = video_info(video)
     total = 0
     if info["duration"]:
         total = max(1, int(((min(end, info["duration"]) if end else info["duration"]) - start) * FPS + 0.5))
-    detector = FaceDetector()
-    boxes: list[Box | None] = []
+    given = rects is not None or landmarks is not None
+    finder = None if given else LandmarkFinder(detect_threshold, predictor)
+    faces: list[Face | None] = []
     size: tuple[int, int] | None = None
     with Staging(models_dir, name, force) as st, ThreadPoolExecutor(2, thread_name_prefix="import-write") as pool:
         pending: list[Future] = []
@@ -288,21 +308,30 @@ def import_video(models_dir: Path, name: str, video: Path, network: Path, encode
                 size = img.shape[:2]
             path = st.folder / "frames" / f"frame_{k:04d}.{frame_format}"
             pending.append(pool.submit(lambda p=path, i=img: p.write_bytes(_encode(i, frame_format))))
-            boxes.append(detector.detect(img))
+            faces.append(_detect(finder, img))
             while len(pending) > 8:
                 pending.pop(0).result()
             if progress:
                 progress(k + 1, max(total, k + 1))
         for f in pending:
             f.result()
-        if not boxes or size is None:
-            where = f" between {start} s and {end} s" if start or end else ""
-            raise AvatarError(f"{video}: no video frames{where}")
+        if not faces or size is None:
+            raise AvatarError(f"{video}: {_span(info, start, end)}")
+        if len(faces) < 2:
+            raise AvatarError(f"{video}: {len(faces)} frame at {FPS} frames/s: an avatar from a still image does not "
+                              "move; give a video of the person talking (5 s or more is best)")
         h, w = size
-        try:
-            rects, report = rects_from_boxes(boxes, w, h, crop_scale, crop_top)
-        except AvatarError as e:
-            raise AvatarError(f"{video}: {e}") from None
+        report = None
+        if landmarks is not None:
+            rects = rects_from_landmarks(landmarks, w, h)
+        if rects is None:
+            try:
+                rects, report = rects_from_faces(faces, w, h, FPS, start)
+            except AvatarError as e:
+                raise AvatarError(f"{video}: {e}") from None
+        elif len(rects) != len(faces):
+            raise AvatarError(f"{len(rects)} rectangles given for the {len(faces)} frames imported at {FPS} "
+                              "frames/s; give one per frame")
         folder = _finish(st, rects, network, encoder, encoder_name, w, h)
     return ImportResult(name, folder, len(rects), w, h, "video", info["fps"], report, rects,
                         time.perf_counter() - t0)
@@ -328,10 +357,12 @@ def is_synctalk_dataset(path: Path) -> bool:
 
 def import_synctalk(models_dir: Path, name: str, dataset: Path, network: Path, encoder: Path | None = None, *,
                     start: float = 0.0, end: float | None = None, force: bool = False,
-                    encoder_name: str = "audio_encoder.onnx", face_room: int = 320,
+                    encoder_name: str = "audio_encoder.onnx", face_room: int = 320, smooth: bool = False,
                     progress: Progress | None = None) -> ImportResult:
     """A SyncTalk_2D dataset folder (``full_body_img/<i>.jpg``, ``landmarks/<i>.lms``): frames copied,
-    rectangles as SyncTalk_2D's inference computes them; ``start``/``end`` in seconds at 25 frames/s."""
+    rectangles as SyncTalk_2D's inference computes them (a network trained on the dataset saw exactly
+    those), their jitter measured and reported; ``smooth`` smooths them over time instead
+    (:func:`engine.avatars.crop_rects.smooth_squares`); ``start``/``end`` in seconds at 25 frames/s."""
     t0 = time.perf_counter()
     check_target(models_dir, name, force)
     check_network(network, encoder, face_room)
@@ -352,22 +383,39 @@ def import_synctalk(models_dir: Path, name: str, dataset: Path, network: Path, e
     first = round(start * FPS)
     last = n if end is None else min(n, round(end * FPS))
     if not 0 <= first < last:
-        raise AvatarError(f"--start {start} / --end {end}: no frames of the {n} ({n / FPS:.2f} s) selected")
-    rects = np.zeros((last - first, 4), np.int32)
-    size: tuple[int, int] | None = None
+        span = f"--start {start:g}" + (f" / --end {end:g}" if end is not None else "")
+        raise AvatarError(f"{span}: no frames of the {n} ({n / FPS:.2f} s) selected")
     with Staging(models_dir, name, force) as st:
-        for k, i in enumerate(range(first, last)):
-            img = decode_frame(imgs[i])
-            if size is None:
-                size = img.shape[:2]
-            elif img.shape[:2] != size:
-                raise AvatarError(f"{imgs[i]}: {img.shape[1]}x{img.shape[0]} differs from the first frame's "
-                                  f"{size[1]}x{size[0]}")
-            rects[k] = synctalk_rect(read_lms(lms[i]), size[1], size[0], str(lms[i]))
-            shutil.copyfile(imgs[i], st.folder / "frames" / f"frame_{k:04d}.jpg")
-            if progress:
-                progress(k + 1, last - first)
-        assert size is not None
-        folder = _finish(st, rects, network, encoder, encoder_name, size[1], size[0])
-    return ImportResult(name, folder, len(rects), size[1], size[0], "synctalk", None, None, rects,
-                        time.perf_counter() - t0)
+        size, squares = _copy_synctalk(imgs, lms, range(first, last), st.folder / "frames", progress)
+        h, w = size
+        if smooth:
+            rects = smooth_squares(squares, w, h)
+        else:
+            rects = np.minimum(squares, (w, h, w, h)).astype(np.int32)   # clipped as synctalk_rect clips them
+        folder = _finish(st, rects, network, encoder, encoder_name, w, h)
+    return ImportResult(name, folder, len(rects), w, h, "synctalk", None, None, rects, time.perf_counter() - t0,
+                        jitter=rect_jitter(squares), smoothed_jitter=rect_jitter(rects) if smooth else None)
+
+
+def _copy_synctalk(imgs: dict[int, Path], lms: dict[int, Path], frames: range, into: Path,
+                   progress: Progress | None) -> tuple[tuple[int, int], np.ndarray]:
+    """Copy the frames (checking each decodes to the first one's size) and read each landmark file:
+    the frame size and the unclipped SyncTalk_2D squares [N, 4] (rect_jitter and smoothing need them
+    before numpy's slicing clips them at the frame's edges)."""
+    squares = np.zeros((len(frames), 4), np.int64)
+    size: tuple[int, int] | None = None
+    for k, i in enumerate(frames):
+        img = decode_frame(imgs[i])
+        if size is None:
+            size = img.shape[:2]
+        elif img.shape[:2] != size:
+            raise AvatarError(f"{imgs[i]}: {img.shape[1]}x{img.shape[0]} differs from the first frame's "
+                              f"{size[1]}x{size[0]}")
+        points = read_lms(lms[i])
+        synctalk_rect(points, size[1], size[0], str(lms[i]))           # refuses a crop SyncTalk_2D could not take
+        squares[k] = synctalk_square(points)
+        shutil.copyfile(imgs[i], into / f"frame_{k:04d}.jpg")
+        if progress:
+            progress(k + 1, len(frames))
+    assert size is not None
+    return size, squares

@@ -40,10 +40,22 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.avatars.disk import AvatarError, AvatarFiles, check_frame_size, decode_frame, read_rects
+from engine.avatars.disk import (
+    AvatarError,
+    AvatarFiles,
+    check_frame_size,
+    decode_frame,
+    read_rects,
+)
 from engine.avatars.frames import HEADER_BYTES
 from engine.kernels.image import BORDER, border_size, crop_border, cut_crop
-from engine.kernels.splice import ENCODER_VERSION, RECLEN, FrameCodec, FrameParts, Settings
+from engine.kernels.splice import (
+    ENCODER_VERSION,
+    RECLEN,
+    FrameCodec,
+    FrameParts,
+    Settings,
+)
 from engine.runtime.shm import Segment
 
 log = logging.getLogger("engine.avatar_splice")

@@ -180,7 +180,7 @@ class AvatarStore:
             e.result = step()
         except (AvatarError, JpegError, OSError, ValueError) as err:
             e.result = ("failed", None, str(err))
-        except Exception as err:  # noqa: BLE001 - a loader crash must not kill the front
+        except Exception as err:
             log.exception("loading %s failed", e.name)
             e.result = ("failed", None, f"loading failed: {err}")
         self.wake(e)
@@ -254,7 +254,7 @@ class AvatarStore:
         for w in waiters:
             try:
                 w(e)
-            except Exception:  # noqa: BLE001 - one waiter's failure must not lose the others
+            except Exception:
                 log.exception("avatar %s: a waiting request failed", e.name)
 
     def _make_room(self, need: int, for_name: str, keep: AvatarEntry | None = None) -> None:

@@ -24,25 +24,41 @@ def avatar() -> None:
 @click.option("--start", default=0.0, show_default=True, help="seconds into SOURCE to start at")
 @click.option("--end", type=float, default=None, help="seconds into SOURCE to stop at (default: its end)")
 @click.option("--force", is_flag=True, help="replace an avatar of that name")
-@click.option("--crop-scale", default=None, type=click.FloatRange(0.2, 3.0),
-              help="video: crop side / detected face width  [default: 0.86]")
-@click.option("--crop-top", default=None, type=click.FloatRange(-1.0, 1.5),
-              help="video: crop top below the face box top, in face heights  [default: 0.43]")
-@click.option("--frame-format", type=click.Choice(["png", "jpg"]), default="png", show_default=True,
-              help="video: how the frames are stored (png lossless; jpg quality 95, about 5x smaller)")
+@click.option("--detect-threshold", default=0.0, show_default=True, type=click.FloatRange(-2.0, 2.0),
+              help="video: the face detector's score threshold; lower (e.g. -0.3) finds faces it scores low "
+                   "(turned, dim, small), and more false ones")
+@click.option("--predictor", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="video: a dlib 68-point shape predictor (.dat) to use instead of the one in "
+                   "face_recognition_models (e.g. one you trained, for a commercial licence)")
+@click.option("--rects", "rects_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="video: your own crop rectangles, JSON [[x1, y1, x2, y2], ...], one per imported frame "
+                   "(25 frames/s from --start); no face detection")
+@click.option("--landmarks", "lms_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="video: your own landmarks, JSON [[[x, y] x 68 or 98], ...], one list per imported frame; "
+                   "cropped with SyncTalk_2D's formula; no face detection")
+@click.option("--smooth", is_flag=True,
+              help="SyncTalk_2D dataset: smooth the rectangles over time (default: exactly SyncTalk_2D's crops)")
+@click.option("--frame-format", type=click.Choice(["jpg", "png"]), default="jpg", show_default=True,
+              help="video: how the frames are stored (jpg quality 95, as SyncTalk_2D stores its datasets' frames; "
+                   "png lossless, about 5x larger and 20x slower to write at 720p)")
 @click.pass_context
 def avatar_import(ctx: click.Context, source: Path, name: str, network: Path, audio_encoder: Path | None,
-                  start: float, end: float | None, force: bool, crop_scale: float | None, crop_top: float | None,
-                  frame_format: str) -> None:
-    """Make avatar NAME under models_root from SOURCE: a video (decoded at 25 frames/s, the face
-    found in every frame, smoothed square crop rectangles) or a SyncTalk_2D dataset folder
-    (full_body_img/ + landmarks/: its frames, and the rectangles SyncTalk_2D's inference crops).
+                  start: float, end: float | None, force: bool, detect_threshold: float, predictor: Path | None,
+                  rects_file: Path | None, lms_file: Path | None, smooth: bool, frame_format: str) -> None:
+    """Make avatar NAME under models_root from SOURCE: a video (decoded at 25 frames/s, the face's
+    landmarks found in every frame, SyncTalk_2D's crop from them, smoothed over time) or a SyncTalk_2D
+    dataset folder (full_body_img/ + landmarks/: its frames, and the rectangles SyncTalk_2D's
+    inference crops). A video without one consistent face is refused, saying what was found.
 
     Nothing is left under models_root when it fails. Then: engine-ctl avatar check NAME.
     """
-    from engine.avatars.crop_rects import CROP_SCALE, CROP_TOP
     from engine.avatars.disk import AvatarError
-    from engine.avatars.importer import import_synctalk, import_video, is_synctalk_dataset
+    from engine.avatars.importer import (
+        import_synctalk,
+        import_video,
+        is_synctalk_dataset,
+        read_user_points,
+    )
     cfg = cfg_of(ctx)
     common = dict(start=start, end=end, force=force, encoder_name=cfg.streams.audio_encoder,
                   face_room=cfg.ring.max_face)
@@ -55,19 +71,25 @@ def avatar_import(ctx: click.Context, source: Path, name: str, network: Path, au
             shown[0] = done
         try:
             if source.is_dir():
-                if crop_scale is not None or crop_top is not None:
-                    raise click.UsageError("--crop-scale/--crop-top apply to videos; a SyncTalk_2D dataset's "
-                                           "rectangles come from its landmarks")
+                if rects_file or lms_file or predictor or detect_threshold:
+                    raise click.UsageError("--rects/--landmarks/--predictor/--detect-threshold apply to videos; a "
+                                           "SyncTalk_2D dataset's rectangles come from its landmarks")
                 if not is_synctalk_dataset(source):
                     raise AvatarError(f"{source}: a folder, but not a SyncTalk_2D dataset (expected full_body_img/ "
                                       "and landmarks/ in it)")
                 result = import_synctalk(cfg.models_dir, name, source, network, audio_encoder, progress=progress,
-                                         **common)
+                                         smooth=smooth, **common)
             else:
+                if smooth:
+                    raise click.UsageError("--smooth applies to SyncTalk_2D datasets; a video's crops are always "
+                                           "smoothed")
+                if rects_file and lms_file:
+                    raise click.UsageError("give --rects or --landmarks, not both")
+                rects = read_user_points(rects_file, "rects") if rects_file else None
+                lms = list(read_user_points(lms_file, "landmarks")) if lms_file else None
                 result = import_video(cfg.models_dir, name, source, network, audio_encoder, progress=progress,
-                                      crop_scale=CROP_SCALE if crop_scale is None else crop_scale,
-                                      crop_top=CROP_TOP if crop_top is None else crop_top,
-                                      frame_format=frame_format, **common)
+                                      detect_threshold=detect_threshold, predictor=predictor, rects=rects,
+                                      landmarks=lms, frame_format=frame_format, **common)
         except AvatarError as e:
             raise click.ClickException(str(e)) from None
     click.echo(result.summary())

@@ -13,6 +13,7 @@ import pytest
 import simplejpeg
 
 from engine.audio.speech import speech_pcm
+from engine.avatars.crop_rects import JITTER_WARN
 from engine.avatars.disk import AvatarError
 from engine.avatars.importer import import_synctalk, import_video, video_frames
 from engine.cli.avatar_check import check_avatar
@@ -71,7 +72,8 @@ def test_a_talking_head_is_imported_within_pixels_of_the_truth(tmp_path, head_vi
     video, truth = head_video
     net, enc = nets
     seen = []
-    res = import_video(tmp_path / "models", "me", video, net, enc, progress=lambda d, t: seen.append((d, t)))
+    res = import_video(tmp_path / "models", "me", video, net, enc, frame_format="png",
+                       progress=lambda d, t: seen.append((d, t)))
     assert res.frames == 60 and (res.width, res.height) == (640, 360)
     assert res.track.found == 60 and res.track.interpolated == []
     assert seen[-1] == (60, 60)
@@ -239,8 +241,8 @@ def test_an_interrupted_import_leaves_nothing_and_force_replaces(tmp_path, head_
         import_video(root, "me", head_video[0], nets[0], progress=interrupt)
     assert everything_under(root) == []
     import_video(root, "me", head_video[0], nets[0], end=0.4)
-    import_video(root, "me", head_video[0], nets[0], start=1.0, end=1.2, force=True, frame_format="jpg")
-    assert sorted(p.name for p in (root / "me" / "frames").iterdir()) == [f"frame_{k:04d}.jpg" for k in range(5)]
+    import_video(root, "me", head_video[0], nets[0], start=1.0, end=1.2, force=True, frame_format="png")
+    assert sorted(p.name for p in (root / "me" / "frames").iterdir()) == [f"frame_{k:04d}.png" for k in range(5)]
     assert [p.name for p in root.iterdir()] == ["me"]
 
 
@@ -266,3 +268,59 @@ def test_engine_ctl_avatar_import_then_check(tmp_path, head_video, nets):
     r = subprocess.run([*ctl, "avatar", "check", "me", "--no-run"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "REFUSED: frames: " in r.stdout and "frame_0003.png: cannot be decoded" in r.stdout
     assert load_config(cfg).models_dir == tmp_path / "models"
+
+
+# -- SyncTalk_2D landmarks: the count, the jitter ------------------------------------------------------
+
+def dataset_on_a_path(root, n=40, points=98, noise=0.0, seed=0):
+    """A SyncTalk_2D dataset whose landmarks 1, 31, 52 follow a swaying head (a 120 px crop in 320x240),
+    with +-noise px of jitter on each."""
+    rng = np.random.default_rng(seed)
+    (root / "full_body_img").mkdir(parents=True)
+    (root / "landmarks").mkdir()
+    jpg = cv2.imencode(".jpg", background(320, 240))[1].tobytes()
+    for i in range(n):
+        (root / "full_body_img" / f"{i}.jpg").write_bytes(jpg)
+        cx, y = 160 + 20 * np.sin(i / 8), 60 + 5 * np.sin(i / 5)
+        pts = np.full((points, 2), 150.0)
+        pts[1], pts[31], pts[52] = (cx - 60, y), (cx + 60, y), (cx, y)
+        pts[[1, 31, 52]] += rng.uniform(-noise, noise, (3, 2))
+        (root / "landmarks" / f"{i}.lms").write_text("\n".join(f"{x:.3f} {y:.3f}" for x, y in pts) + "\n")
+    return root
+
+
+def test_a_68_point_dataset_is_refused_naming_the_expected_format(tmp_path, nets):
+    root = tmp_path / "models"
+    with pytest.raises(AvatarError) as err:
+        import_synctalk(root, "x", dataset_on_a_path(tmp_path / "ds", points=68), nets[0])
+    assert f"{tmp_path / 'ds' / 'landmarks'}/" in str(err.value)
+    assert "68 landmarks; SyncTalk_2D datasets have 110 points per frame (its data_utils' PFLD_GhostOne) or " \
+           "98 WFLW points" in str(err.value) and "a 68-point (iBUG 300-W) file is not SyncTalk_2D's" in str(err.value)
+    assert everything_under(root) == []
+
+
+def test_steady_landmarks_import_without_a_warning(tmp_path, nets):
+    res = import_synctalk(tmp_path / "models", "may", dataset_on_a_path(tmp_path / "ds", points=110), nets[0])
+    assert res.jitter < JITTER_WARN and res.smoothed_jitter is None
+    assert "landmark jitter" in res.summary() and "warning" not in res.summary()
+
+
+def test_jittery_landmarks_are_kept_and_warned_about_or_smoothed_on_request(tmp_path, nets):
+    ds = dataset_on_a_path(tmp_path / "ds", noise=12.0)
+    raw = import_synctalk(tmp_path / "models", "raw", ds, nets[0])
+    written = np.array(json.loads((tmp_path / "models" / "raw" / "crop_rects.json").read_text()))
+    from .test_crop_rects import synctalk_reference
+    assert [list(r) for r in written] == [list(synctalk_reference((ds / "landmarks" / f"{i}.lms").read_text()))
+                                          for i in range(40)]                  # SyncTalk_2D's own, by default
+    assert raw.jitter > JITTER_WARN
+    assert "warning: the landmarks shake from frame to frame, so the pasted face will visibly shake" in raw.summary()
+    assert "import with --smooth" in raw.summary()
+    smooth = import_synctalk(tmp_path / "models", "smooth", ds, nets[0], smooth=True)
+    assert smooth.jitter == raw.jitter and smooth.smoothed_jitter < raw.jitter / 2
+    assert "smoothed rectangles written" in smooth.summary() and "warning" not in smooth.summary()
+    steadier = np.array(json.loads((tmp_path / "models" / "smooth" / "crop_rects.json").read_text()))
+    i = np.arange(40)
+    cx, y = 160 + 20 * np.sin(i / 8), 60 + 5 * np.sin(i / 5)
+    truth = np.stack([cx - 60, y, cx + 60, y + 120], 1)              # the head's path, without the jitter
+    assert np.array_equal(steadier, smooth.rects)
+    assert np.abs(steadier - truth).mean() < np.abs(written - truth).mean() / 2

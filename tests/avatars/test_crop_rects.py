@@ -1,66 +1,19 @@
-"""Crop rectangles from face boxes (outliers, gaps, smoothing, edges) and from SyncTalk_2D landmarks."""
+"""Crop rectangles from SyncTalk_2D landmarks: the formula, the files, jitter and smoothing (the
+video import's track from landmarks is in test_face_track.py)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from engine.avatars.crop_rects import CROP_SCALE, CROP_TOP, ranges, read_lms, rects_from_boxes, synctalk_rect
+from engine.avatars.crop_rects import (
+    JITTER_WARN,
+    ranges,
+    read_lms,
+    rect_jitter,
+    smooth_squares,
+    synctalk_rect,
+)
 from engine.avatars.disk import AvatarError
-from engine.avatars.face_detect import Box
-
-
-def path_boxes(n: int, seed: int = 0, noise: float = 2.0) -> tuple[list[Box | None], np.ndarray]:
-    """A face of side 100 moving smoothly, seen with +-noise px jitter; and its noise-free rectangles."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(n)
-    cx, cy, side = 300 + 60 * np.sin(t / 15), 200 + 10 * np.sin(t / 7), np.full(n, 100.0)
-    boxes: list[Box | None] = []
-    for i in range(n):
-        j = rng.normal(0, noise, 3)
-        s = side[i] + j[2]
-        boxes.append(Box(cx[i] + j[0] - s / 2, cy[i] + j[1] - s / 2, s, s))
-    s = CROP_SCALE * side
-    x1, y1 = cx - s / 2, cy - side / 2 + CROP_TOP * side
-    return boxes, np.stack([x1, y1, x1 + s, y1 + s], 1)
-
-
-def test_jitter_is_smoothed_away_and_the_motion_kept():
-    boxes, truth = path_boxes(100)
-    rects, rep = rects_from_boxes(boxes, 640, 480)
-    assert rects.dtype == np.int32 and rects.shape == (100, 4)
-    assert np.abs(rects - truth).max() <= 3.0
-    centre = (rects[:, :2] + rects[:, 2:]) / 2
-    raw = np.array([[b.cx, b.cy] for b in boxes])
-    # whole-pixel corners alone allow a second difference of 3 px (4 x 0.75); the raw boxes: about 12
-    assert np.abs(np.diff(centre, 2, axis=0)).max() <= 3.0 < np.abs(np.diff(raw, 2, axis=0)).max()
-    assert (rects[:, 2] - rects[:, 0] == rects[:, 3] - rects[:, 1]).all()
-    assert rep.found == 100 and rep.interpolated == [] and rep.clamped == []
-
-
-def test_missing_and_wild_detections_are_interpolated_and_reported():
-    boxes, truth = path_boxes(60, noise=0.0)
-    for i in (10, 11, 12, 0, 59):
-        boxes[i] = None
-    boxes[30] = Box(20, 20, 100, 100)                     # a false face elsewhere
-    boxes[40] = Box(boxes[40].x, boxes[40].y, 180, 180)   # a box twice too big
-    rects, rep = rects_from_boxes(boxes, 640, 480)
-    assert rep.missed == [0, 10, 11, 12, 59] and rep.rejected == [30, 40]
-    assert rep.interpolated == [0, 10, 11, 12, 30, 40, 59] and rep.found == 53
-    assert np.abs(rects - truth)[1:-1].max() <= 3.0
-    assert np.abs(rects - truth).max() <= 4.5          # a missing first/last frame holds its neighbour's box
-
-
-def test_a_face_at_the_edge_is_clamped_into_the_frame():
-    rects, rep = rects_from_boxes([Box(-40, 300, 100, 100)] * 5, 640, 360)
-    assert (rects[:, 0] == 0).all() and (rects[:, 3] <= 360).all() and rep.clamped == [0, 1, 2, 3, 4]
-
-
-def test_no_face_or_too_few_faces_fail():
-    with pytest.raises(AvatarError, match="no face found in any of the 4 frames"):
-        rects_from_boxes([None] * 4, 640, 360)
-    boxes, _ = path_boxes(10)
-    with pytest.raises(AvatarError, match="found in only 3 of 10 frames"):
-        rects_from_boxes(boxes[:3] + [None] * 7, 640, 360)
 
 
 def test_ranges():
@@ -118,3 +71,62 @@ def test_bad_landmarks_are_named(tmp_path):
     p.write_text(lms_text({1: (300, 100), 31: (200, 100), 52: (250, 120)}))
     with pytest.raises(AvatarError, match="empty or outside"):
         synctalk_rect(read_lms(p), 640, 360, str(p))
+
+
+# -- SyncTalk_2D landmark files: 98 or 110 points -------------------------------------------------------
+
+@pytest.mark.parametrize("n", [98, 110])
+def test_wflw_98_and_synctalks_110_points_are_read(tmp_path, n):
+    p = tmp_path / "0.lms"
+    p.write_text(lms_text({1: (210, 150), 31: (390, 151), 52: (300, 172)}, n=n))
+    assert read_lms(p).shape == (n, 2)
+    assert synctalk_rect(read_lms(p), 640, 360, str(p)) == [210, 172, 390, 352]
+
+
+@pytest.mark.parametrize("n, ibug", [(68, True), (106, False), (53, False)])
+def test_other_landmark_counts_are_refused_naming_the_format(tmp_path, n, ibug):
+    p = tmp_path / "4.lms"
+    p.write_text(lms_text({}, n=n))
+    with pytest.raises(AvatarError) as err:
+        read_lms(p)
+    msg = str(err.value)
+    assert msg.startswith(f"{p}: {n} landmarks; SyncTalk_2D datasets have 110 points per frame (its data_utils' "
+                          "PFLD_GhostOne) or 98 WFLW points")
+    assert ("a 68-point (iBUG 300-W) file is not SyncTalk_2D's" in msg) == ibug
+    assert "make the landmarks with SyncTalk_2D's data_utils/process.py" in msg
+
+
+# -- jitter -------------------------------------------------------------------------------------------
+
+def squares_on_a_path(n: int, noise: float, seed: int = 0, side: float = 200.0) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-pixel square crops of a head swaying naturally, with +-noise px of landmark jitter on each
+    corner coordinate; and the noise-free track (float)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    cx, cy = 640 + 40 * np.sin(t / 20), 360 + 15 * np.sin(t / 13)
+    truth = np.stack([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], 1)
+    x1 = np.rint(truth[:, 0] + rng.uniform(-noise, noise, n))
+    y1 = np.rint(truth[:, 1] + rng.uniform(-noise, noise, n))
+    x2 = np.rint(truth[:, 2] + rng.uniform(-noise, noise, n))
+    return np.stack([x1, y1, x2, y1 + x2 - x1], 1).astype(np.int64), truth
+
+
+def test_rect_jitter_measures_the_shake_not_the_head_motion():
+    steady, _ = squares_on_a_path(250, 0.0)
+    assert rect_jitter(steady) < 0.005                    # whole-pixel rounding of a swaying head
+    assert rect_jitter(squares_on_a_path(250, 1.0)[0]) < JITTER_WARN
+    assert rect_jitter(squares_on_a_path(250, 4.0)[0]) > JITTER_WARN
+    assert rect_jitter(squares_on_a_path(250, 15.0)[0]) > 0.05    # jumps up to 30 px on a 200 px face
+    assert rect_jitter(steady[:2]) == 0.0
+
+
+def test_smoothing_takes_the_shake_out_and_keeps_the_track():
+    raw, truth = squares_on_a_path(250, 15.0)
+    smooth = smooth_squares(raw, 1280, 720)
+    assert smooth.dtype == np.int32 and (smooth[:, 2] - smooth[:, 0] == smooth[:, 3] - smooth[:, 1]).all()
+    assert rect_jitter(smooth) < JITTER_WARN < rect_jitter(raw)
+    err, raw_err = np.abs(smooth - truth), np.abs(raw - truth)
+    assert err.max() <= 12 < raw_err.max() and err.mean() < raw_err.mean() / 2
+    assert err[[0, -1]].max() <= 7                       # the end frames too (not left at their raw value)
+    edge = smooth_squares(raw - [600, 200, 600, 200], 300, 300)       # runs past the frame's edges
+    assert edge[:, :2].min() >= 0 and edge[:, 2].max() <= 300 and edge[:, 3].max() <= 300

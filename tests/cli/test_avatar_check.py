@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
+import numpy as np
 import pytest
 
 from engine.cli.avatar_check import check_avatar
@@ -53,7 +55,8 @@ def test_warnings_do_not_refuse(root):
     text = rep.text()
     assert "1 more rectangles than frames: the engine uses the first 12" in text
     assert "1 not square (frame 3:" in text and "visibly jump there" in text
-    assert "streams of this avatar will be refused" in text and "(4 warning(s))" in text
+    assert "streams of this avatar will be refused" in text and "(5 warning(s))" in text
+    assert "rectangles shake by" in text and "will visibly shake" in text     # the 60 px jump, in 12 frames
 
 
 @pytest.mark.parametrize("breakage, words", [
@@ -83,3 +86,72 @@ def test_what_the_engine_refuses_exits_non_zero(root, breakage, words):
     rep = check_avatar(cfg_for(root, **extra), "a", run_network=False)
     assert not rep.ok and any(words in e for e in rep.errors), rep.text()
     assert "verdict: REFUSED: " in rep.text()
+
+
+# -- what a viewer would notice: small crops, a still avatar, shaking rectangles ----------------------
+
+def set_rects(root, rects):
+    (root / "a" / "crop_rects.json").write_text(json.dumps([[int(v) for v in r] for r in rects]))
+
+
+def warning(rep, topic):
+    return next((text for level, t, text in rep.items if level == "warn" and t == topic), None)
+
+
+def test_a_crop_the_network_upscales_more_than_3x_is_warned_about(root):
+    rects = np.array(json.loads((root / "a" / "crop_rects.json").read_text()))
+    ok = check_avatar(cfg_for(root), "a", run_network=False)
+    assert warning(ok, "face size") is None and ok.figures["upscale"] < 2
+    rects[:, 2:] = rects[:, :2] + 100                  # 100 px crops for the demo network's 320x320 face
+    set_rects(root, rects)
+    rep = check_avatar(cfg_for(root), "a", run_network=False)
+    assert rep.ok and rep.figures["upscale"] == 3.2
+    text = warning(rep, "face size")
+    assert "median crop side 100 px; the network's 320x320 face input scales it 3.2x" in text
+    assert "blurred" in text and "a crop side of 107 px or more" in text
+
+
+def test_a_still_avatar_is_warned_about(root):
+    import cv2
+    frames = sorted((root / "a" / "frames").iterdir())
+    moving = check_avatar(cfg_for(root), "a", run_network=False)
+    assert warning(moving, "movement") is None and moving.figures["face_change_levels"] > 50
+    for p in frames[1:]:                               # every frame the first one, re-encoded with noise
+        noise = np.random.default_rng(len(p.name)).integers(-4, 5, (720, 1280, 3))
+        cv2.imwrite(str(p), np.clip(cv2.imread(str(frames[0])) + noise, 0, 255).astype(np.uint8))
+    rep = check_avatar(cfg_for(root), "a", run_network=False)
+    assert rep.ok and rep.figures["face_change_levels"] <= 12
+    assert "no movement): the avatar is a still image repeated, so streams will show it frozen" in warning(rep, "movement")
+    for p in frames[1:]:
+        p.unlink()
+    set_rects(root, json.loads((root / "a" / "crop_rects.json").read_text())[:1])
+    one = check_avatar(cfg_for(root), "a", run_network=False)
+    assert one.ok and warning(one, "movement").startswith("1 frame: the avatar is a still image")
+
+
+def test_shaking_rectangles_are_warned_about(root):
+    rects = np.array(json.loads((root / "a" / "crop_rects.json").read_text()))
+    steady = check_avatar(cfg_for(root), "a", run_network=False)
+    assert warning(steady, "jitter") is None and steady.figures["rect_jitter"] < 0.01
+    shift = np.array([0, 6, -6, 5, -5, 6, 0, -6, 6, -5, 5, 0])       # +-6 px on a 184 px crop, frame to frame
+    rects[:, [0, 2]] += shift[:, None]
+    set_rects(root, rects)
+    rep = check_avatar(cfg_for(root), "a", run_network=False)
+    assert rep.ok and rep.figures["rect_jitter"] > 0.02
+    assert "of their side (95th percentile, frame to frame), above 2 %: the pasted face will visibly shake" in \
+        warning(rep, "jitter")
+
+
+def test_check_removes_what_a_killed_import_left(root):
+    from ..avatars.test_staging import dead_pid
+    pid = dead_pid()
+    (root / f".import-b-{pid}" / "frames").mkdir(parents=True)
+    (root / f".replaced-c-{pid}").mkdir()                # a --force import killed between its two renames
+    (root / f".import-d-{os.getpid()}").mkdir()           # a running import's
+    rep = check_avatar(cfg_for(root), "a", run_network=False)
+    assert rep.ok
+    texts = [text for level, topic, text in rep.items if topic == "cleanup" and level == "ok"]
+    assert texts == [f"removed .import-b-{pid}, left by an import that was killed (process {pid} no longer runs)",
+                     (f"put .replaced-c-{pid} back as c: an import with --force was killed while replacing that "
+                      f"avatar (process {pid} no longer runs)")]
+    assert sorted(p.name for p in root.iterdir()) == [f".import-d-{os.getpid()}", "a", "audio_encoder.onnx", "c"]

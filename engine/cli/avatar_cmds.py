@@ -40,7 +40,7 @@ def avatar() -> None:
               help="SyncTalk_2D dataset: smooth the rectangles over time (default: exactly SyncTalk_2D's crops)")
 @click.option("--frame-format", type=click.Choice(["jpg", "png"]), default="jpg", show_default=True,
               help="video: how the frames are stored (jpg quality 95, as SyncTalk_2D stores its datasets' frames; "
-                   "png lossless, about 5x larger and 20x slower to write at 720p)")
+                   "png lossless, about 6x larger and 16x slower to write at 720p)")
 @click.pass_context
 def avatar_import(ctx: click.Context, source: Path, name: str, network: Path, audio_encoder: Path | None,
                   start: float, end: float | None, force: bool, detect_threshold: float, predictor: Path | None,

@@ -10,6 +10,9 @@ Routes::
                           the engine does not answer)
     GET /api/health       the engine's ``health`` reply, as JSON (502 likewise)
     GET /ws               WebSocket: one lip-sync stream at a time per connection
+    POST /api/offer       WebRTC: {"sdp", "type": "offer", "avatar"} -> {"sdp", "type": "answer", "session"};
+                          the avatar's video and audio as a peer connection (webrtc.py, which
+                          says how; needs the ``webrtc`` extra, else 501)
 
 WebSocket protocol (browser -> gateway)::
 
@@ -78,6 +81,7 @@ ENDPOINT = web.AppKey("engine_endpoint", str)
 KEYS = web.AppKey("engine_keys", object)
 TIMEOUT = web.AppKey("engine_timeout", float)
 CACHE_DIR = web.AppKey("cache_dir", Path)
+PEERS = web.AppKey("webrtc_peers", dict)
 API_CLIENT = web.AppKey("api_client", dict)
 SESSIONS = web.AppKey("sessions", set)
 SPEECH_LOCK = web.AppKey("speech_lock", asyncio.Lock)
@@ -368,7 +372,21 @@ async def _static(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path, headers=_NO_CACHE)
 
 
+async def _offer(request: web.Request) -> web.StreamResponse:
+    """``POST /api/offer``: a WebRTC viewer (frontends/web/webrtc.py; needs the ``webrtc`` extra)."""
+    try:
+        from frontends.web import webrtc
+    except ImportError as e:
+        return web.json_response({"error": {"code": "not_installed", "message": f"WebRTC needs aiortc: pip install "
+                                            f"'lipsync-engine[webrtc]' ({e})"}}, status=501)
+    app = request.app
+    return await webrtc.offer(request, app[ENDPOINT], app[KEYS], app[TIMEOUT], app[PEERS])
+
+
 async def _on_shutdown(app: web.Application) -> None:
+    if app[PEERS]:
+        from frontends.web import webrtc
+        await webrtc.close_all(app[PEERS])
     for s in list(app[SESSIONS]):
         with contextlib.suppress(Exception):
             await s.ws.close(code=1001, message=b"gateway stopping")
@@ -401,6 +419,8 @@ def make_app(engine_endpoint: str, *, timeout: float = 60.0, cache_dir: str | Pa
     app.router.add_get("/api/avatars", _avatars)
     app.router.add_get("/api/health", _health)
     app.router.add_get("/ws", _ws_handler)
+    app[PEERS] = {}
+    app.router.add_post("/api/offer", _offer)
     app.on_shutdown.append(_on_shutdown)
     app.on_cleanup.append(_on_cleanup)
     return app

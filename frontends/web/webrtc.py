@@ -1,0 +1,318 @@
+"""WebRTC out: a viewer gets the avatar as a peer connection, video and audio from one clock.
+
+``POST /api/offer`` with JSON ``{"sdp", "type": "offer", "avatar": NAME}`` (the convention of
+Pipecat's SmallWebRTC and aiortc's examples) is answered with ``{"sdp", "type": "answer", "session"}``.
+The offer should carry one audio track the peer sends (its microphone, or a WAV file) and receive
+audio and video; an offer without an audio track to send gets the avatar's idle frames and silence.
+
+One :class:`PeerSession` per offer, with its own engine connection and a real-time stream:
+
+- **Audio in.** The peer's audio (Opus, 48 kHz) is resampled to 16 kHz mono and pushed into the
+  engine stream every 80 ms, on the gateway's clock: what has arrived is sent, padded with silence
+  when the peer sent less (a gap, or no audio track), so the stream never runs dry and the avatar
+  shows idle frames while nobody speaks. More than :data:`MAX_BACKLOG_S` waiting (the peer's clock
+  runs fast) is dropped, oldest first.
+- **Video out.** Each engine frame (a JPEG, paced at 25 frames/s by the engine) is decoded once by
+  FFmpeg's MJPEG decoder straight to 4:2:0 planes (the encoders' input: no RGB on the way) and sent
+  with ``pts = 3600 k`` on a 90 kHz clock: frame k is media time 40 k ms, whatever aiortc's own
+  track helpers would stamp.
+- **Audio out.** The audio the peer sent, delayed to match: when video frame k goes out, the 640
+  samples of frame k (its audio, 40 ms) are queued for the audio track, which plays 20 ms frames in
+  real time from that queue (silence when it is empty). So the lips and the voice leave in step.
+
+The codec is the peer's choice from its offer (VP8 or H.264 with aiortc); a peer that wants H.264
+first lists it first (``setCodecPreferences``). ICE: aioice leaves 127.0.0.1 out of its candidates;
+on a host with no other interface :func:`allow_loopback` puts it back, so tests on a loopback-only
+machine still connect.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import fractions
+import logging
+import time
+import uuid
+from typing import Any
+
+import av
+import numpy as np
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+from engine.client import AsyncClient, AsyncStream, EngineError, StreamClosed
+from engine.runtime.keys import ClientKeys
+
+log = logging.getLogger("frontends.web.webrtc")
+
+RATE = 16000                    # the engine's audio rate
+SAMPLES_PER_FRAME = 640         # 40 ms at 16 kHz: one video frame's audio
+PUSH_S = 0.08                   # audio pushed to the engine every 80 ms
+MAX_BACKLOG_S = 0.5             # audio in waiting beyond this is dropped
+OUT_FRAME = 320                 # 20 ms audio frames out (Opus wants 20 ms)
+VIDEO_CLOCK = 90000
+
+
+def allow_loopback() -> None:
+    """Let aioice offer 127.0.0.1 when the host has no other address (a loopback-only sandbox)."""
+    import aioice.ice as ice
+    original = ice.get_host_addresses
+    if getattr(original, "lse_loopback", False):
+        return
+
+    def addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        found = original(use_ipv4, use_ipv6)
+        return found or (["127.0.0.1"] if use_ipv4 else [])
+    addresses.lse_loopback = True                                # type: ignore[attr-defined]
+    ice.get_host_addresses = addresses
+
+
+class AvatarVideo(MediaStreamTrack):
+    """The avatar's frames as a video track: JPEGs in, 4:2:0 frames stamped 40 ms apart out."""
+    kind = "video"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(maxsize=50)
+        self._decoder = av.CodecContext.create("mjpeg", "r")
+        self.sent = 0
+        self.decode_s = 0.0
+
+    def put(self, number: int, jpeg: bytes) -> None:
+        if self._queue.full():                       # the encoder fell behind: drop the oldest, stay live
+            self._queue.get_nowait()
+        self._queue.put_nowait((number, jpeg))
+
+    def finish(self) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            self._queue.put_nowait(None)
+
+    async def recv(self) -> av.VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        item = await self._queue.get()
+        if item is None:
+            self.stop()
+            raise MediaStreamError
+        number, jpeg = item
+        t0 = time.perf_counter()
+        (frame,) = self._decoder.decode(av.Packet(jpeg))
+        self.decode_s += time.perf_counter() - t0
+        frame.pts = number * (VIDEO_CLOCK // 25)
+        frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
+        self.sent += 1
+        return frame
+
+
+class EchoAudio(MediaStreamTrack):
+    """The audio of the frames sent, 20 ms at a time in real time; silence when there is none."""
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending: collections.deque[np.ndarray] = collections.deque()
+        self._held = 0
+        self._start: float | None = None
+        self._pts = 0
+
+    def feed(self, pcm16: np.ndarray) -> None:
+        self._pending.append(pcm16)
+        self._held += len(pcm16)
+        while self._held > RATE:                     # never more than 1 s behind
+            self._held -= len(self._pending.popleft())
+
+    def _take(self, n: int) -> np.ndarray:
+        out = np.zeros(n, np.int16)
+        k = 0
+        while k < n and self._pending:
+            head = self._pending[0]
+            m = min(n - k, len(head))
+            out[k:k + m] = head[:m]
+            k += m
+            if m == len(head):
+                self._pending.popleft()
+            else:
+                self._pending[0] = head[m:]
+        self._held -= k
+        return out
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.monotonic()
+        else:
+            self._pts += OUT_FRAME
+            wait = self._start + self._pts / RATE - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        frame = av.AudioFrame.from_ndarray(self._take(OUT_FRAME)[None, :], format="s16", layout="mono")
+        frame.sample_rate = RATE
+        frame.pts = self._pts
+        frame.time_base = fractions.Fraction(1, RATE)
+        return frame
+
+
+class PeerSession:
+    """One WebRTC viewer: its peer connection, engine connection and stream, and the tasks between."""
+
+    def __init__(self, endpoint: str, avatar: str, *, keys: ClientKeys | None = None, timeout: float = 60.0) -> None:
+        self.id = uuid.uuid4().hex[:12]
+        self.avatar = avatar
+        self.client = AsyncClient(endpoint, timeout=timeout, keys=keys)
+        self.pc = RTCPeerConnection()
+        self.video = AvatarVideo()
+        self.audio = EchoAudio()
+        self.stream: AsyncStream | None = None
+        self._inbox: collections.deque[np.ndarray] = collections.deque()
+        self._inbox_samples = 0
+        self._sent_audio = np.zeros(0, np.float32)   # pushed audio not yet matched with its frame
+        self._sent_from = 0                          # stream sample index of _sent_audio[0]
+        self._tasks: list[asyncio.Task] = []
+        self.closed = asyncio.Event()
+        self.frames = 0
+        self.error: str | None = None
+
+    async def answer(self, sdp: str, kind: str) -> RTCSessionDescription:
+        """Open the engine stream, then answer the offer (audio transceiver first, video second)."""
+        self.stream = await self.client.open_stream(self.avatar, realtime=True)
+        self.pc.addTrack(self.audio)
+        self.pc.addTrack(self.video)
+        self.pc.on("track", self._on_track)
+        self.pc.on("connectionstatechange", self._on_state)
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        self._tasks += [asyncio.create_task(self._push_loop()), asyncio.create_task(self._frame_loop())]
+        return self.pc.localDescription
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio":
+            self._tasks.append(asyncio.create_task(self._read_audio(track)))
+
+    async def _on_state(self) -> None:
+        if self.pc.connectionState in ("failed", "closed"):
+            await self.close()
+
+    async def _read_audio(self, track: MediaStreamTrack) -> None:
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=RATE)
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                for out in resampler.resample(await track.recv()):
+                    pcm = out.to_ndarray().reshape(-1).astype(np.float32)
+                    self._inbox.append(pcm)
+                    self._inbox_samples += len(pcm)
+                while self._inbox_samples > MAX_BACKLOG_S * RATE:
+                    self._inbox_samples -= len(self._inbox.popleft())
+
+    def _take_in(self, n: int) -> np.ndarray:
+        out = np.zeros(n, np.float32)
+        k = 0
+        while k < n and self._inbox:
+            head = self._inbox[0]
+            m = min(n - k, len(head))
+            out[k:k + m] = head[:m]
+            k += m
+            if m == len(head):
+                self._inbox.popleft()
+            else:
+                self._inbox[0] = head[m:]
+        self._inbox_samples -= k
+        return out
+
+    async def _push_loop(self) -> None:
+        """80 ms of audio to the engine every 80 ms of the gateway's clock."""
+        n = int(PUSH_S * RATE)
+        start = time.monotonic()
+        k = 0
+        try:
+            while not self.closed.is_set():
+                pcm = self._take_in(n)
+                self._sent_audio = np.concatenate([self._sent_audio, pcm])
+                assert self.stream is not None
+                await self.stream.push(pcm)
+                k += 1
+                await asyncio.sleep(max(0.0, start + k * PUSH_S - time.monotonic()))
+        except (EngineError, ConnectionError) as e:
+            self.error = str(e)
+            await self.close()
+
+    async def _frame_loop(self) -> None:
+        assert self.stream is not None
+        try:
+            async for f in self.stream.frames():
+                lo = f.number * SAMPLES_PER_FRAME - self._sent_from
+                pcm = self._sent_audio[max(0, lo):max(0, lo + SAMPLES_PER_FRAME)]
+                self.video.put(f.number, f.jpeg)
+                self.audio.feed(np.clip(np.rint(pcm * 32767), -32768, 32767).astype(np.int16))
+                cut = max(0, lo + SAMPLES_PER_FRAME)
+                self._sent_audio = self._sent_audio[cut:]
+                self._sent_from += cut
+                self.frames += 1
+        except (StreamClosed, EngineError) as e:
+            self.error = str(e)
+        finally:
+            self.video.finish()
+            await self.close()
+
+    def figures(self) -> dict[str, Any]:
+        return {"session": self.id, "avatar": self.avatar, "frames": self.frames, "video_sent": self.video.sent,
+                "decode_ms": 1000 * self.video.decode_s / max(1, self.video.sent),
+                "state": self.pc.connectionState, "error": self.error}
+
+    async def close(self) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        for t in self._tasks:
+            if t is not asyncio.current_task():
+                t.cancel()
+        if self.stream is not None:
+            with contextlib.suppress(EngineError, ConnectionError, asyncio.TimeoutError):
+                await asyncio.wait_for(self.stream.close(), 5)
+        with contextlib.suppress(Exception):
+            await self.pc.close()
+        self.client.close()
+
+
+# -- HTTP routes --------------------------------------------------------------------------------------
+
+async def offer(request: Any, endpoint: str, keys: ClientKeys | None, timeout: float,
+                peers: dict[str, PeerSession]) -> Any:
+    """``POST /api/offer``: answer a peer's offer with the avatar's tracks (see the module doc)."""
+    from aiohttp import web
+
+    def error(status: int, code: str, message: str) -> web.Response:
+        return web.json_response({"error": {"code": code, "message": message}}, status=status)
+    try:
+        body = await request.json()
+    except ValueError:
+        return error(400, "bad_request", "the body must be JSON: {\"sdp\", \"type\": \"offer\", \"avatar\"}")
+    if not isinstance(body, dict) or body.get("type") != "offer" or not isinstance(body.get("sdp"), str):
+        return error(400, "bad_request", "expected {\"sdp\": STRING, \"type\": \"offer\", \"avatar\": NAME}")
+    avatar = body.get("avatar")
+    if not isinstance(avatar, str) or not avatar:
+        return error(400, "bad_request", "\"avatar\" (the avatar's name) is missing")
+    peer = PeerSession(endpoint, avatar, keys=keys, timeout=timeout)
+    try:
+        desc = await peer.answer(body["sdp"], "offer")
+    except EngineError as e:
+        await peer.close()
+        return error(404 if e.code == "unknown_model" else 502, e.code, str(e))
+    except (ValueError, RuntimeError) as e:                   # an SDP aiortc cannot take
+        await peer.close()
+        return error(400, "bad_request", f"the offer was refused: {e}")
+    peers[peer.id] = peer
+    asyncio.get_running_loop().create_task(_forget(peer, peers))
+    log.info("webrtc session %s: avatar %s", peer.id, avatar)
+    return web.json_response({"sdp": desc.sdp, "type": desc.type, "session": peer.id})
+
+
+async def _forget(peer: PeerSession, peers: dict[str, PeerSession]) -> None:
+    await peer.closed.wait()
+    peers.pop(peer.id, None)
+    log.info("webrtc session %s closed: %s", peer.id, peer.figures())
+
+
+async def close_all(peers: dict[str, PeerSession]) -> None:
+    await asyncio.gather(*(p.close() for p in list(peers.values())), return_exceptions=True)

@@ -3,6 +3,7 @@
 Routes::
 
     GET /                 the player page (static/index.html)
+    GET /webrtc           the WebRTC page (static/webrtc.html): the avatar as a peer connection
     GET /static/<file>    the page's files; /static/speech.wav is generated on first request
                           (engine.audio.speech, 6 s of speech-like audio) into the cache folder
     GET /api/avatars      {"engine": endpoint, "avatars": [{"name", "loaded", "state", "frames"}]}
@@ -372,6 +373,10 @@ async def _static(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path, headers=_NO_CACHE)
 
 
+async def _webrtc_page(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(STATIC_DIR / "webrtc.html")
+
+
 async def _offer(request: web.Request) -> web.StreamResponse:
     """``POST /api/offer``: a WebRTC viewer (frontends/web/webrtc.py; needs the ``webrtc`` extra)."""
     try:
@@ -415,6 +420,7 @@ def make_app(engine_endpoint: str, *, timeout: float = 60.0, cache_dir: str | Pa
     app[SESSIONS] = set()
     app[SPEECH_LOCK] = asyncio.Lock()
     app.router.add_get("/", _index)
+    app.router.add_get("/webrtc", _webrtc_page)
     app.router.add_get("/static/{name:.+}", _static)
     app.router.add_get("/api/avatars", _avatars)
     app.router.add_get("/api/health", _health)

@@ -20,8 +20,8 @@ One :class:`PeerSession` per offer, with its own engine connection and a real-ti
   samples of frame k (its audio, 40 ms) are queued for the audio track, which plays 20 ms frames in
   real time from that queue (silence when it is empty). So the lips and the voice leave in step.
 
-The codec is the peer's choice from its offer (VP8 or H.264 with aiortc); a peer that wants H.264
-first lists it first (``setCodecPreferences``). ICE: aioice leaves 127.0.0.1 out of its candidates;
+The video codec is H.264 whenever the offer has it, VP8 otherwise; H.264 is encoded by x264 at its
+``ultrafast`` preset (:mod:`frontends.web.webrtc_codecs`), VP8 by aiortc's libvpx encoder. ICE: aioice leaves 127.0.0.1 out of its candidates;
 on a host with no other interface :func:`allow_loopback` puts it back, so tests on a loopback-only
 machine still connect.
 """
@@ -43,6 +43,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from engine.client import AsyncClient, AsyncStream, EngineError, StreamClosed
 from engine.runtime.keys import ClientKeys
+from frontends.web import webrtc_codecs
 
 log = logging.getLogger("frontends.web.webrtc")
 
@@ -68,6 +69,12 @@ def allow_loopback() -> None:
     ice.get_host_addresses = addresses
 
 
+def _remember(times: dict[int, float], number: int, t: float, keep: int = 250) -> None:
+    times[number] = t
+    if len(times) > keep:
+        del times[next(iter(times))]
+
+
 class AvatarVideo(MediaStreamTrack):
     """The avatar's frames as a video track: JPEGs in, 4:2:0 frames stamped 40 ms apart out."""
     kind = "video"
@@ -78,6 +85,7 @@ class AvatarVideo(MediaStreamTrack):
         self._decoder = av.CodecContext.create("mjpeg", "r")
         self.sent = 0
         self.decode_s = 0.0
+        self.left: dict[int, float] = {}             # frame number -> when it went to the encoder (last 250)
 
     def put(self, number: int, jpeg: bytes) -> None:
         if self._queue.full():                       # the encoder fell behind: drop the oldest, stay live
@@ -102,6 +110,7 @@ class AvatarVideo(MediaStreamTrack):
         frame.pts = number * (VIDEO_CLOCK // 25)
         frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
         self.sent += 1
+        _remember(self.left, number, time.monotonic())
         return frame
 
 
@@ -111,29 +120,32 @@ class EchoAudio(MediaStreamTrack):
 
     def __init__(self) -> None:
         super().__init__()
-        self._pending: collections.deque[np.ndarray] = collections.deque()
+        self._pending: collections.deque[tuple[int, np.ndarray]] = collections.deque()
         self._held = 0
         self._start: float | None = None
         self._pts = 0
+        self.left: dict[int, float] = {}             # frame number -> when its first sample went out
 
-    def feed(self, pcm16: np.ndarray) -> None:
-        self._pending.append(pcm16)
+    def feed(self, number: int, pcm16: np.ndarray) -> None:
+        self._pending.append((number, pcm16))
         self._held += len(pcm16)
         while self._held > RATE:                     # never more than 1 s behind
-            self._held -= len(self._pending.popleft())
+            self._held -= len(self._pending.popleft()[1])
 
     def _take(self, n: int) -> np.ndarray:
         out = np.zeros(n, np.int16)
         k = 0
         while k < n and self._pending:
-            head = self._pending[0]
+            number, head = self._pending[0]
+            if len(head) == SAMPLES_PER_FRAME and number not in self.left:
+                _remember(self.left, number, time.monotonic())
             m = min(n - k, len(head))
             out[k:k + m] = head[:m]
             k += m
             if m == len(head):
                 self._pending.popleft()
             else:
-                self._pending[0] = head[m:]
+                self._pending[0] = (number, head[m:])
         self._held -= k
         return out
 
@@ -179,6 +191,8 @@ class PeerSession:
         self.stream = await self.client.open_stream(self.avatar, realtime=True)
         self.pc.addTrack(self.audio)
         self.pc.addTrack(self.video)
+        webrtc_codecs.install()
+        webrtc_codecs.prefer_h264(next(t for t in self.pc.getTransceivers() if t.kind == "video"))
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_state)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
@@ -244,7 +258,7 @@ class PeerSession:
                 lo = f.number * SAMPLES_PER_FRAME - self._sent_from
                 pcm = self._sent_audio[max(0, lo):max(0, lo + SAMPLES_PER_FRAME)]
                 self.video.put(f.number, f.jpeg)
-                self.audio.feed(np.clip(np.rint(pcm * 32767), -32768, 32767).astype(np.int16))
+                self.audio.feed(f.number, np.clip(np.rint(pcm * 32767), -32768, 32767).astype(np.int16))
                 cut = max(0, lo + SAMPLES_PER_FRAME)
                 self._sent_audio = self._sent_audio[cut:]
                 self._sent_from += cut
@@ -255,10 +269,16 @@ class PeerSession:
             self.video.finish()
             await self.close()
 
+    def av_offset_ms(self) -> float | None:
+        """Median over the last frames of (frame k's audio out - frame k out), in ms: the service's
+        own A/V alignment at its output, before the network and the peer's buffers."""
+        both = [self.audio.left[k] - t for k, t in list(self.video.left.items()) if k in self.audio.left]
+        return 1000 * float(np.median(both)) if both else None
+
     def figures(self) -> dict[str, Any]:
         return {"session": self.id, "avatar": self.avatar, "frames": self.frames, "video_sent": self.video.sent,
                 "decode_ms": 1000 * self.video.decode_s / max(1, self.video.sent),
-                "state": self.pc.connectionState, "error": self.error}
+                "av_offset_ms": self.av_offset_ms(), "state": self.pc.connectionState, "error": self.error}
 
     async def close(self) -> None:
         if self.closed.is_set():

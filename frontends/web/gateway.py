@@ -14,6 +14,8 @@ Routes::
     POST /api/offer       WebRTC: {"sdp", "type": "offer", "avatar"} -> {"sdp", "type": "answer", "session"};
                           the avatar's video and audio as a peer connection (webrtc.py, which
                           says how; needs the ``webrtc`` extra, else 501)
+    GET /api/webrtc       the open WebRTC sessions' figures (frames, A/V offset at the output, state)
+                          and the H.264 frames and bytes encoded so far
 
 WebSocket protocol (browser -> gateway)::
 
@@ -388,6 +390,14 @@ async def _offer(request: web.Request) -> web.StreamResponse:
     return await webrtc.offer(request, app[ENDPOINT], app[KEYS], app[TIMEOUT], app[PEERS])
 
 
+async def _webrtc_summary(request: web.Request) -> web.StreamResponse:
+    try:
+        from frontends.web import webrtc
+    except ImportError:
+        return web.json_response({"sessions": []})
+    return web.json_response(webrtc.summary(request.app[PEERS]))
+
+
 async def _on_shutdown(app: web.Application) -> None:
     if app[PEERS]:
         from frontends.web import webrtc
@@ -427,6 +437,7 @@ def make_app(engine_endpoint: str, *, timeout: float = 60.0, cache_dir: str | Pa
     app.router.add_get("/ws", _ws_handler)
     app[PEERS] = {}
     app.router.add_post("/api/offer", _offer)
+    app.router.add_get("/api/webrtc", _webrtc_summary)
     app.on_shutdown.append(_on_shutdown)
     app.on_cleanup.append(_on_cleanup)
     return app

@@ -8,7 +8,7 @@ audio and video; an offer without an audio track to send gets the avatar's idle 
 One :class:`PeerSession` per offer, with its own engine connection and a real-time stream:
 
 - **Audio in.** The peer's audio (Opus, 48 kHz) is resampled to 16 kHz mono and pushed into the
-  engine stream every 80 ms, on the gateway's clock: what has arrived is sent, padded with silence
+  engine stream every 40 ms (a frame), on the gateway's clock: what has arrived is sent, padded with silence
   when the peer sent less (a gap, or no audio track), so the stream never runs dry and the avatar
   shows idle frames while nobody speaks. More than :data:`MAX_BACKLOG_S` waiting (the peer's clock
   runs fast) is dropped, oldest first.
@@ -49,7 +49,7 @@ log = logging.getLogger("frontends.web.webrtc")
 
 RATE = 16000                    # the engine's audio rate
 SAMPLES_PER_FRAME = 640         # 40 ms at 16 kHz: one video frame's audio
-PUSH_S = 0.08                   # audio pushed to the engine every 80 ms
+PUSH_S = 0.04                   # audio pushed to the engine every 40 ms (one frame)
 MAX_BACKLOG_S = 0.5             # audio in waiting beyond this is dropped
 OUT_FRAME = 320                 # 20 ms audio frames out (Opus wants 20 ms)
 VIDEO_CLOCK = 90000
@@ -182,6 +182,8 @@ class PeerSession:
         self._sent_audio = np.zeros(0, np.float32)   # pushed audio not yet matched with its frame
         self._sent_from = 0                          # stream sample index of _sent_audio[0]
         self._tasks: list[asyncio.Task] = []
+        self._taken: dict[int, float] = {}          # pushed chunk j -> when it was taken for the engine
+        self.latency: collections.deque[float] = collections.deque(maxlen=500)
         self.closed = asyncio.Event()
         self.frames = 0
         self.error: str | None = None
@@ -235,13 +237,14 @@ class PeerSession:
         return out
 
     async def _push_loop(self) -> None:
-        """80 ms of audio to the engine every 80 ms of the gateway's clock."""
+        """40 ms of audio to the engine every 40 ms of the gateway's clock."""
         n = int(PUSH_S * RATE)
         start = time.monotonic()
         k = 0
         try:
             while not self.closed.is_set():
                 pcm = self._take_in(n)
+                _remember(self._taken, k, time.monotonic())
                 self._sent_audio = np.concatenate([self._sent_audio, pcm])
                 assert self.stream is not None
                 await self.stream.push(pcm)
@@ -258,6 +261,7 @@ class PeerSession:
                 lo = f.number * SAMPLES_PER_FRAME - self._sent_from
                 pcm = self._sent_audio[max(0, lo):max(0, lo + SAMPLES_PER_FRAME)]
                 self.video.put(f.number, f.jpeg)
+                self._note_latency(f.number)
                 self.audio.feed(f.number, np.clip(np.rint(pcm * 32767), -32768, 32767).astype(np.int16))
                 cut = max(0, lo + SAMPLES_PER_FRAME)
                 self._sent_audio = self._sent_audio[cut:]
@@ -269,6 +273,14 @@ class PeerSession:
             self.video.finish()
             await self.close()
 
+    def _note_latency(self, number: int) -> None:
+        """Audio in to frame out: from when frame ``number``'s first sample reached the gateway (the
+        chunk that held it was taken for the engine at most 40 ms after) to the frame's release."""
+        n = int(PUSH_S * RATE)
+        j, o = divmod(number * SAMPLES_PER_FRAME, n)
+        if j in self._taken:
+            self.latency.append(time.monotonic() - (self._taken[j] - (n - o) / RATE))
+
     def av_offset_ms(self) -> float | None:
         """Median over the last frames of (frame k's audio out - frame k out), in ms: the service's
         own A/V alignment at its output, before the network and the peer's buffers."""
@@ -278,7 +290,10 @@ class PeerSession:
     def figures(self) -> dict[str, Any]:
         return {"session": self.id, "avatar": self.avatar, "frames": self.frames, "video_sent": self.video.sent,
                 "decode_ms": 1000 * self.video.decode_s / max(1, self.video.sent),
-                "av_offset_ms": self.av_offset_ms(), "state": self.pc.connectionState, "error": self.error}
+                "av_offset_ms": self.av_offset_ms(),
+                "latency_ms": {f"p{q}": 1000 * float(np.percentile(self.latency, q)) for q in (50, 99)}
+                if self.latency else None,
+                "state": self.pc.connectionState, "error": self.error}
 
     async def close(self) -> None:
         if self.closed.is_set():
@@ -332,6 +347,13 @@ async def _forget(peer: PeerSession, peers: dict[str, PeerSession]) -> None:
     await peer.closed.wait()
     peers.pop(peer.id, None)
     log.info("webrtc session %s closed: %s", peer.id, peer.figures())
+
+
+def summary(peers: dict[str, PeerSession]) -> dict[str, Any]:
+    """``GET /api/webrtc``: the open sessions' figures and what the H.264 encoders have made."""
+    enc = webrtc_codecs.ENCODED
+    return {"sessions": [p.figures() for p in peers.values()], "h264_frames": enc["frames"],
+            "h264_bytes": enc["bytes"], "h264_bytes_per_frame": enc["bytes"] / enc["frames"] if enc["frames"] else None}
 
 
 async def close_all(peers: dict[str, PeerSession]) -> None:

@@ -22,6 +22,7 @@ from aiortc.codecs.h264 import H264Encoder
 
 BITRATE = 1_500_000             # bits per second per viewer at 720p
 CLOCK = fractions.Fraction(1, 90000)
+ENCODED = {"frames": 0, "bytes": 0}     # what every FastH264Encoder of this process has made
 
 
 class FastH264Encoder(H264Encoder):
@@ -46,6 +47,8 @@ class FastH264Encoder(H264Encoder):
             frame.pts = int(frame.pts * frame.time_base / CLOCK)
             frame.time_base = CLOCK
         data = b"".join(bytes(p) for p in self.codec.encode(frame))
+        ENCODED["frames"] += 1
+        ENCODED["bytes"] += len(data)
         if data:
             yield from self._split_bitstream(data)
 

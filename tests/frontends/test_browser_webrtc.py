@@ -71,13 +71,21 @@ def test_the_avatar_plays_over_webrtc_in_chromium(gateway_url, rtc_browser, code
         if a and v:
             offsets.append(a - v)
     last = stats(b)
+    import json
+    import urllib.request
+    with urllib.request.urlopen(gateway_url + "/api/webrtc", timeout=5) as r:
+        (session,) = json.load(r)["sessions"]
+    v = last["video"]
+    buffered_ms = 1000 * v["jitterBufferDelay"] / max(1, v["jitterBufferEmittedCount"])
     secs = (last["video"]["timestamp"] - first["video"]["timestamp"]) / 1000
     rate = (last["video"]["framesDecoded"] - first["video"]["framesDecoded"]) / secs
     print(f"\nwebrtc in chromium ({codec or 'default'}): {last['video']['codec']} {last['video']['width']}x"
           f"{last['video']['height']}, {rate:.1f} frames/s decoded over {secs:.1f} s, freezes "
           f"{last['video'].get('freezeCount', 0) - freezes0}, audio {last['audio']['codec']} "
           f"{last['audio']['totalSamplesReceived']} samples; playout offset audio - video: median "
-          f"{np.median(offsets) if offsets else float('nan'):.0f} ms over {len(offsets)} samples")
+          f"{np.median(offsets) if offsets else float('nan'):.0f} ms over {len(offsets)} samples; gateway: audio in "
+          f"to frame out p50 {session['latency_ms']['p50']:.0f} / p99 {session['latency_ms']['p99']:.0f} ms, A/V at "
+          f"its output {session['av_offset_ms']:.1f} ms; Chromium's jitter buffer {buffered_ms:.0f} ms a frame")
     assert (last["video"]["width"], last["video"]["height"]) == (1280, 720)
     assert rate >= 24.0, rate
     assert last["video"].get("freezeCount", 0) - freezes0 == 0
@@ -85,3 +93,4 @@ def test_the_avatar_plays_over_webrtc_in_chromium(gateway_url, rtc_browser, code
     if codec:
         assert last["video"]["codec"] == codec
     assert offsets and abs(float(np.median(offsets))) <= 60, offsets
+    assert abs(session["av_offset_ms"]) < 40

@@ -35,6 +35,16 @@ LMS_COUNTS = (98, 110)  # landmarks per SyncTalk_2D .lms file: WFLW, or its data
 # measures ~0.3 % (whole-pixel rounding), natural head motion ~1.3 % (a +-20 px nod once a second),
 # raw landmarks that jump 30 px frame to frame on a 200 px face ~7 %.
 JITTER_WARN = 0.02
+# ... and only when that is more than this many pixels: whole-pixel rectangles of a perfectly smooth
+# track differ from it by up to about a pixel (2 % of a 45 px crop), which no viewer sees
+JITTER_MIN_PX = 1.5
+
+
+def shakes(jitter: float, rects: np.ndarray) -> bool:
+    """Whether a :func:`rect_jitter` figure of ``rects`` is a shake to warn about (see ``JITTER_WARN``)."""
+    r = np.asarray(rects, np.float64)
+    side = float(np.median(r[:, 2] - r[:, 0])) if len(r) else 0.0
+    return jitter > JITTER_WARN and jitter * side > JITTER_MIN_PX
 
 
 def ranges(frames: list[int]) -> str:

@@ -8,7 +8,8 @@ Plain functions over :class:`engine.avatars.landmarks.Face` lists; no I/O.
    least half of them, the video is refused: an avatar is one person.
 2. **Enough of it.** The face must be found in at least :data:`MIN_FOUND` of the frames, and no gap
    may last longer than :data:`MAX_GAP_S`; shorter gaps are filled by interpolation (held at the
-   ends). A refusal names the gaps in seconds and the longest part of the video that would import.
+   ends). A refusal names the gaps in seconds and, where there is one (1 s or more, the face found
+   in ``MIN_FOUND`` of it), the longest part of the video that would import.
 3. **SyncTalk_2D's crop.** Each frame's crop comes from the WFLW points SyncTalk_2D reads
    (:func:`engine.avatars.landmarks.wflw_crop_points`): left ``x1``, right ``x2``, top ``y1``,
    square, side ``x2 - x1``. The three series are smoothed over time with a zero-lag Gaussian (the
@@ -24,7 +25,7 @@ import numpy as np
 
 from engine.avatars.crop_rects import SIGMA_CENTRE, SIGMA_SIZE, _smooth, ranges
 from engine.avatars.disk import AvatarError
-from engine.avatars.landmarks import Face, wflw_crop_points
+from engine.avatars.landmarks import OTHER_FACE, Face, wflw_crop_points
 
 MIN_FOUND = 0.8             # share of frames the face must be found in
 MAX_GAP_S = 0.5             # longest run of frames without the face that is filled in
@@ -116,7 +117,7 @@ def _refuse_gaps(have: np.ndarray, rep: TrackReport, fps: float, offset: float) 
     while b > a and not have[b - 1]:
         b -= 1
     hint = ""
-    if b - a >= fps:
+    if b - a >= fps and have[a:b].sum() >= MIN_FOUND * (b - a):         # a part that would import
         hint = (f"; the longest part with the face throughout is {offset + a / fps:.2f}-{offset + b / fps:.2f} s: "
                 f"import it with --start {offset + a / fps:.2f} --end {offset + b / fps:.2f}")
     if rep.found < MIN_FOUND * n:
@@ -147,7 +148,9 @@ def rects_from_faces(faces: list[Face | None], width: int, height: int, fps: flo
     scanned = [f for f in faces if f is not None and f.others is not None]
     rep.others = [i for i, f in enumerate(faces) if f is not None and f.others]
     if len(scanned) >= 2 and sum(1 for f in scanned if f.others) >= 0.5 * len(scanned):
-        raise AvatarError(f"more than one face: another face about as large as the first was seen at "
+        raise AvatarError(f"more than one face: another face at least {OTHER_FACE:g} times as wide as the one "
+                          f"followed was seen in {sum(1 for f in scanned if f.others)} of {len(scanned)} whole-frame "
+                          f"searches, at "
                           f"{_seconds(rep.others, fps, offset)}; an avatar is one person: crop the video to one "
                           "face, or give the rectangles with --rects")
     got = [faces[i] for i in idx]

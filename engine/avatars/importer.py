@@ -2,7 +2,8 @@
 SyncTalk_2D dataset folder, and a network (and an audio encoder).
 
 From a video: decoded with PyAV, resampled to 25 frames/s by nearest timestamp (each output instant
-takes the source frame shown then, as ffmpeg's ``fps`` filter does), the face's 68 landmarks found in
+takes the source frame nearest to it in time, as ffmpeg's ``fps`` filter does), turned upright as
+its rotation says, the face's 68 landmarks found in
 each frame (:mod:`engine.avatars.landmarks`) and made into SyncTalk_2D's crop, smoothed over time, or
 the video refused with the reason (:mod:`engine.avatars.face_track`).
 
@@ -32,10 +33,12 @@ import cv2
 import numpy as np
 
 from engine.avatars.crop_rects import (
+    JITTER_MIN_PX,
     JITTER_WARN,
     ranges,
     read_lms,
     rect_jitter,
+    shakes,
     smooth_squares,
     synctalk_rect,
     synctalk_square,
@@ -79,11 +82,12 @@ class ImportResult:
     seconds: float = 0.0
     jitter: float | None = None                 # rect_jitter of the dataset's own (landmark) rectangles
     smoothed_jitter: float | None = None        # and of the smoothed ones written (smooth=True)
+    cleaned: list[str] = field(default_factory=list)    # what killed imports had left, removed first
 
     def summary(self) -> str:
         side = self.rects[:, 2] - self.rects[:, 0]
-        lines = [f"imported {self.name}: {self.frames} frames {self.width}x{self.height} at {FPS} frames/s into "
-                 f"{self.folder} in {self.seconds:.1f} s"]
+        lines = [(f"imported {self.name}: {self.frames} frames {self.width}x{self.height} at {FPS} frames/s into "
+                  f"{self.folder} in {self.seconds:.1f} s"), *(f"  {text}" for text in self.cleaned)]
         if self.source_fps is not None and abs(self.source_fps - FPS) > 1e-3:
             rate = f"{self.source_fps:.2f}".rstrip("0").rstrip(".")            # 29.97, 30, 12.5
             lines.append(f"  resampled from {rate} frames/s")
@@ -92,7 +96,8 @@ class ImportResult:
             lines.append(f"  face found in {t.found} of {t.frames} frames (detector score: lowest {t.score[0]:.2f}, "
                          f"median {t.score[1]:.2f})")
             if t.others:
-                lines.append(f"  another, smaller face also seen: frames {ranges(t.others)} (ignored)")
+                lines.append(f"  another face also seen (in under half of the whole-frame searches; the crop stays on "
+                             f"the one followed): frames {ranges(t.others)}")
             if t.missed:
                 lines.append(f"  no face detected, interpolated: frames {ranges(t.missed)}")
             if t.rejected:
@@ -100,18 +105,18 @@ class ImportResult:
             if t.clamped:
                 lines.append(f"  rectangle moved or shrunk into the frame (face at the edge): frames {ranges(t.clamped)}")
         lines.append(f"  crop rectangles {int(side.min())}..{int(side.max())} px wide")
-        return "\n".join(lines + _jitter_lines(self.jitter, self.smoothed_jitter))
+        return "\n".join(lines + _jitter_lines(self.jitter, self.smoothed_jitter, self.rects))
 
 
-def _jitter_lines(jitter: float | None, smoothed: float | None) -> list[str]:
+def _jitter_lines(jitter: float | None, smoothed: float | None, rects: np.ndarray) -> list[str]:
     """The landmarks' jitter, and what to do when it is past ``JITTER_WARN`` (see crop_rects)."""
     if jitter is None:
         return []
     line = (f"  landmark jitter {100 * jitter:.1f} % of the crop side (95th percentile; warned above "
-            f"{100 * JITTER_WARN:g} %)")
+            f"{100 * JITTER_WARN:g} % and {JITTER_MIN_PX:g} px)")
     if smoothed is not None:
         return [line + f"; smoothed rectangles written: {100 * smoothed:.1f} %"]
-    if jitter <= JITTER_WARN:
+    if not shakes(jitter, rects):
         return [line]
     return [line, ("  warning: the landmarks shake from frame to frame, so the pasted face will visibly shake. "
                    "SyncTalk_2D trains and infers on these raw rectangles; to steady them import with --smooth (the "
@@ -178,7 +183,7 @@ def video_frames(path: Path, start: float = 0.0, end: float | None = None, fps: 
     Output frame k shows the instant ``start + k / fps``: the source frame whose display interval
     holds it (the boundary between two source frames is their timestamps' midpoint), so a 25
     frames/s video comes out frame for frame, a 50 frames/s one every other frame and a 30
-    frames/s one with 5 of every 6.
+    frames/s one with 5 of every 6. Frames are turned upright as the video's rotation says.
     """
     import av
     begin = Fraction(start).limit_denominator(10 ** 6)
@@ -200,7 +205,7 @@ def video_frames(path: Path, start: float = 0.0, end: float | None = None, fps: 
                 t = begin + Fraction(k, fps)
                 if t >= boundary or (stop is not None and t >= stop):
                     return
-                yield prev[1].to_ndarray(format="bgr24")      # type: ignore[index]
+                yield _upright(prev[1])                       # type: ignore[index]
                 k += 1
         try:
             if begin > 0:
@@ -219,6 +224,14 @@ def video_frames(path: Path, start: float = 0.0, end: float | None = None, fps: 
                 yield from until(prev[0] + 1 / rate)
         except av.FFmpegError as e:
             raise AvatarError(f"{path}: decoding failed after {decoded} frames: {e}") from None
+
+
+def _upright(frame: Any) -> np.ndarray:
+    """A decoded frame as BGR pixels, turned as its display matrix says (a phone's portrait video is
+    stored sideways with a rotation of -90 or 90 degrees, which players and ffmpeg apply)."""
+    img = frame.to_ndarray(format="bgr24")
+    turns = round((getattr(frame, "rotation", 0) or 0) / 90) % 4      # counterclockwise quarter turns
+    return np.ascontiguousarray(np.rot90(img, turns)) if turns else img
 
 
 def _write_rects(path: Path, rects: np.ndarray) -> None:
@@ -334,7 +347,7 @@ def import_video(models_dir: Path, name: str, video: Path, network: Path, encode
                               "frames/s; give one per frame")
         folder = _finish(st, rects, network, encoder, encoder_name, w, h)
     return ImportResult(name, folder, len(rects), w, h, "video", info["fps"], report, rects,
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, cleaned=[s.text() for s in st.stale])
 
 
 # -- SyncTalk_2D dataset --------------------------------------------------------------------------
@@ -394,7 +407,8 @@ def import_synctalk(models_dir: Path, name: str, dataset: Path, network: Path, e
             rects = np.minimum(squares, (w, h, w, h)).astype(np.int32)   # clipped as synctalk_rect clips them
         folder = _finish(st, rects, network, encoder, encoder_name, w, h)
     return ImportResult(name, folder, len(rects), w, h, "synctalk", None, None, rects, time.perf_counter() - t0,
-                        jitter=rect_jitter(squares), smoothed_jitter=rect_jitter(rects) if smooth else None)
+                        jitter=rect_jitter(squares), smoothed_jitter=rect_jitter(rects) if smooth else None,
+                        cleaned=[s.text() for s in st.stale])
 
 
 def _copy_synctalk(imgs: dict[int, Path], lms: dict[int, Path], frames: range, into: Path,

@@ -11,10 +11,15 @@ trained on the iBUG 300-W dataset, whose licence excludes commercial use (see th
 **Where the search runs.** A frame is searched whole (the first frame, after a miss, and once a
 second to see whether another face has come in) at a fixed working width of 800 pixels, so that
 a face a tenth of the frame wide is the detector's 80-pixel window at any resolution, and the cost
-is the same at 176x144 and at 1080p. Between those, only a window of 2 face sides around the last
-face is searched, scaled so that the face is 100 pixels wide: faces from 0.8x to 2x the last
+is the same at 176x144 and at 1080p. Between those, only a window 2.5 face sides wide around the
+last face is searched, scaled so that the face is 100 pixels wide: faces from 0.8x to 2x the last
 size are found there, in a few milliseconds. The 68 points are then predicted on a window scaled
 so that the face is about 200 pixels wide, which gives sub-pixel landmarks on small videos.
+
+**Which face.** The face followed is the largest of the first frame. A whole-frame search takes a
+face for it only near where it was last seen (within ``SAME_MOVE`` of its sides, plus
+``SAME_DRIFT`` a frame since, and within ``SAME_SIZE`` of its size) until it has been missing
+``FORGET`` frames: someone walking by while the speaker looks away is not followed.
 
 **From 68 points to SyncTalk_2D's crop.** SyncTalk_2D crops with the points 1, 31 and 52 of its
 landmark files (110 points from its PFLD detector, or 98 WFLW points; the three are where WFLW's
@@ -40,6 +45,10 @@ TRACK_WINDOW = 2.0          # tracked search window, in face sides
 PREDICT_FACE = 200          # landmarks are predicted with the face about this wide
 RESCAN_EVERY = 25           # frames between whole-frame searches while a face is tracked
 OTHER_FACE = 0.5            # another face at least this fraction of the main one's side counts
+# a whole-frame search takes a face for the one last found only when it is within this many of its
+# sides of it (plus SAME_DRIFT a frame since) and SAME_SIZE of its size; after FORGET frames without
+# it, any face is taken (the largest)
+SAME_MOVE, SAME_DRIFT, SAME_SIZE, FORGET = 1.0, 0.1, (0.6, 1.67), 25
 EXTRA = "pip install 'lipsync-engine[landmarks]'"
 
 
@@ -101,7 +110,9 @@ class LandmarkFinder:
         self._detector = dlib.get_frontal_face_detector()
         self._rect = dlib.rectangle
         self.threshold = threshold
-        self._last: Face | None = None
+        self._last: Face | None = None          # the face being tracked (None after a miss)
+        self._seen: Face | None = None          # the face last found, and how many frames ago
+        self._age = 0
         self._since_scan = 0
         self.full_searches = 0
 
@@ -112,16 +123,27 @@ class LandmarkFinder:
         if self._last is not None and self._since_scan < RESCAN_EVERY:
             face = self._tracked(gray, self._last)
             self._since_scan += 1
+        self._age += 1
         if face is None:
             found = self._whole(gray)
             self._since_scan = 0
+            ref = self._seen if self._age <= FORGET else None
             if found:
-                face = self._pick(found, self._last)
+                face = self._pick(found, ref)
                 others = sum(1 for f in found if f is not face and f.side >= OTHER_FACE * face.side)
+                if ref is not None and not self._same(face, ref, self._age):
+                    face = None                 # someone else, while the face is not found: not taken for it
         if face is not None:
             face.others = others
+            self._seen, self._age = face, 0
         self._last = face
         return face
+
+    @staticmethod
+    def _same(face: Face, ref: Face, frames: int) -> bool:
+        moved = float(np.hypot(*(face.centre - ref.centre))) / max(ref.side, 1.0)
+        ratio = face.side / max(ref.side, 1.0)
+        return moved <= SAME_MOVE + SAME_DRIFT * frames and SAME_SIZE[0] <= ratio <= SAME_SIZE[1]
 
     # -- searches ---------------------------------------------------------------------------------
 
@@ -161,8 +183,8 @@ class LandmarkFinder:
         """The face nearest the last one (size and place), else the largest."""
         if last is None:
             return max(found, key=lambda f: (f.side, f.score))
-        return min(found, key=lambda f: float(np.hypot(*(f.centre - last.centre))) / last.side
-                   + abs(np.log(f.side / last.side)))
+        return min(found, key=lambda f: float(np.hypot(*(f.centre - last.centre))) / max(last.side, 1.0)
+                   + abs(np.log(max(f.side, 1.0) / max(last.side, 1.0))))
 
     def _landmarks(self, gray: np.ndarray, box: np.ndarray, score: float) -> Face:
         """68 points for a detector box, predicted with the face ``PREDICT_FACE`` wide."""

@@ -5,7 +5,9 @@ fails or is stopped leaves nothing under ``models_root``.
 (an error, a full disk, Ctrl-C's KeyboardInterrupt) and, while the block runs in the main thread,
 by SIGTERM and SIGHUP too: their default action would end the process without running any cleanup,
 so a handler turns them into :class:`Terminated` (a :class:`SystemExit`: Python prints its message
-and exits 1 without a traceback) and the previous handlers are put back when the block ends.
+and exits 1 without a traceback) and the previous handlers are put back when the block ends. While
+the folder is renamed into place or removed, those signals and a second Ctrl-C are held, and acted
+on once that is done.
 SIGKILL cannot be caught: the folder it leaves is found by :func:`remove_stale` (the process named
 in the folder's name no longer runs), which the next import and ``engine-ctl avatar check`` call.
 """
@@ -120,12 +122,14 @@ class Staging:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self._cleaning = True                       # a signal now is held until the folder is gone
+        self._hold()                                # a signal now is held until the folder is gone
         try:
             if self.folder.exists():
                 shutil.rmtree(self.folder, ignore_errors=True)
         finally:
             self._restore_signals()
+        if self._pending == signal.SIGINT:
+            raise KeyboardInterrupt from exc
         if self._pending is not None:
             raise Terminated(self._stopped_text(self._pending)) from exc
         if isinstance(exc, OSError):
@@ -141,14 +145,25 @@ class Staging:
 
     def _catch_signals(self) -> None:
         """SIGTERM/SIGHUP raise :class:`Terminated` while the block runs (only the main thread may set
-        handlers; elsewhere they keep their default action)."""
-        if threading.current_thread() is not threading.main_thread():
-            return
+        handlers; elsewhere they keep their default action; one the process ignores, as ``nohup``
+        makes it ignore SIGHUP, stays ignored)."""
         for sig in _SIGNALS:
-            try:
+            self._catch(sig)
+
+    def _catch(self, sig: int) -> None:
+        if threading.current_thread() is not threading.main_thread() or sig in self._previous:
+            return
+        try:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
-            except (ValueError, OSError):          # not the main interpreter, or a signal that cannot be caught
-                continue
+        except (ValueError, OSError):              # not the main interpreter, or a signal that cannot be caught
+            pass
+
+    def _hold(self) -> None:
+        """From now on SIGTERM, SIGHUP and SIGINT (a second Ctrl-C) are held until :meth:`__exit__`
+        has removed the folder (or :meth:`commit` has renamed it), then acted on."""
+        self._cleaning = True
+        self._catch(signal.SIGINT)
 
     def _restore_signals(self) -> None:
         while self._previous:
@@ -157,7 +172,8 @@ class Staging:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self._cleaning:
-            self._pending = signum
+            if self._pending is None:
+                self._pending = signum
             return
         self._cleaning = True                       # later ones are held until the folder is gone (__exit__)
         raise Terminated(self._stopped_text(signum))
@@ -171,7 +187,9 @@ class Staging:
 
     def commit(self) -> Path:
         """Rename the folder into place; an avatar it replaces (``force``) is set aside during the
-        rename and put back if the rename fails or is interrupted."""
+        rename and put back if the rename fails; signals are held from here to the block's end, so
+        that none lands between the two renames."""
+        self._hold()
         old = None
         if self.target.exists() or self.target.is_symlink():
             if not self.force:

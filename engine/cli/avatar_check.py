@@ -21,7 +21,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from engine.avatars.crop_rects import JITTER_WARN, rect_jitter
+from engine.avatars.crop_rects import JITTER_MIN_PX, JITTER_WARN, rect_jitter, shakes
 from engine.avatars.disk import (
     AvatarError,
     avatar_files,
@@ -259,12 +259,13 @@ def _check_jitter(rep: CheckReport, rects: np.ndarray) -> None:
     jitter = rect_jitter(rects)
     rep.figures["rect_jitter"] = round(jitter, 4)
     text = f"rectangles shake by {100 * jitter:.1f} % of their side (95th percentile, frame to frame)"
-    if jitter <= JITTER_WARN:
-        rep.add("ok", "jitter", text)
+    if not shakes(jitter, rects):
+        rep.add("ok", "jitter", text + (f" (at most {JITTER_MIN_PX:g} px: whole-pixel rounding)"
+                                        if jitter > JITTER_WARN else ""))
         return
-    rep.add("warn", "jitter", f"{text}, above {100 * JITTER_WARN:g} %: the pasted face will visibly shake against "
-            "the head and body around it; re-import with steadier rectangles (for a SyncTalk_2D dataset: "
-            "--smooth, or smooth its landmarks)")
+    rep.add("warn", "jitter", f"{text}, above {100 * JITTER_WARN:g} % and {JITTER_MIN_PX:g} px: the pasted face "
+            "will visibly shake against the head and body around it; re-import with steadier rectangles (for a "
+            "SyncTalk_2D dataset: --smooth, or smooth its landmarks)")
 
 
 def _check_face_size(rep: CheckReport, rects: np.ndarray, face: int) -> None:

@@ -146,6 +146,42 @@ def test_a_face_that_leaves_for_a_second_is_refused_with_the_part_that_imports(t
     assert "no face detected, interpolated" in res.summary()
 
 
+def test_someone_walking_by_while_he_looks_away_does_not_take_the_crop(tmp_path, nets, carphone_frames):
+    frames = []
+    for i, f in enumerate(carphone_frames[:100]):
+        o = np.zeros((300, 700, 3), np.uint8)
+        o[6:294, :352] = cv2.resize(f, (352, 288))
+        if 40 <= i < 55:                                    # a larger face passes for half a second...
+            o[:, 340:] = cv2.resize(f[:, ::-1], (360, 300))
+        if 45 <= i < 52:                                    # ...while he is not found
+            o[6:294, :352] = cv2.GaussianBlur(o[6:294, :352], (0, 0), 12)
+        frames.append(o)
+    res = import_video(tmp_path / "m", "by", write_video(tmp_path / "by.mp4", frames, 30), nets)
+    assert res.rects[:, 2].max() < 352 and res.track.missed               # on him throughout, his gap filled in
+    assert "another face also seen" in res.summary()
+
+
+def rotated_mp4(path: Path, frames: list[np.ndarray], fps) -> Path:
+    """``frames`` stored turned a quarter counterclockwise, with the display matrix that turns them
+    back (a phone's portrait video: sideways pixels, rotation -90)."""
+    import struct
+    write_video(path, [np.ascontiguousarray(np.rot90(f, 1)) for f in frames], fps)
+    data = bytearray(path.read_bytes())
+    i = data.find(b"tkhd")
+    at = i + 4 + 4 + (32 if data[i + 4] == 1 else 20) + 16              # version/flags, times, ids, layer...
+    data[at:at + 36] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, frames[0].shape[0] << 16, 0, 1 << 30)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_phone_video_stored_sideways_is_turned_upright(tmp_path, nets, carphone_frames):
+    upright = [f for f in carphone_frames[:50]]
+    res = import_video(tmp_path / "m", "phone", rotated_mp4(tmp_path / "phone.mp4", upright, NTSC), nets)
+    ref = import_video(tmp_path / "m", "plain", write_video(tmp_path / "plain.mp4", upright, NTSC), nets)
+    assert (res.width, res.height) == (176, 144) and res.track.found >= 0.9 * res.frames
+    assert np.abs(res.rects - ref.rects).max() <= 1
+
+
 def test_user_rectangles_and_landmarks_replace_detection(tmp_path, nets):
     video = footage("bikes.mp4")                                                # no face: nothing is detected
     rects = np.tile([100, 50, 228, 178], (25, 1))

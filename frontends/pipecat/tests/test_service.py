@@ -189,3 +189,32 @@ def test_the_engine_stopping_mid_stream_is_a_clear_error_not_a_hang():
     assert time.monotonic() - t0 < 45
     assert errors and "lipsync engine" in errors[0].error, errors
     assert images(rec)                      # frames came before the stop
+
+
+def test_the_readme_pipeline_builds():
+    """The README's 20-line pipeline, with pass-through processors for STT, LLM, TTS and the
+    aggregators, builds its transport, service and pipeline (it is not run: no browser here)."""
+    import re
+    from pathlib import Path
+
+    from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    (code,) = [c for c in re.findall(r"```python\n(.*?)```", readme, re.S) if "LipsyncVideoService" in c]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    built = {}
+
+    class Aggregators:
+        def user(self):
+            return FrameProcessor()
+
+        def assistant(self):
+            return FrameProcessor()
+
+    class NoRun:                                    # stands in for WorkerRunner: keeps the worker, runs nothing
+        async def run(self, worker):
+            built["worker"] = worker
+    scope["WorkerRunner"] = NoRun
+    asyncio.run(scope["run_bot"](SmallWebRTCConnection(), FrameProcessor(), FrameProcessor(), FrameProcessor(),
+                                 Aggregators()))
+    assert isinstance(built["worker"], PipelineWorker)

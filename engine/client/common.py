@@ -2,6 +2,8 @@
 the request and reply parts they build and read."""
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -53,13 +55,18 @@ WATCHED = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_DISCONNECTED)
 
 
+_MONITORS = itertools.count()
+
+
 class ConnectionWatch:
     """The client socket's connection events (handshakes, drops), read from its monitor without
     blocking (a socket has one monitor, so one watch serves both uses)."""
 
     def __init__(self, ctx: zmq.Context, sock: zmq.Socket, curve: bool) -> None:
         self.curve = curve
-        addr = f"inproc://lse-client-monitor-{id(sock):x}"
+        # a counter, not id(sock): a socket collected without close can leave its monitor's address
+        # bound while a new socket gets the same id ("Address already in use", seen in CI)
+        addr = f"inproc://lse-client-monitor-{next(_MONITORS)}"
         sock.monitor(addr, WATCHED)
         self.mon = ctx.socket(zmq.PAIR)
         self.mon.setsockopt(zmq.LINGER, 0)

@@ -13,7 +13,8 @@ One :class:`PeerSession` per offer, with its own engine connection and a real-ti
   shows idle frames while nobody speaks. More than :data:`MAX_BACKLOG_S` waiting (the peer's clock
   runs fast) is dropped, oldest first.
 - **Video out.** Each engine frame (a JPEG, paced at 25 frames/s by the engine) is decoded once by
-  FFmpeg's MJPEG decoder straight to 4:2:0 planes (the encoders' input: no RGB on the way) and sent
+  FFmpeg's MJPEG decoder straight to 4:2:0 planes (the encoders' input: no RGB on the way; with the
+  engine's default ``output.chroma_subsampling: "420"``, else the encoder converts) and sent
   with ``pts = 3600 k`` on a 90 kHz clock: frame k is media time 40 k ms, whatever aiortc's own
   track helpers would stamp.
 - **Audio out.** The audio the peer sent, delayed to match: when video frame k goes out, the 640
@@ -52,6 +53,9 @@ SAMPLES_PER_FRAME = 640         # 40 ms at 16 kHz: one video frame's audio
 PUSH_S = 0.04                   # audio pushed to the engine every 40 ms (one frame)
 MAX_BACKLOG_S = 0.5             # audio in waiting beyond this is dropped
 OUT_FRAME = 320                 # 20 ms audio frames out (Opus wants 20 ms)
+VIDEO_QUEUE = 3                 # frames waiting for the encoder; older ones are dropped (stay live)
+AUDIO_HELD = 5 * 640            # samples of voice waiting to play; beyond, the oldest go (bounded drift)
+CONNECT_S = 20.0                # a peer not connected by then is closed
 VIDEO_CLOCK = 90000
 
 
@@ -79,18 +83,20 @@ class AvatarVideo(MediaStreamTrack):
     """The avatar's frames as a video track: JPEGs in, 4:2:0 frames stamped 40 ms apart out."""
     kind = "video"
 
-    def __init__(self) -> None:
+    def __init__(self, echo: EchoAudio) -> None:
         super().__init__()
-        self._queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(maxsize=50)
+        self.echo = echo
+        self._queue: asyncio.Queue[tuple[int, bytes, np.ndarray] | None] = asyncio.Queue(maxsize=VIDEO_QUEUE)
         self._decoder = av.CodecContext.create("mjpeg", "r")
         self.sent = 0
         self.decode_s = 0.0
         self.left: dict[int, float] = {}             # frame number -> when it went to the encoder (last 250)
 
-    def put(self, number: int, jpeg: bytes) -> None:
+    def put(self, number: int, jpeg: bytes, pcm16: np.ndarray) -> None:
+        """Frame ``number`` and its 40 ms of voice; the voice is queued to play when the frame goes out."""
         if self._queue.full():                       # the encoder fell behind: drop the oldest, stay live
             self._queue.get_nowait()
-        self._queue.put_nowait((number, jpeg))
+        self._queue.put_nowait((number, jpeg, pcm16))
 
     def finish(self) -> None:
         with contextlib.suppress(asyncio.QueueFull):
@@ -103,7 +109,8 @@ class AvatarVideo(MediaStreamTrack):
         if item is None:
             self.stop()
             raise MediaStreamError
-        number, jpeg = item
+        number, jpeg, pcm16 = item
+        self.echo.feed(number, pcm16)
         t0 = time.perf_counter()
         (frame,) = self._decoder.decode(av.Packet(jpeg))
         self.decode_s += time.perf_counter() - t0
@@ -129,7 +136,7 @@ class EchoAudio(MediaStreamTrack):
     def feed(self, number: int, pcm16: np.ndarray) -> None:
         self._pending.append((number, pcm16))
         self._held += len(pcm16)
-        while self._held > RATE:                     # never more than 1 s behind
+        while self._held > AUDIO_HELD:               # never more than 0.2 s behind its frames
             self._held -= len(self._pending.popleft()[1])
 
     def _take(self, n: int) -> np.ndarray:
@@ -174,8 +181,8 @@ class PeerSession:
         self.avatar = avatar
         self.client = AsyncClient(endpoint, timeout=timeout, keys=keys)
         self.pc = RTCPeerConnection()
-        self.video = AvatarVideo()
         self.audio = EchoAudio()
+        self.video = AvatarVideo(self.audio)
         self.stream: AsyncStream | None = None
         self._inbox: collections.deque[np.ndarray] = collections.deque()
         self._inbox_samples = 0
@@ -189,8 +196,8 @@ class PeerSession:
         self.error: str | None = None
 
     async def answer(self, sdp: str, kind: str) -> RTCSessionDescription:
-        """Open the engine stream, then answer the offer (audio transceiver first, video second)."""
-        self.stream = await self.client.open_stream(self.avatar, realtime=True)
+        """Take the offer (audio transceiver first, video second; all its candidates are in it: no
+        trickle), open the engine stream, answer; a peer not connected within CONNECT_S is closed."""
         self.pc.addTrack(self.audio)
         self.pc.addTrack(self.video)
         webrtc_codecs.install()
@@ -198,9 +205,18 @@ class PeerSession:
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_state)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
+        await self.pc.addIceCandidate(None)                  # end of candidates: failure is reported
+        self.stream = await self.client.open_stream(self.avatar, realtime=True)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
-        self._tasks += [asyncio.create_task(self._push_loop()), asyncio.create_task(self._frame_loop())]
+        self._tasks += [asyncio.create_task(self._push_loop()), asyncio.create_task(self._frame_loop()),
+                        asyncio.create_task(self._watchdog())]
         return self.pc.localDescription
+
+    async def _watchdog(self) -> None:
+        await asyncio.sleep(CONNECT_S)
+        if self.pc.connectionState != "connected":
+            self.error = f"the peer did not connect within {CONNECT_S:g} s (state {self.pc.connectionState})"
+            await self.close()
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio":
@@ -260,9 +276,9 @@ class PeerSession:
             async for f in self.stream.frames():
                 lo = f.number * SAMPLES_PER_FRAME - self._sent_from
                 pcm = self._sent_audio[max(0, lo):max(0, lo + SAMPLES_PER_FRAME)]
-                self.video.put(f.number, f.jpeg)
-                self._note_latency(f.number)
-                self.audio.feed(f.number, np.clip(np.rint(pcm * 32767), -32768, 32767).astype(np.int16))
+                if self.pc.connectionState == "connected":    # before, nobody would see it: not queued
+                    self.video.put(f.number, f.jpeg, np.clip(np.rint(pcm * 32767), -32768, 32767).astype(np.int16))
+                    self._note_latency(f.number)
                 cut = max(0, lo + SAMPLES_PER_FRAME)
                 self._sent_audio = self._sent_audio[cut:]
                 self._sent_from += cut
@@ -334,9 +350,9 @@ async def offer(request: Any, endpoint: str, keys: ClientKeys | None, timeout: f
     except EngineError as e:
         await peer.close()
         return error(404 if e.code == "unknown_model" else 502, e.code, str(e))
-    except (ValueError, RuntimeError) as e:                   # an SDP aiortc cannot take
+    except Exception as e:                                    # an SDP aiortc cannot take (OperationError ...)
         await peer.close()
-        return error(400, "bad_request", f"the offer was refused: {e}")
+        return error(400, "bad_request", f"the offer was refused: {type(e).__name__}: {e}")
     peers[peer.id] = peer
     asyncio.get_running_loop().create_task(_forget(peer, peers))
     log.info("webrtc session %s: avatar %s", peer.id, avatar)

@@ -78,7 +78,7 @@ def watch(b, page: str, codec: str) -> dict:
             "buffered_ms": 1000 * v["jitterBufferDelay"] / max(1, v["jitterBufferEmittedCount"])}
 
 
-def check(w: dict, codec: str, what: str, extra: str = "") -> None:
+def check(w: dict, codec: str, what: str, extra: str = "", max_offset_ms: float = 60) -> None:
     last = w["last"]
     off = float(np.median(w["offsets"])) if w["offsets"] else float("nan")
     print(f"\n{what} in chromium: {last['video']['codec']} {last['video']['width']}x{last['video']['height']}, "
@@ -91,7 +91,7 @@ def check(w: dict, codec: str, what: str, extra: str = "") -> None:
     assert w["samples"] > 0.9 * w["secs"] * 48000
     if codec:
         assert last["video"]["codec"] == codec
-    assert w["offsets"] and abs(off) <= 60, w["offsets"]
+    assert w["offsets"] and abs(off) <= max_offset_ms, w["offsets"]
 
 
 def test_the_avatar_plays_over_webrtc_in_chromium(gateway_url, rtc_browser):  # noqa: F811
@@ -146,4 +146,8 @@ def test_the_pipecat_echo_bot_over_smallwebrtc_in_chromium(echo_bot, rtc_browser
     with Client(shared_engine.endpoint, timeout=60) as c:
         c.load("demo")
     w = watch(rtc_browser, echo_bot + "/", "video/H264")
-    check(w, "video/H264", "Pipecat's SmallWebRTC echo bot")
+    # the service hands each frame's voice and image out together (frontends/pipecat/tests); after it,
+    # Pipecat's output transport sends images at once but plays audio through its own buffer, which
+    # waits on each write: -28 ms here when idle, -145 ms once in CI on a loaded machine. So the bound
+    # is looser than the gateway's own path (60 ms), which this test does not control.
+    check(w, "video/H264", "Pipecat's SmallWebRTC echo bot", max_offset_ms=200)

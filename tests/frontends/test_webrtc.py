@@ -161,6 +161,8 @@ def test_h264_unless_the_peer_offers_only_vp8(endpoint, tmp_path, offered, answe
 @pytest.mark.parametrize("body, status, code", [
     ({"sdp": "v=0", "type": "offer"}, 400, "bad_request"),
     ({"type": "answer", "sdp": "x", "avatar": "demo"}, 400, "bad_request"),
+    ({"type": "offer", "sdp": "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n"
+      "a=rtpmap:96 AV1/90000\r\na=mid:0\r\n", "avatar": "demo"}, 400, "bad_request"),    # no codec in common
 ])
 def test_bad_offers_are_refused_clearly(endpoint, tmp_path, body, status, code):
     async def go():

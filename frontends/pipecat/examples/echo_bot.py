@@ -1,7 +1,7 @@
 """A voice-agent bot with no API keys: the browser's microphone, echoed back through the avatar.
 
     .venv-pipecat/bin/python frontends/pipecat/examples/echo_bot.py --engine tcp://127.0.0.1:5555 --port 7860
-    # open http://127.0.0.1:7860/ , press "speak (microphone)" (or "demo speech")
+    # open http://127.0.0.1:7860/ , press "speak (microphone)" ("demo speech" needs --speech FILE.wav)
 
 Pipecat's SmallWebRTC transport carries it: the microphone comes in as the transport's input audio,
 stands in for a TTS's speech, goes through LipsyncVideoService, and the avatar's video and the same

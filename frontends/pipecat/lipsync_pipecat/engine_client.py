@@ -43,7 +43,10 @@ def _z85_key(path: Path, which: str) -> bytes:
     for line in path.read_text().splitlines():
         k, _, v = line.strip().partition("=")
         if k.strip() == which:
-            return v.strip().strip('"').encode()
+            key = v.strip().strip('"').encode()
+            if len(key) != 40:
+                raise ValueError(f"{path}: its {which} is not a 40-character Z85 key")
+            return key
     raise ValueError(f"{path}: no {which} in this certificate file")
 
 
@@ -64,9 +67,12 @@ class EngineClient:
         self._pending: dict[int, asyncio.Future] = {}
         self.events: dict[str, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
+        self.broken: EngineError | None = None
 
     async def call(self, method: str, params: dict[str, Any] | None = None,
                    pcm: np.ndarray | None = None) -> dict[str, Any]:
+        if self.broken is not None:
+            raise self.broken
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read())
         rid = next(self._ids)
@@ -93,17 +99,31 @@ class EngineClient:
         return reply["result"]
 
     async def _read(self) -> None:
-        while True:
-            parts = await self._sock.recv_multipart()
-            if parts and parts[0] == b"":
-                parts = parts[1:]
-            header = json.loads(parts[0])
-            if header.get("event"):
-                self.events.setdefault(header["stream"], asyncio.Queue()).put_nowait((header, parts[1:]))
-                continue
-            fut = self._pending.get(header.get("id"))
-            if fut is not None and not fut.done():
-                fut.set_result(header)
+        """Replies to their requests, events to their streams' queues; a malformed message is skipped.
+        When the socket fails, every waiting request and stream gets the error (nothing waits forever)."""
+        try:
+            while True:
+                parts = await self._sock.recv_multipart()
+                if parts and parts[0] == b"":
+                    parts = parts[1:]
+                try:
+                    header = json.loads(parts[0])
+                    if header.get("event"):
+                        self.events.setdefault(str(header["stream"]), asyncio.Queue()).put_nowait((header, parts[1:]))
+                        continue
+                except (ValueError, IndexError, KeyError, AttributeError):
+                    continue
+                fut = self._pending.get(header.get("id"))
+                if fut is not None and not fut.done():
+                    fut.set_result(header)
+        except zmq.ZMQError as e:
+            self.broken = EngineError("disconnected", f"the connection to {self.endpoint} failed: {e}")
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(self.broken)
+            for q in self.events.values():
+                q.put_nowait(({"event": "stream_error", "error": {"code": "disconnected",
+                                                                  "message": str(self.broken)}}, []))
 
     async def open_stream(self, avatar: str) -> dict[str, Any]:
         result = await self.call("stream_open", {"model": avatar, "realtime": True})
@@ -128,8 +148,11 @@ class EngineClient:
             raise EngineError(err.get("code", "internal"), err.get("message", "?"))
         if header["event"] != "frame":
             return None
-        r = header["result"]
-        return Frame(r["frame"], bytes(bufs[0]), bool(r["idle"]), bool(r["last"]), float(r["late_ms"]))
+        try:
+            r = header["result"]
+            return Frame(int(r["frame"]), bytes(bufs[0]), bool(r["idle"]), bool(r["last"]), float(r["late_ms"]))
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise EngineError("bad_reply", f"a frame event this client cannot read: {e!r}") from None
 
     def close(self) -> None:
         if self._reader is not None:

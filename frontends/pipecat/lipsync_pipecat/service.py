@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import simplejpeg
+import zmq
 from pipecat.frames.frames import (
     CancelFrame,
     EndFrame,
@@ -42,7 +43,6 @@ from lipsync_pipecat.engine_client import EngineClient, EngineError
 
 RATE = 16000
 FRAME_SAMPLES = 640             # 40 ms: one video frame's audio
-MAX_AHEAD_S = 60.0              # TTS audio held beyond this is refused by the engine (busy): keep under it
 
 
 class LipsyncVideoService(FrameProcessor):
@@ -55,6 +55,12 @@ class LipsyncVideoService(FrameProcessor):
         self._client: EngineClient | None = None
         self._stream: str | None = None
         self._tasks: list[asyncio.Task] = []
+        self._lock = asyncio.Lock()                  # a push and its bookkeeping, or a flush and its reset
+        self.frames_out = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        """Per-stream state, as before the first push."""
         self._inbox: list[np.ndarray] = []           # TTS audio at 16 kHz not yet sent to the engine
         self._resample: dict[int, object] = {}
         self._utt_frame = 0                          # the current utterance's first frame
@@ -62,7 +68,6 @@ class LipsyncVideoService(FrameProcessor):
         self._real = np.zeros(0, bool)               # which of those samples are the TTS's (not padding)
         self._audio_from = 0
         self._new_utterance = True
-        self.frames_out = 0
 
     # -- frames in ------------------------------------------------------------------------------------
 
@@ -72,7 +77,8 @@ class LipsyncVideoService(FrameProcessor):
             await self.push_frame(frame, direction)
             await self._start()
         elif isinstance(frame, TTSAudioRawFrame):
-            self._inbox.append(self._to_16k(frame))
+            if self._client is not None:                     # after a failure, nothing takes it: drop it
+                self._inbox.append(self._to_16k(frame))
         elif isinstance(frame, InterruptionFrame):
             await self._interrupt()
             await self.push_frame(frame, direction)
@@ -99,7 +105,14 @@ class LipsyncVideoService(FrameProcessor):
     # -- the engine stream ----------------------------------------------------------------------------
 
     async def _start(self) -> None:
-        self._client = EngineClient(self.endpoint, timeout=self.connect_timeout, keys=self.keys)
+        if self._client is not None:                          # a second StartFrame: start over
+            await self._stop()
+        self._reset()
+        try:
+            self._client = EngineClient(self.endpoint, timeout=self.connect_timeout, keys=self.keys)
+        except (OSError, ValueError, zmq.ZMQError) as e:      # the CURVE key files
+            await self._fail(f"the lipsync engine client could not be set up: {e}", e)
+            return
         try:
             info = await self._client.open_stream(self.avatar)
         except EngineError as e:
@@ -110,7 +123,7 @@ class LipsyncVideoService(FrameProcessor):
             await self._fail(what, e)
             return
         self._stream = info["stream"]
-        self._client.timeout = 30.0
+        self._client.timeout = 5.0                            # a push is answered in milliseconds
         self._tasks = [self.create_task(self._push_loop()), self.create_task(self._frame_loop())]
 
     async def _fail(self, what: str, e: Exception) -> None:
@@ -136,13 +149,15 @@ class LipsyncVideoService(FrameProcessor):
         start, k = time.monotonic(), 0
         try:
             while True:
-                pcm, real = self._take(FRAME_SAMPLES)
-                reply = await self._client.push(self._stream, pcm)
-                if self._new_utterance:                     # the first push after the start or a flush
-                    self._utt_frame, self._new_utterance = int(reply["utterance_frame"]), False
-                    self._audio, self._real, self._audio_from = pcm, real, 0
-                else:
-                    self._audio, self._real = np.concatenate([self._audio, pcm]), np.concatenate([self._real, real])
+                async with self._lock:                      # a flush cannot fall between a push and its books
+                    pcm, real = self._take(FRAME_SAMPLES)
+                    reply = await self._client.push(self._stream, pcm)
+                    if self._new_utterance:                 # the first push after the start or a flush
+                        self._utt_frame, self._new_utterance = int(reply["utterance_frame"]), False
+                        self._audio, self._real, self._audio_from = pcm, real, 0
+                    else:
+                        self._audio = np.concatenate([self._audio, pcm])
+                        self._real = np.concatenate([self._real, real])
                 k += 1
                 await asyncio.sleep(max(0.0, start + k * FRAME_SAMPLES / RATE - time.monotonic()))
         except EngineError as e:
@@ -178,17 +193,24 @@ class LipsyncVideoService(FrameProcessor):
         self._inbox.clear()
         if self._client is None or self._stream is None:
             return
-        try:
-            await self._client.flush(self._stream)
-        except EngineError as e:
-            await self._fail(f"the lipsync engine at {self.endpoint} refused a flush: {e}", e)
-            return
-        self._new_utterance = True
-        self._audio, self._real, self._audio_from = np.zeros(0, np.float32), np.zeros(0, bool), 0
+        async with self._lock:
+            try:
+                await self._client.flush(self._stream)
+            except EngineError as e:
+                failed: EngineError | None = e
+            else:
+                failed = None
+                self._inbox.clear()
+                self._new_utterance = True
+                self._audio, self._real, self._audio_from = np.zeros(0, np.float32), np.zeros(0, bool), 0
+        if failed is not None:
+            await self._fail(f"the lipsync engine at {self.endpoint} refused a flush: {failed}", failed)
 
     async def _stop(self) -> None:
+        me = asyncio.current_task()
         for t in self._tasks:
-            await self.cancel_task(t)
+            if t is not me:
+                await self.cancel_task(t)
         self._tasks = []
         if self._client is not None:
             if self._stream is not None:

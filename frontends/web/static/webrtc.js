@@ -1,7 +1,8 @@
 // The avatar as a WebRTC peer (frontends/web/webrtc.py): the page sends its microphone (or the demo
 // speech) as its audio track and receives the avatar's video and the same voice back, in step.
 // POST /api/offer {sdp, type, avatar} -> {sdp, type, session}. window.rtc holds the connection and
-// rtc.stats() (framesDecoded, framesPerSecond, freezeCount, codec, audio samples, playout offset).
+// rtc.stats() (framesDecoded, framesPerSecond, freezeCount, codec, audio samples, each track's
+// estimatedPlayoutTimestamp).
 "use strict";
 const $ = (id) => document.getElementById(id);
 const rtc = { pc: null, state: "idle", errors: [], session: null };
@@ -10,14 +11,17 @@ window.rtc = rtc;
 function fail(msg) {
   rtc.errors.push(String(msg));
   rtc.state = "error";
-  $("stats").innerHTML = `<span class="err">${msg}</span>`;
+  const span = document.createElement("span");
+  span.className = "err";
+  span.textContent = String(msg);
+  $("stats").replaceChildren(span);
 }
 
 async function loadAvatars() {
   const r = await fetch("/api/avatars");
   const js = await r.json();
   if (!r.ok) return fail(js.error ? js.error.message : r.statusText);
-  $("avatar").innerHTML = js.avatars.map((a) => `<option>${a.name}</option>`).join("");
+  $("avatar").replaceChildren(...js.avatars.map((a) => new Option(a.name, a.name)));
   if (js.avatars.some((a) => a.name === "demo")) $("avatar").value = "demo";
 }
 
@@ -43,6 +47,7 @@ async function start(useMic) {
   try {
     const track = useMic ? (await navigator.mediaDevices.getUserMedia({ audio: true })).getAudioTracks()[0]
                          : await demoTrack();
+    rtc.track = track;
     const pc = new RTCPeerConnection();
     rtc.pc = pc;
     pc.addTransceiver(track, { direction: "sendrecv" });            // audio first, video second
@@ -75,6 +80,8 @@ async function start(useMic) {
 function stop() {
   if (rtc.pc) rtc.pc.close();
   if (rtc.audioContext) rtc.audioContext.close();
+  if (rtc.track) rtc.track.stop();                                     // the microphone off
+  rtc.track = null;
   rtc.pc = null;
   rtc.audioContext = null;
   rtc.state = "idle";

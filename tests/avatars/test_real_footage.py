@@ -106,6 +106,12 @@ def test_the_same_footage_upscaled_gives_the_same_crops_scaled(tmp_path, nets, c
     expect = small.rects * s + [(w - round(176 * s)) // 2, 0, (w - round(176 * s)) // 2, 0]
     side = res.rects[:, 2] - res.rects[:, 0]
     assert (np.abs(res.rects - expect).max(axis=1) <= 0.05 * side + s).all()
+    # and, at this size, within 5 % of the crop side of SyncTalk_2D's crop from each frame's own landmarks
+    ref, _ = landmark_crops(big)
+    seen = ~np.isnan(ref[:, 0])
+    assert seen.sum() >= 95
+    err = np.abs(res.rects[seen] - ref[seen]).max(axis=1) / side[seen]
+    assert err.max() <= 0.05, err.max()
 
 
 def test_a_video_without_a_face_is_refused_saying_so(tmp_path, nets):

@@ -73,6 +73,41 @@ def allow_loopback() -> None:
     ice.get_host_addresses = addresses
 
 
+class SampleQueue:
+    """Audio chunks waiting, in order, each with an optional tag (a frame number): take ``n`` samples
+    (zeros where there are none), drop the oldest beyond a bound."""
+
+    def __init__(self, dtype: type) -> None:
+        self.dtype = dtype
+        self._chunks: collections.deque[tuple[int | None, np.ndarray]] = collections.deque()
+        self.held = 0
+
+    def put(self, pcm: np.ndarray, tag: int | None = None, limit: int | None = None) -> None:
+        self._chunks.append((tag, pcm))
+        self.held += len(pcm)
+        while limit is not None and self.held > limit:
+            self.held -= len(self._chunks.popleft()[1])
+
+    def take(self, n: int) -> tuple[np.ndarray, list[int]]:
+        """``n`` samples, and the tags of the chunks whose first sample is among them."""
+        out = np.zeros(n, self.dtype)
+        started: list[int] = []
+        k = 0
+        while k < n and self._chunks:
+            tag, head = self._chunks[0]
+            if tag is not None:
+                started.append(tag)
+            m = min(n - k, len(head))
+            out[k:k + m] = head[:m]
+            k += m
+            if m == len(head):
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = (None, head[m:])             # its start has gone out
+        self.held -= k
+        return out, started
+
+
 def _remember(times: dict[int, float], number: int, t: float, keep: int = 250) -> None:
     times[number] = t
     if len(times) > keep:
@@ -127,33 +162,19 @@ class EchoAudio(MediaStreamTrack):
 
     def __init__(self) -> None:
         super().__init__()
-        self._pending: collections.deque[tuple[int, np.ndarray]] = collections.deque()
-        self._held = 0
+        self._pending = SampleQueue(np.int16)
         self._start: float | None = None
         self._pts = 0
         self.left: dict[int, float] = {}             # frame number -> when its first sample went out
 
     def feed(self, number: int, pcm16: np.ndarray) -> None:
-        self._pending.append((number, pcm16))
-        self._held += len(pcm16)
-        while self._held > AUDIO_HELD:               # never more than 0.2 s behind its frames
-            self._held -= len(self._pending.popleft()[1])
+        self._pending.put(pcm16, number if len(pcm16) == SAMPLES_PER_FRAME else None,
+                          limit=AUDIO_HELD)          # never more than 0.2 s behind its frames
 
     def _take(self, n: int) -> np.ndarray:
-        out = np.zeros(n, np.int16)
-        k = 0
-        while k < n and self._pending:
-            number, head = self._pending[0]
-            if len(head) == SAMPLES_PER_FRAME and number not in self.left:
-                _remember(self.left, number, time.monotonic())
-            m = min(n - k, len(head))
-            out[k:k + m] = head[:m]
-            k += m
-            if m == len(head):
-                self._pending.popleft()
-            else:
-                self._pending[0] = (number, head[m:])
-        self._held -= k
+        out, started = self._pending.take(n)
+        for number in started:
+            _remember(self.left, number, time.monotonic())
         return out
 
     async def recv(self) -> av.AudioFrame:
@@ -184,8 +205,7 @@ class PeerSession:
         self.audio = EchoAudio()
         self.video = AvatarVideo(self.audio)
         self.stream: AsyncStream | None = None
-        self._inbox: collections.deque[np.ndarray] = collections.deque()
-        self._inbox_samples = 0
+        self._inbox = SampleQueue(np.float32)       # the peer's audio at 16 kHz, not yet pushed
         self._sent_audio = np.zeros(0, np.float32)   # pushed audio not yet matched with its frame
         self._sent_from = 0                          # stream sample index of _sent_audio[0]
         self._tasks: list[asyncio.Task] = []
@@ -232,25 +252,7 @@ class PeerSession:
             while True:
                 for out in resampler.resample(await track.recv()):
                     pcm = out.to_ndarray().reshape(-1).astype(np.float32)
-                    self._inbox.append(pcm)
-                    self._inbox_samples += len(pcm)
-                while self._inbox_samples > MAX_BACKLOG_S * RATE:
-                    self._inbox_samples -= len(self._inbox.popleft())
-
-    def _take_in(self, n: int) -> np.ndarray:
-        out = np.zeros(n, np.float32)
-        k = 0
-        while k < n and self._inbox:
-            head = self._inbox[0]
-            m = min(n - k, len(head))
-            out[k:k + m] = head[:m]
-            k += m
-            if m == len(head):
-                self._inbox.popleft()
-            else:
-                self._inbox[0] = head[m:]
-        self._inbox_samples -= k
-        return out
+                    self._inbox.put(pcm, limit=int(MAX_BACKLOG_S * RATE))
 
     async def _push_loop(self) -> None:
         """40 ms of audio to the engine every 40 ms of the gateway's clock."""
@@ -259,7 +261,7 @@ class PeerSession:
         k = 0
         try:
             while not self.closed.is_set():
-                pcm = self._take_in(n)
+                pcm, _ = self._inbox.take(n)
                 _remember(self._taken, k, time.monotonic())
                 self._sent_audio = np.concatenate([self._sent_audio, pcm])
                 assert self.stream is not None
@@ -350,7 +352,7 @@ async def offer(request: Any, endpoint: str, keys: ClientKeys | None, timeout: f
     except EngineError as e:
         await peer.close()
         return error(404 if e.code == "unknown_model" else 502, e.code, str(e))
-    except Exception as e:                                    # an SDP aiortc cannot take (OperationError ...)
+    except Exception as e:  # noqa: BLE001 - an SDP aiortc cannot take (OperationError, InvalidStateError ...)
         await peer.close()
         return error(400, "bad_request", f"the offer was refused: {type(e).__name__}: {e}")
     peers[peer.id] = peer

@@ -5,6 +5,7 @@ as root); skipped with the reason when either binary is missing.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -73,8 +74,10 @@ def gateway_url(shared_engine, models_root, tmp_path_factory):
             print(log.read_text())
 
 
-@pytest.fixture
-def browser(tmp_path):
+@contextlib.contextmanager
+def chromium(tmp_path: Path, *extra: str):
+    """Headless Chromium through chromedriver, with a fake microphone and no autoplay block; ``extra``
+    adds command-line flags. Quit on exit."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -84,7 +87,7 @@ def browser(tmp_path):
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--autoplay-policy=no-user-gesture-required", "--use-fake-ui-for-media-stream",
                 "--use-fake-device-for-media-stream", "--disable-dev-shm-usage",
-                "--window-size=1280,1000", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+                "--window-size=1280,1000", f"--user-data-dir={tmp_path / 'chromium-profile'}", *extra):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER), log_output=str(tmp_path / "chromedriver.log")),
@@ -95,6 +98,12 @@ def browser(tmp_path):
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    with chromium(tmp_path) as driver:
+        yield driver
 
 
 PLAYER_STATE = """

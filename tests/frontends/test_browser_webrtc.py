@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from engine.audio.speech import resample, speech_pcm, write_wav
-from tests.frontends.test_browser import CHROMEDRIVER, CHROMIUM, console, gateway_url  # noqa: F401 (a fixture)
+from tests.frontends.test_browser import chromium, console, gateway_url  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240), pytest.mark.realtime]
 
@@ -18,27 +18,11 @@ SECONDS = 20
 
 @pytest.fixture
 def rtc_browser(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     talk = np.concatenate([speech_pcm(3.0, seed=9), np.zeros(16000, np.float32)])          # 3 s talk, 1 s quiet
     wav = write_wav(tmp_path / "mic.wav", resample(talk, 16000, 48000), 48000)
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--autoplay-policy=no-user-gesture-required", "--use-fake-ui-for-media-stream",
-                "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav}",
-                "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns",
-                "--window-size=1280,1000", f"--user-data-dir={tmp_path / 'profile'}"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER), log_output=str(tmp_path / "chromedriver.log")),
-                              options=opts)
-    driver.set_script_timeout(30)
-    try:
+    with chromium(tmp_path, f"--use-file-for-fake-audio-capture={wav}", "--allow-loopback-in-peer-connection",
+                  "--disable-features=WebRtcHideLocalIpsWithMdns") as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def stats(driver) -> dict:

@@ -88,7 +88,7 @@ def test_the_avatar_plays_over_webrtc_in_chromium(gateway_url, rtc_browser):  # 
           f"{session['latency_ms']['p50']:.0f} / p99 {session['latency_ms']['p99']:.0f} ms, A/V at its output "
           f"{session['av_offset_ms']:.1f} ms")
     assert w["last"]["video"]["codec"] == "video/H264"          # the gateway answers H.264 when offered
-    assert abs(session["av_offset_ms"]) < 40
+    assert abs(session["av_offset_ms"]) < 60                    # as in test_webrtc.py: 20 ms packets, any phase
 
 
 @pytest.fixture

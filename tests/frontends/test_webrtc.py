@@ -144,10 +144,14 @@ def mouth_change(models_root: Path, frame: av.VideoFrame) -> float:
     return float(np.abs(got - own).mean())
 
 
+@pytest.mark.realtime
 def test_without_a_microphone_the_peer_gets_idle_frames(endpoint, tmp_path):
-    got = asyncio.run(call(endpoint, tmp_path, None, seconds=4.0))
+    got = asyncio.run(call(endpoint, tmp_path, None, seconds=5.0))
     assert got["status"] == 200, got
-    assert len(got["video"]) >= 60
+    # frames flow from the first on, at 25 frames/s (the connection's set-up, which varies with the
+    # machine's load, is left out: 56 of 60 once in CI over a 4 s window that included it)
+    t = [ts for ts, _ in got["video"]]
+    assert len(t) >= 50 and (len(t) - 1) / (t[-1] - t[0]) > 23
 
 
 @pytest.mark.parametrize("offered, answered", [(None, "H264"), ("video/VP8", "VP8")])

@@ -1,11 +1,13 @@
 """The wheel installs one top-level import package, ``engine``: no ``tools`` or ``frontends`` that
-would collide with other distributions in a user's environment."""
+would collide with other distributions in a user's environment; and it declares the pytest plugin
+(a ``pytest11`` entry point), so that installing the engine makes the plugin available."""
 from __future__ import annotations
 
 import shutil
 import subprocess
 import sys
 import zipfile
+from importlib.metadata import distribution
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,3 +29,13 @@ def test_wheel_has_only_the_engine_package(tmp_path):
     assert sorted(modules - set(names)) == []
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "engine-ctl = engine.cli.main:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert "[pytest11]\nlipsync_engine = engine.testing.plugin" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+def test_the_installed_distribution_declares_the_pytest_plugin_and_pytest_loads_it(request):
+    (ep,) = distribution("lipsync-engine").entry_points.select(group="pytest11")
+    assert (ep.name, ep.value) == ("lipsync_engine", "engine.testing.plugin")
+    # pytest registers an entry point's plugin under the entry point's name: this session loaded it so
+    plugin = request.config.pluginmanager.get_plugin("lipsync_engine")
+    assert plugin is ep.load() and hasattr(plugin, "lse_engine")
+    assert request.config.getoption("--lse-avatar") == "demo"

@@ -7,8 +7,10 @@ figures) and returned as a :class:`Report`.
   read, per round;
 - :func:`stream_latency`: N real-time streams speaking at once; the samples are every frame's
   audio-to-frame latency (the chunk holding the frame's last sample sent -> the frame received),
-  with the first frame's and the steady state's apart, the rate and the look-ahead floor;
-- :func:`stream_throughput`: frames per second each of N concurrent streams keeps.
+  with the percentiles of the streams' first frames and of the steady state (every other frame)
+  apart, the rate and the look-ahead floor;
+- :func:`stream_throughput`: the frame rate N concurrent streams keep; the samples are the
+  intervals between each stream's consecutive frames (seconds per frame).
 """
 from __future__ import annotations
 
@@ -42,13 +44,30 @@ class Report:
         return self.percentile(99)
 
     def info(self) -> dict[str, Any]:
-        return {"p50": round(self.p50, 6), "p95": round(self.p95, 6), "p99": round(self.p99, 6),
-                "samples": len(self.samples), **self.extra}
+        return {**percentiles(self.samples), "samples": len(self.samples), **self.extra}
+
+
+def percentiles(samples: list[float], prefix: str = "", digits: int = 6) -> dict[str, float | None]:
+    """``{prefix}p50``, ``{prefix}p95``, ``{prefix}p99`` of ``samples`` (None for none)."""
+    return {f"{prefix}p{q}": round(float(np.percentile(samples, q)), digits) if len(samples) else None
+            for q in (50, 95, 99)}
+
+
+def _per_stream(values: list[float], counts: list[int]) -> list[list[float]]:
+    """``values`` (every frame of every stream, stream after stream) cut into the streams'."""
+    ends = np.cumsum(counts).tolist()
+    return [values[e - n:e] for e, n in zip(ends, counts)]
 
 
 def record(benchmark: Any, report: Report) -> Report:
     """Hand ``report``'s samples to pytest-benchmark as its rounds (one iteration each) and its
-    percentiles as ``extra_info``. With ``--benchmark-disable`` only the report is returned."""
+    percentiles as ``extra_info``. With ``--benchmark-disable`` only the report is returned.
+
+    pytest-benchmark has no public way to hand it times measured elsewhere (it times a call
+    itself; ionelmc/pytest-benchmark#52 asks for one), so this does what that issue's workaround
+    does with the fixture's ``_make_stats`` and ``_mode`` (pytest-benchmark 4 and 5);
+    tests/testing/test_plugin.py checks the rounds, the saved runs and ``--benchmark-compare-fail``
+    on the installed version."""
     if benchmark is None:
         return report
     benchmark.extra_info.update(report.info())
@@ -95,27 +114,28 @@ def stream_latency(engine: Any, avatar: str, streams: int = 1, seconds: float = 
                    benchmark: Any = None) -> Report:
     """Audio-to-frame latency of every frame of ``streams`` real-time streams speaking ``seconds``."""
     res = _streams(engine, avatar, streams, seconds, processes)
-    s = res.summary()
     lat = [x / 1000 for x in res.latencies_ms]           # grouped by stream, in res.frames' order
-    starts = np.cumsum([0, *res.frames[:-1]]).astype(int).tolist()
-    first = [lat[i] for i in starts if i < len(lat)]
-    steady = [x for i, x in enumerate(lat) if i not in set(starts)]
+    per_stream = [x for x in _per_stream(lat, res.frames) if x]
+    first = [x[0] for x in per_stream]
+    steady = [y for x in per_stream for y in x[1:]]
     report = Report(f"stream latency x{streams}", lat, extra={
-        "streams": streams, "first_frame_latency_s": round(max(first), 4) if first else None,
-        "steady_p50": round(float(np.percentile(steady, 50)), 4) if steady else None,
-        "steady_p99": round(float(np.percentile(steady, 99)), 4) if steady else None,
-        "lookahead_floor_s": round(res.floor_ms / 1000, 4), "min_rate_fps": s["min_rate_fps"],
-        "frames": s["frames"]})
+        "streams": streams, **percentiles(first, "first_frame_", 4),
+        "first_frame_max": round(max(first), 4) if first else None, **percentiles(steady, "steady_", 4),
+        "lookahead_floor_s": round(res.floor_ms / 1000, 4), "min_rate_fps": res.summary()["min_rate_fps"],
+        "frames": sum(res.frames)})
     return record(benchmark, report)
 
 
 def stream_throughput(engine: Any, avatar: str, streams: int = 4, seconds: float = 6.0, processes: int = 1,
                       benchmark: Any = None) -> Report:
-    """Frames per second of each of ``streams`` concurrent real-time streams (samples: seconds per
-    frame of each stream, so that lower is better as pytest-benchmark assumes)."""
+    """The frame rate of ``streams`` concurrent real-time streams. The samples are the intervals
+    between each stream's consecutive frames (seconds per frame, so that lower is better as
+    pytest-benchmark assumes): one stream's mean interval is the inverse of its rate, the p95 and
+    p99 show the stalls."""
     res = _streams(engine, avatar, streams, seconds, processes)
+    intervals = [float(d) for x in _per_stream(res.arrivals, res.frames) for d in np.diff(x)]
     rates = [r for r in res.rates if r > 0]
-    report = Report(f"streams x{streams}", [1.0 / r for r in rates], extra={
+    report = Report(f"streams x{streams}", intervals, extra={
         "streams": streams, "rates_fps": [round(r, 2) for r in res.rates],
         "min_rate_fps": round(min(rates), 2) if rates else 0.0, "frames": sum(res.frames)})
     return record(benchmark, report)

@@ -15,6 +15,9 @@ Each mode runs in a fresh process (so that its memory is its own) and reports:
   ``weight_bytes`` at the precision;
 - ``round_robin``: N batches, one per network in turn, all resident: wall time, and the first
   request of a network (made resident, then run) against a warm batch;
+- ``rss_growth_bytes``: the process's memory after that round robin less its memory before the
+  first network (device memory by NVML on CUDA), and on the CPU ``peak_growth_bytes``, its peak
+  resident set (``ru_maxrss``) less the same start;
 - ``run_ms``: one batch per bucket size, median of 5.
 
 The per-network mode holds ``--own-capacity`` sessions (``capacity.models_per_device``), so its
@@ -132,6 +135,12 @@ def measure_mode(paths: list[str], shared: bool, device: int | None, precision: 
         core.run(m, *g)
         warm.append(1000 * (time.perf_counter() - t1))
     wall = time.perf_counter() - t0
+    mem3 = _memory(device)
+    peak = None
+    if device is None:
+        import resource
+        # Linux: KiB, and the kernel's high-water mark lags the current count by up to a few pages' worth
+        peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, mem3) - mem0
     run_ms = {}
     m = core.models[next(reversed(core.models))]
     for b in m.sizes or (1, batch):
@@ -151,7 +160,8 @@ def measure_mode(paths: list[str], shared: bool, device: int | None, precision: 
             "first_request_ms": _dist(first_req), "warm_batch_ms": _dist(warm),
             "first_request_vs_warm": round(statistics.median(first_req) / statistics.median(warm), 2) if first_req else None,
             "bytes_per_network": int(per), "weight_bytes": int(wb), "bytes_vs_weights": round(per / wb, 2) if wb else None,
-            "memory_before": mem0, "round_robin_s": round(wall, 2), "run_ms": run_ms,
+            "memory_before": mem0, "round_robin_s": round(wall, 2), "rss_growth_bytes": mem3 - mem0,
+            "peak_growth_bytes": peak, "run_ms": run_ms,
             "resident": st["networks"], "sessions_built": st["sessions_built"], "loads": st["loads"]}
 
 
@@ -203,7 +213,8 @@ def bench_networks(ctx: click.Context, count: int, arch: str, folder: str | None
                    f"{r['resident_ms']['median']:.1f} ms (max {r['resident_ms']['max']:.1f}); "
                    f"{r['bytes_per_network'] / 1e6:.1f} MB per network ({r['bytes_vs_weights']} x its weights); "
                    f"first request {r['first_request_vs_warm']} x a warm batch; round robin of {r['networks']} "
-                   f"in {r['round_robin_s']} s; batch ms by size {r['run_ms']}")
+                   f"in {r['round_robin_s']} s, memory {r['rss_growth_bytes'] / 1e6:.0f} MB above its start "
+                   f"after it; batch ms by size {r['run_ms']}")
     print_json({"date": time.strftime("%Y-%m-%d"), "rows": rows})
     if as_json:
         Path(as_json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))

@@ -76,8 +76,15 @@ class Requests(FrontPart):
                          if m["name"] in g.stats.get("networks", {})]
         return m
 
+    def workers(self) -> list[dict]:
+        """Per GPU worker, what it keeps resident as ``models`` gives it (docs/protocol.md 7.4): the
+        ``resident`` and ``architectures`` of its own report, as in ``health.gpu_workers[]``."""
+        return [{"idx": g.idx, "gpu_id": -1 if g.device is None else g.device,
+                 **{k: g.stats[k] for k in ("resident", "architectures") if k in g.stats}} for g in self.front.gpus]
+
     def do_models(self, req: P.Request) -> None:
-        self.front.reply_ok(req, {"models": [self.describe(m) for m in self.front.store.describe()]})
+        self.front.reply_ok(req, {"models": [self.describe(m) for m in self.front.store.describe()],
+                                  "gpu_workers": self.workers()})
 
     def do_load(self, req: P.Request) -> None:
         name = P.check_str(req.params, "model", req_id=req.id)

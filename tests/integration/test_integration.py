@@ -267,6 +267,15 @@ def test_models_load_unload(shared_engine):
             c.load("nobody")
         # served again after an unload: loaded on first use
         assert len(c.composite("demo", loud(1)).frames) == 1
+        # models reports per worker what health does: its resident networks, bytes, sessions, loads, evictions
+        (mw,) = c.call("models").result["gpu_workers"]
+        (hw,) = c.health()["gpu_workers"]
+        assert (mw["idx"], mw["gpu_id"]) == (0, -1)
+        assert mw["resident"] == hw["resident"] and mw["architectures"] == hw["architectures"]
+        r = mw["resident"]
+        assert r["networks"] == len(hw["networks"]) >= 1 and r["loads"] >= r["networks"]
+        assert r["bytes"] == sum(n["weight_bytes"] for n in hw["networks"].values()) > 0
+        assert r["own_sessions"] == 1 and not r["shared_sessions"] and mw["architectures"] == {}
 
 
 def _wait_restarted(eng, role: str, old_pid: int, timeout: float = 60) -> None:

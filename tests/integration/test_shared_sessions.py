@@ -83,6 +83,7 @@ def test_200_avatars_round_robin_each_output_its_own_one_session_built(many, tmp
         with Client(eng.endpoint, timeout=120) as c:
             outs = serve_round_robin(c, names, image, audio)
             w = worker(c)
+            (listed,) = c.call("models").result["gpu_workers"]     # models reports what health does
             c.infer("demo", audio, image)                    # another architecture: its own session
             other = worker(c)
         for i, n in enumerate(names):
@@ -94,6 +95,7 @@ def test_200_avatars_round_robin_each_output_its_own_one_session_built(many, tmp
         (arch,) = w["architectures"].values()
         assert arch["networks"] == AVATARS and arch["first"] in names
         assert r["bytes"] == sum(w["networks"][n]["weight_bytes"] for n in names)
+        assert (listed["resident"], listed["architectures"]) == (r, w["architectures"])
         assert other["resident"]["sessions_built"] == 2
         assert sorted(a["networks"] for a in other["architectures"].values()) == [1, AVATARS]
     finally:

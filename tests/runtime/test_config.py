@@ -177,6 +177,23 @@ precision = "fp32"
     assert load_config(None, {"gpu.batch_buckets": "off"}).gpu.batch_buckets == "off"
 
 
+def test_shared_sessions_resolve_per_provider() -> None:
+    """``gpu.shared_sessions``: "auto" is on for CUDA only, and off there with CUDA graphs (they replay
+    fixed weights) or without IO binding (the weights are bound per run); true and false are kept."""
+    def gpu(**keys):
+        return load_config(None, {f"gpu.{k}": v for k, v in keys.items()}).gpu
+    auto = gpu()
+    assert auto.shared_sessions == "auto"
+    assert auto.shared(gpu=True) is True and auto.shared(gpu=False) is False
+    assert gpu(cuda_graphs=True).shared(gpu=True) is False
+    assert gpu(io_binding=False).shared(gpu=True) is False
+    assert gpu(shared_sessions=True).shared(gpu=False) is True       # asked for: on the CPU provider too
+    assert gpu(shared_sessions=True, cuda_graphs=True).shared(gpu=True) is True
+    assert gpu(shared_sessions=False).shared(gpu=True) is False
+    assert load_config(None, {}).capacity.network_bytes == "auto"
+    assert load_config(None, {"capacity.network_bytes": 1 << 30}).capacity.network_bytes == 1 << 30
+
+
 # -- bad values ----------------------------------------------------------------------------------
 BAD = [
     # (toml text, dotted key, distinctive word)

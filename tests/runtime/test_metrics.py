@@ -81,7 +81,12 @@ def test_engine_collector_reads_the_supervisor(tmp_path):
                                                          child("compositor", 3, "starting")],
                           front_state={"streams": [{"lag_ms": 120.0}, {"lag_ms": 40.0}], "pending": 3,
                                        "connections": 2, "loaded_models": 1,
-                                       "background_bytes": {"used": 100, "budget": 200}})
+                                       "background_bytes": {"used": 100, "budget": 200},
+                                       "gpu_workers": [
+                                           {"idx": 0, "architectures": {"a" * 16: {}, "b" * 16: {}},
+                                            "resident": {"networks": 5, "bytes": 500, "budget_bytes": 1000,
+                                                         "own_sessions": 1, "loads": 7, "evictions": 2}},
+                                           {"idx": 1}]})                   # not ready yet: no series
     reg = CollectorRegistry()
     reg.register(EngineCollector(sup))
     snap = samples(generate_latest(reg).decode())
@@ -92,6 +97,13 @@ def test_engine_collector_reads_the_supervisor(tmp_path):
     assert value(snap, "lse_streams_open") == 2 and value(snap, "lse_stream_lag_seconds") == 0.12
     assert value(snap, "lse_pending_requests") == 3 and value(snap, "lse_avatar_memory_budget_bytes") == 200
     assert value(snap, "lse_shared_memory_bytes", kind="ring") == 0
+    # per GPU worker: its resident networks; sessions = its own-session networks + one per architecture
+    assert value(snap, "lse_networks_resident", worker="0") == 5 and value(snap, "lse_network_bytes", worker="0") == 500
+    assert value(snap, "lse_network_budget_bytes", worker="0") == 1000
+    assert value(snap, "lse_network_sessions", worker="0") == 3
+    assert value(snap, "lse_network_loads_total", worker="0") == 7
+    assert value(snap, "lse_network_evictions_total", worker="0") == 2
+    assert not [k for k in snap if k[0].startswith("lse_network") and ("worker", "1") in k[1]]
 
 
 def test_no_gpu_means_no_gpu_series_and_no_error():

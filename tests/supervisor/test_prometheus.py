@@ -74,6 +74,7 @@ def test_the_dashboards_queries_run_on_a_real_prometheus_scraping_the_engine(eng
             s = c.open_stream("demo", realtime=False)
             s.push(np.zeros(8000, np.int16), end=True)
             assert len(list(s.frames(60))) == 13
+            (worker,) = c.health()["gpu_workers"]
         time.sleep(3)
         results = {}
         for expr in dashboard_queries():
@@ -96,6 +97,17 @@ def test_the_dashboards_queries_run_on_a_real_prometheus_scraping_the_engine(eng
         assert every and not [x for x in every if any(k.startswith("exported_") for k in x["metric"])]
         workers = query(base, 'lse_networks_resident{job="lse"}')["data"]["result"]
         assert [x["metric"]["worker"] for x in workers] == ["0"] and float(workers[0]["value"][1]) >= 1
+
+        def scalar(name: str) -> float:
+            (x,) = query(base, f'{name}{{job="lse",worker="0"}}')["data"]["result"]
+            return float(x["value"][1])
+        # the network series carry the worker's own figures: demo's network, loaded once, its own session
+        nets = worker["networks"]
+        assert list(nets) == ["demo"] and scalar("lse_networks_resident") == 1
+        assert scalar("lse_network_bytes") == sum(n["weight_bytes"] for n in nets.values()) > 0
+        assert scalar("lse_network_loads_total") >= len(nets) and scalar("lse_network_evictions_total") == 0
+        assert scalar("lse_network_sessions") == worker["resident"]["own_sessions"] + len(worker["architectures"]) == 1
+        assert scalar("lse_network_budget_bytes") == worker["resident"]["budget_bytes"] > 0
     finally:
         proc.terminate()
         proc.wait(10)

@@ -140,6 +140,50 @@ def test_victims_by_count_for_own_sessions_and_by_bytes_for_all():
     assert victims(models, M("t", 10, True), capacity=9, budget=5, busy={"a", "s", "b"}) == []   # all busy: kept
 
 
+def test_an_auto_network_budget_is_half_the_free_memory_shared_by_the_device_s_workers(monkeypatch):
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    import psutil
+
+    from engine.worker.budget import auto_budget
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=8 << 30))
+    assert auto_budget(None, 1) == 4 << 30                       # CPU provider: half the host's free memory
+    assert auto_budget(None, 2) == 2 << 30                       # shared by the device's workers
+    assert auto_budget(None, 0) == 4 << 30                       # no slots counted: one
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1000))
+    assert auto_budget(None, 1) == 1 << 20                       # never under 1 MiB (the configured minimum)
+
+    nvml = ModuleType("pynvml")                                  # NVML as a driver reports a GPU's memory
+    asked = []
+    nvml.nvmlInit = nvml.nvmlShutdown = lambda: None
+    nvml.nvmlDeviceGetHandleByIndex = lambda i: asked.append(i) or i
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: SimpleNamespace(free=(h + 1) * (40 << 30))
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=8 << 30))
+    assert auto_budget(1, 2) == 20 << 30 and asked == [1]        # CUDA: the GPU's free memory, not the host's
+
+    def no_driver():
+        raise RuntimeError("NVML Shared Library Not Found")
+    nvml.nvmlInit = no_driver
+    assert auto_budget(0, 2) == 2 << 30                          # no NVML: the host's memory bounds it
+
+
+def test_from_config_resolves_auto_sharing_and_budget_for_the_cpu_provider(monkeypatch):
+    from types import SimpleNamespace
+
+    import psutil
+
+    from engine.runtime.config import load_config
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=6 << 30))
+    c = InferenceCore.from_config(None, load_config(None, {}))
+    assert c.sharing is False and c.network_bytes == 3 << 30   # "auto": per-network sessions, half of 6 GiB
+    c = InferenceCore.from_config(None, load_config(None, {"gpu.shared_sessions": True,
+                                                           "capacity.network_bytes": 5 << 20}))
+    assert c.sharing is True and c.network_bytes == 5 << 20
+    assert c.stats()["resident"]["shared_sessions"] is True and c.stats()["resident"]["budget_bytes"] == 5 << 20
+
+
 def test_a_damaged_weights_file_falls_back_to_its_own_session_then_splits_again(tmp_path, nets):
     from engine.worker.weights import prepare
     split = prepare(nets[0], tmp_path / "cache")

@@ -16,7 +16,7 @@ from engine.cli.demo_avatars import make_audio_encoder, make_demo
 from engine.runtime.config import EngineConfig, load_config
 from engine.runtime.shm import list_segments
 from engine.supervisor.control import control
-from engine.testing.engine import dump_toml, free_port  # noqa: F401 - free_port: the tests import it from here
+from engine.runtime.derived import dump_toml, free_port  # noqa: F401 - free_port: the tests import it from here
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,7 @@ Policies:
   replicas with the fewest models; such fallbacks are counted. The engine's memory, not
   ``max_num_models_per_replica``, decides evictions.
 * affinity: ``choose(avatar, hosts, slack)``: holders first unless their load exceeds the least
-  loaded host's by more than the slack (1 busy unit per GPU), else the least loaded, more free
+  loaded host's by more than the slack (2 busy units per GPU), else the least loaded, more free
   bytes on a tie.
 * static bound: the share of requests for the most popular avatars that fit in all hosts' shared
   memory together (and, for bounded networks, in all their network slots), in rank order: the hit

@@ -11,6 +11,7 @@ import click
 from engine.cli.avatar_cmds import avatar
 from engine.cli.bench_cmds import bench, bench_streams, check, demo, render
 from engine.cli.bench_networks import bench_networks
+from engine.cli.cluster_cmds import cluster
 from engine.cli.common import call, cfg_of, engine_client, print_json
 from engine.cli.lifecycle import load_with_progress, start_detached, stop_engine
 from engine.supervisor.control import control
@@ -142,5 +143,5 @@ def keygen(name: str, folder: str, force: bool) -> None:
     click.echo(f"wrote {public} (public) and {secret} (secret, mode 600)")
 
 
-for command in (check, bench, bench_streams, bench_networks, render, demo, avatar):
+for command in (check, bench, bench_streams, bench_networks, render, demo, avatar, cluster):
     main.add_command(command)

@@ -137,6 +137,16 @@ class AsyncClient:
         self._events.setdefault(result["stream"], asyncio.Queue())
         return AsyncStream(self, result["stream"], result)
 
+    @classmethod
+    async def for_avatar(cls, cluster: str, avatar: str, *, resolve_timeout: float = 5.0,
+                         **kwargs: Any) -> AsyncClient:
+        """As :meth:`engine.client.Client.for_avatar`; the resolve call runs in a thread."""
+        from engine.client.resolve import with_server_key
+        endpoint, kwargs = await asyncio.to_thread(with_server_key, cluster, avatar, resolve_timeout, kwargs)
+        client = cls(endpoint, **kwargs)
+        client.resolved = endpoint
+        return client
+
     def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()

@@ -56,6 +56,18 @@ class Client:
         self._lost: set[Any] = set()              # ids whose connection dropped before their reply
         self._dead: set[Any] = set()              # of those, ids already failed: a late reply is dropped
 
+    @classmethod
+    def for_avatar(cls, cluster: str, avatar: str, *, resolve_timeout: float = 5.0, **kwargs: Any) -> Client:
+        """A client of the engine a cluster's router (``engine-ctl cluster``) picks for ``avatar``:
+        ``cluster`` is its resolve URL (e.g. ``http://127.0.0.1:8000/lse``); ``kwargs`` as for the
+        constructor. With ``keys``, the server key the cluster names for that engine is used.
+        :class:`engine.client.resolve.ResolveError` when the cluster cannot name one."""
+        from engine.client.resolve import with_server_key
+        endpoint, kwargs = with_server_key(cluster, avatar, resolve_timeout, kwargs)
+        client = cls(endpoint, **kwargs)
+        client.resolved = endpoint
+        return client
+
     def close(self) -> None:
         self.watch.close(self.sock)
         self.sock.close(0)

@@ -3,10 +3,8 @@ port, shared-memory instance and run dir in a temporary folder; stopped, and ``/
 however the tests end), or an existing one named by its endpoint."""
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,10 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.runtime.derived import absolute_paths, free_port, write_derived
 from engine.runtime.keys import ClientKeys
-
-PATH_KEYS = {"": ("models_root",), "server": ("curve_secret_key", "curve_clients")}
-
 
 class EngineStartError(RuntimeError):
     """The engine under test did not start; the message carries its log's tail."""
@@ -67,36 +63,6 @@ class EngineUnderTest:
             raise EngineStartError(f"the engine left shared memory behind: {left}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(v)
-
-
-def dump_toml(data: dict[str, Any]) -> str:
-    """TOML for a config tree (tables of scalars and lists, nested tables)."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-
-    def table(name: str, t: dict[str, Any]) -> None:
-        lines.append(f"[{name}]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in t.items() if not isinstance(v, dict))
-        for k, v in t.items():
-            if isinstance(v, dict):
-                table(f"{name}.{json.dumps(k) if not k.replace('_', '').isalnum() else k}", v)
-    for k, v in data.items():
-        if isinstance(v, dict):
-            table(k, v)
-    return "\n".join(lines) + "\n"
-
-
 def prepared_config(config: Path | None, tmp: Path) -> tuple[Path, str]:
     """The config the engine under test runs: the user's (or, without one, the demo avatar made in
     ``tmp``) with its own front port, run dir and shared-memory instance, paths made absolute."""
@@ -106,21 +72,10 @@ def prepared_config(config: Path | None, tmp: Path) -> tuple[Path, str]:
         ensure_avatars(models, names=("demo",), frames=25)
         data: dict[str, Any] = {"models_root": str(models)}
     else:
-        base = config.resolve().parent
-        data = tomllib.loads(config.read_text())
-        for section, keys in PATH_KEYS.items():
-            table = data if not section else data.get(section, {})
-            for k in keys:
-                if isinstance(table.get(k), str) and table[k] and not Path(table[k]).is_absolute():
-                    table[k] = str(base / table[k])
-        data.setdefault("models_root", str(base / "models"))
+        data = absolute_paths(tomllib.loads(config.read_text()), config.resolve().parent)
     instance = f"lt{os.getpid()}x{int(time.time() * 1000) % 100000}"
-    server = data.setdefault("server", {})
-    server.update(front=f"tcp://127.0.0.1:{free_port()}", run_dir=str(tmp / "run"), instance=instance)
-    for k in ("control", "log_file", "metrics"):      # its own control socket; no second metrics port; our log
-        server.pop(k, None)
     path = tmp / "engine.toml"
-    path.write_text(dump_toml(data))
+    write_derived(data, path, front=f"tcp://127.0.0.1:{free_port()}", run_dir=tmp / "run", instance=instance)
     return path, instance
 
 

@@ -74,8 +74,9 @@ def test_no_policy_beats_the_static_bound_and_affinity_comes_close(quick):
     for net in NETS:
         bounds = [quick["bounds"][f"{net}/{s}"] for s in ZIPF]
         assert bounds == sorted(bounds)                 # more skew, more of the requests fit
-    # the target is 95% at s = 1.0; the router's slack (1 unit per GPU) gives ~94% (see the report)
-    assert quick["by"]["affinity", "unbounded", 1.0]["of_bound"] >= 0.92
+    # the target is 95% at s = 1.0 (the full form: docs/performance.md); the quick form is within
+    # about a point of it
+    assert quick["by"]["affinity", "unbounded", 1.0]["of_bound"] >= 0.94
 
 
 def test_static_bound_counts_the_top_avatars_that_fit():

@@ -25,10 +25,10 @@ def test_slack_bounds_how_much_busier_a_holder_may_be():
     holder, idle = host("h", load=1.5, hot={"x"}), host("i", load=0.5)
     assert choose("x", [holder, idle], slack=1.0) == (holder, True)        # exactly least + slack: still taken
     assert choose("x", [holder, idle], slack=0.99) == (idle, False)
-    holder.load = 1.6
-    assert choose("x", [holder, idle]) == (idle, False)                    # default slack is 1 unit per GPU
-    assert SLACK == 1.0
-    assert choose("x", [holder, idle], slack=2.0) == (holder, True)
+    holder.load = 2.6
+    assert choose("x", [holder, idle]) == (idle, False)                    # default slack is 2 units per GPU
+    assert SLACK == 2.0
+    assert choose("x", [holder, idle], slack=2.5) == (holder, True)
 
 
 def test_without_holders_the_least_loaded_host():

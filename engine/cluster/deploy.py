@@ -1,0 +1,65 @@
+"""Putting the router and the agents on a Ray cluster (Ray Serve), and the environment Ray runs in.
+
+A real multi-host setup (README "Beyond one host"): the head host runs ``ray start --head`` and
+``engine-ctl cluster start --address HEAD``; each engine host runs its engine, ``ray start
+--address HEAD --resources '{"lse_host_<name>": 1}'`` and ``engine-ctl cluster join``. The emulation
+(``engine-ctl cluster start --emulate N``) does the same on one machine.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from engine.cluster.ranking import SLACK
+from engine.cluster.router import AGENT_PREFIX, APP
+
+ROUTE = "/lse"
+HTTP_PORT = 8000
+
+
+def resource(host: str) -> str:
+    """The Ray custom resource that pins ``host``'s agent to its node."""
+    return f"lse_host_{host}"
+
+
+def ray_environment(run_dir: Path) -> dict[str, str]:
+    """Ray's settings for this engine's cluster commands: no usage reports, temp files under the run
+    dir (under /tmp when the run dir's path is too long for Ray's Unix sockets), loopback kept."""
+    tmp = run_dir / "ray"
+    if len(str(tmp.resolve())) > 40:                    # Ray adds ~65 characters; sockets allow 107
+        tmp = Path("/tmp") / f"lse-ray-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:10]}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(tmp), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    os.environ.update(env)
+    return env
+
+
+def deploy_router(http_host: str = "127.0.0.1", http_port: int = HTTP_PORT, slack: float = SLACK,
+                  proxy_location: str = "EveryNode") -> str:
+    """The router app and Serve's HTTP proxies (on ``http_host`` of every node, loopback unless
+    told: each host's clients resolve locally); its URL on this node."""
+    from ray import serve
+
+    from engine.cluster.router import Router
+    serve.start(proxy_location=proxy_location, http_options={"host": http_host, "port": http_port})
+    app = serve.deployment(Router).options(name="Router", num_replicas=1, ray_actor_options={"num_cpus": 0})
+    serve.run(app.bind(slack), name=APP, route_prefix=ROUTE, blocking=False)
+    return f"http://{http_host}:{http_port}{ROUTE}"
+
+
+def deploy_agent(host: str, endpoint: str, server_key_file: str | None = None,
+                 client_key_file: str | None = None) -> None:
+    """``host``'s agent, on the Ray node that has the resource ``lse_host_<host>``."""
+    from ray import serve
+
+    from engine.cluster.agent import Agent
+    opts = {"num_cpus": 0, "resources": {resource(host): 0.001}}
+    app = serve.deployment(Agent).options(name="Agent", num_replicas=1, ray_actor_options=opts)
+    serve.run(app.bind(host, endpoint, server_key_file, client_key_file), name=AGENT_PREFIX + host,
+              route_prefix=None, blocking=False)
+
+
+def remove_agent(host: str) -> None:
+    from ray import serve
+    serve.delete(AGENT_PREFIX + host)

@@ -33,5 +33,5 @@ def test_the_pipecat_service_in_real_pipelines(shared_engine, engine_factory, tm
     r = subprocess.run([str(PIPECAT_PY), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
                        cwd=REPO / "frontends" / "pipecat", env=env, capture_output=True, text=True, timeout=360)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert "6 passed" in r.stdout, r.stdout[-3000:]
+    assert "9 passed" in r.stdout, r.stdout[-3000:]
     assert doomed.proc.wait(30) is not None                 # the engine it stopped did stop

@@ -28,7 +28,7 @@ from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pipecat.workers.runner import WorkerRunner
 
 from lipsync_pipecat import LipsyncVideoService
-from lipsync_pipecat.smallwebrtc import allow_loopback, fix_video_clock
+from lipsync_pipecat.smallwebrtc import allow_loopback, fix_av_sync
 
 REPO = Path(__file__).resolve().parents[3]
 STATIC = REPO / "frontends" / "web" / "static"
@@ -52,7 +52,8 @@ async def run_bot(conn: SmallWebRTCConnection, args: argparse.Namespace) -> None
         video_out_enabled=True, video_out_is_live=True, video_out_width=args.width, video_out_height=args.height,
         video_out_framerate=25))
     worker = PipelineWorker(Pipeline([transport.input(), MicAsSpeech(),
-                                      LipsyncVideoService(avatar=args.avatar, endpoint=args.engine),
+                                      LipsyncVideoService(avatar=args.avatar, endpoint=args.engine,
+                                                          image_format="I420"),          # for SmallWebRTC
                                       transport.output()]), enable_rtvi=False, idle_timeout_secs=None)
 
     @transport.event_handler("on_client_disconnected")
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speech", type=Path, default=None, help="a WAV the page's 'demo speech' button plays")
     args = ap.parse_args(argv)
     allow_loopback()
-    fix_video_clock()
+    fix_av_sync()
     sys.path.insert(0, str(REPO))
     from frontends.web import webrtc_codecs             # x264 at ultrafast for H.264 (needs only aiortc, av)
     webrtc_codecs.install()

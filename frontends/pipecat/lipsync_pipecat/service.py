@@ -4,7 +4,8 @@ It takes the TTS's audio (``TTSAudioRawFrame``, at whatever rate the TTS speaks,
 16 kHz mono), streams it into a real-time engine stream, and pushes downstream, for each video
 frame k the engine makes, frame k's own 40 ms of that audio (a ``TTSAudioRawFrame``, 16 kHz mono,
 when the frame carries speech) and then the frame (an ``OutputImageRawFrame``, RGB, decoded once
-from the engine's JPEG). So lips and voice leave the service in step: the voice is delayed by as
+from the engine's JPEG; or, with ``image_format="I420"``, its 4:2:0 planes: the cheapest form for
+SmallWebRTC with :func:`lipsync_pipecat.smallwebrtc.fix_av_sync`, whose encoders take them as they are). So lips and voice leave the service in step: the voice is delayed by as
 much as the video (the network's 490 ms look-ahead plus rendering).
 
 - **Idle.** Audio goes to the engine every 40 ms on the service's clock, silence when the TTS is
@@ -49,9 +50,14 @@ class LipsyncVideoService(FrameProcessor):
     """The avatar ``avatar`` of the engine at ``endpoint`` as a Pipecat video service."""
 
     def __init__(self, *, avatar: str, endpoint: str = "tcp://127.0.0.1:5555",
-                 keys: tuple[Path, Path] | None = None, connect_timeout: float = 10.0, **kwargs) -> None:
+                 keys: tuple[Path, Path] | None = None, connect_timeout: float = 10.0,
+                 image_format: str = "RGB", **kwargs) -> None:
         super().__init__(**kwargs)
+        if image_format not in ("RGB", "I420"):
+            raise ValueError(f"image_format must be 'RGB' or 'I420', not {image_format!r}")
         self.avatar, self.endpoint, self.keys, self.connect_timeout = avatar, endpoint, keys, connect_timeout
+        self.image_format = image_format
+        self._mjpeg = None                           # FFmpeg's MJPEG decoder, for I420
         self._client: EngineClient | None = None
         self._stream: str | None = None
         self._tasks: list[asyncio.Task] = []
@@ -170,12 +176,25 @@ class LipsyncVideoService(FrameProcessor):
                 audio = self._audio_of(f.number)
                 if audio is not None:
                     await self.push_frame(TTSAudioRawFrame(audio=audio, sample_rate=RATE, num_channels=1))
-                rgb = simplejpeg.decode_jpeg(f.jpeg, colorspace="RGB")
-                await self.push_frame(OutputImageRawFrame(image=rgb.tobytes(), size=(rgb.shape[1], rgb.shape[0]),
-                                                          format="RGB"))
+                await self.push_frame(self._image(f.jpeg))
                 self.frames_out += 1
         except EngineError as e:
             await self._fail(f"the lipsync engine at {self.endpoint} ended the stream: {e}", e)
+
+    def _image(self, jpeg: bytes) -> OutputImageRawFrame:
+        """The engine's JPEG decoded once: RGB, or with ``image_format="I420"`` its 4:2:0 planes as
+        FFmpeg's MJPEG decoder gives them (full range; Y, then U, then V), which SmallWebRTC's encoders
+        take as they are once :func:`lipsync_pipecat.smallwebrtc.fix_av_sync` is in place."""
+        if self.image_format == "RGB":
+            rgb = simplejpeg.decode_jpeg(jpeg, colorspace="RGB")
+            return OutputImageRawFrame(image=rgb.tobytes(), size=(rgb.shape[1], rgb.shape[0]), format="RGB")
+        import av
+        if self._mjpeg is None:
+            self._mjpeg = av.CodecContext.create("mjpeg", "r")
+        (frame,) = self._mjpeg.decode(av.Packet(jpeg))
+        if frame.format.name != "yuvj420p":                  # the engine's output.chroma_subsampling is not 420
+            frame = frame.reformat(format="yuvj420p")
+        return OutputImageRawFrame(image=frame.to_ndarray().tobytes(), size=(frame.width, frame.height), format="I420")
 
     def _audio_of(self, number: int) -> bytes | None:
         """Frame ``number``'s 40 ms of the TTS's audio as int16 bytes; None for a frame without any."""

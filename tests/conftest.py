@@ -1,6 +1,7 @@
 """Shared fixtures: a small demo avatar, and real engines started as separate processes."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -180,7 +181,8 @@ def make_keys(folder: Path, names: tuple[str, ...], authorised: tuple[str, ...])
     return keys
 
 
-# -- running in parallel (pytest-xdist: ./tools/dev test runs `-n auto --dist loadgroup`) -----------
+# -- running in parallel (pytest-xdist: ./tools/dev test runs `-n auto --dist loadscope`: a module's
+#    tests on one worker, so its module fixtures (a shared engine, a cluster) are made once) ---------
 def pytest_configure(config):
     config.addinivalue_line("markers", "realtime: asserts real-time rates or latencies; under pytest-xdist it "
                                        "runs alone (no other test of any worker runs meanwhile)")
@@ -197,27 +199,15 @@ def pytest_sessionstart(session):
     fill_visual(np.zeros((1, 24, 24, 3), np.uint8), np.empty((1, 6, 16, 16), np.float32))
 
 
-def pytest_collection_modifyitems(config, items):
-    """Tests that use a module-scoped fixture (a shared engine, a generated video) stay on one
-    worker, so it is made once; every other test goes wherever a worker is free."""
-    for item in items:
-        defs = getattr(item, "_fixtureinfo", None)
-        scopes = {d.scope for ds in (defs.name2fixturedefs.values() if defs else ()) for d in ds}
-        if "module" in scopes:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
-
-
-@pytest.fixture(autouse=True)
-def _realtime_runs_alone(request, tmp_path_factory):
-    """A readers-writer lock across the xdist workers: every test holds it shared, a ``realtime``
-    test exclusively, so real-time assertions are not measured against another worker's load. A
-    turnstile taken first keeps a waiting real-time test from being overtaken by later tests."""
+@contextlib.contextmanager
+def _turn(request, tmp_path_factory, exclusive: bool):
+    """A readers-writer lock across the xdist workers (nothing outside xdist): shared, or exclusive.
+    A turnstile taken first keeps a waiting exclusive holder from being overtaken by later tests."""
     if not hasattr(request.config, "workerinput"):
         yield
         return
     import fcntl
     root = tmp_path_factory.getbasetemp().parent
-    exclusive = request.node.get_closest_marker("realtime") is not None
     with open(root / "realtime.turnstile", "a") as gate, open(root / "realtime.lock", "a") as lock:
         fcntl.flock(gate, fcntl.LOCK_EX)
         fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
@@ -226,3 +216,24 @@ def _realtime_runs_alone(request, tmp_path_factory):
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True)
+def _realtime_runs_alone(request, tmp_path_factory):
+    """Every test holds the lock shared, a ``realtime`` test exclusively, so real-time assertions are
+    not measured against another worker's load. A module that uses :func:`module_alone` holds it
+    exclusively from before its module fixtures start to after they stop: its tests take nothing."""
+    if "module_alone" in request.fixturenames:
+        yield
+        return
+    with _turn(request, tmp_path_factory, request.node.get_closest_marker("realtime") is not None):
+        yield
+
+
+@pytest.fixture(scope="module")
+def module_alone(request, tmp_path_factory):
+    """The whole module runs alone (its fixtures too): for a module whose background processes
+    (a Ray cluster) would load the machine under another worker's real-time test. Module fixtures
+    that start such processes depend on it, so it is taken first and given back last."""
+    with _turn(request, tmp_path_factory, True):
+        yield

@@ -26,12 +26,12 @@ DEFAULT_URL = "http://127.0.0.1:8000/lse"
 
 
 def _ray(address: str, cfg) -> None:                               # type: ignore[no-untyped-def]
+    from engine.cluster.deploy import ray_environment
+    ray_environment(cfg.run_path, loopback=address.split(":")[0] in ("127.0.0.1", "localhost"))
     try:
-        import ray
+        import ray                                                  # after: Ray reads its settings at import
     except ImportError:
         raise click.ClickException("Ray is not installed: pip install 'lipsync-engine[cluster]'") from None
-    from engine.cluster.deploy import ray_environment
-    ray_environment(cfg.run_path)
     try:
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     except (ConnectionError, RuntimeError) as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -65,7 +66,7 @@ def emulate(cfg: EngineConfig, n: int, http_port: int, slack: float) -> None:
         else:
             click.echo(f"engine {host} already runs, front {hc.server.front}")
     engines_s = time.monotonic() - t0
-    ray_environment(cfg.run_path)
+    ray_tmp = ray_environment(cfg.run_path)["RAY_TMPDIR"]
     import ray
     from ray.cluster_utils import Cluster
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
@@ -101,6 +102,7 @@ def emulate(cfg: EngineConfig, n: int, http_port: int, slack: float) -> None:
                 step()
             except Exception as e:                      # go on: the engines must still be stopped
                 click.echo(f"warning: {step.__qualname__}: {e}", err=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)        # Ray's session files and logs: ours, gone with it
         if not keep.is_set():
             for host in hosts:
                 try:

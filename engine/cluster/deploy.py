@@ -23,14 +23,18 @@ def resource(host: str) -> str:
     return f"lse_host_{host}"
 
 
-def ray_environment(run_dir: Path) -> dict[str, str]:
-    """Ray's settings for this engine's cluster commands: no usage reports, temp files under the run
-    dir (under /tmp when the run dir's path is too long for Ray's Unix sockets), loopback kept."""
+def ray_environment(run_dir: Path, loopback: bool = True) -> dict[str, str]:
+    """Ray's settings for this engine's cluster commands, set before Ray is imported (it reads them
+    then): no usage reports, temp files under the run dir (under /tmp when the run dir's path is too
+    long for Ray's Unix sockets) and, for a cluster on loopback (the emulation, a head at
+    127.0.0.1), 127.0.0.1 kept as the nodes' address (Ray would put the host's first interface's)."""
     tmp = run_dir / "ray"
     if len(str(tmp.resolve())) > 40:                    # Ray adds ~65 characters; sockets allow 107
         tmp = Path("/tmp") / f"lse-ray-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:10]}"
     tmp.mkdir(parents=True, exist_ok=True)
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(tmp), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(tmp)}
+    if loopback:
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.update(env)
     return env
 

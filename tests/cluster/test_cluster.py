@@ -53,7 +53,7 @@ def ray_processes(tmp: str) -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(module_alone, tmp_path_factory):                # Ray's start-up and idle load: no real-time test beside it
     tmp = tmp_path_factory.mktemp("cluster")
     models = tmp / "models"
     make_demo(models, frames=12)
@@ -78,6 +78,7 @@ def cluster(tmp_path_factory):
         assert time.monotonic() < deadline, ([list_segments(f"{h.server.instance}_") for h in hosts],
                                              ray_processes(ray_tmp))
         time.sleep(0.5)
+    assert not Path(ray_tmp).exists()                       # Ray's files went with it
 
 
 def _ray_tmp(run_dir: Path) -> str:

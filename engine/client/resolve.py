@@ -4,9 +4,10 @@ engine directly and speaks the protocol (``Client.for_avatar``).
 
 ``GET <cluster>/resolve?avatar=NAME`` answers ``{"avatar", "host", "endpoint", "hot", "server_key"}``
 (``server_key``: the engine's CURVE public key, Z85, or null); an error is ``{"error", "message"}``
-with HTTP 404 (``unknown_model``: no host has the avatar) or 503 (``no_host``: every host is down or
-draining). A cluster whose router does not answer (Ray down, the Serve proxy restarting) is
-``cluster_unavailable``.
+with HTTP 404 (``unknown_model``: every host has reported its avatars and none has it; until then
+an unknown name is placed like any other and fails at the engine), 503 (``no_host``: every host is
+down or draining) or 400 (``bad_request``: no avatar named). A cluster whose router does not answer
+(Ray down, the Serve proxy restarting) is ``cluster_unavailable``.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from engine.client.common import EngineError
 
 class ResolveError(EngineError):
     """The cluster could not name an engine for the avatar: ``code`` is ``unknown_model``, ``no_host``,
-    ``cluster_unavailable`` or ``bad_reply``."""
+    ``bad_request``, ``cluster_unavailable`` or ``bad_reply``."""
 
 
 def resolve(cluster: str, avatar: str, timeout: float = 5.0) -> dict[str, Any]:

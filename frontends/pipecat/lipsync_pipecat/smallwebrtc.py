@@ -15,8 +15,8 @@ changes them for every SmallWebRTC transport of the process (call it once, befor
   chunk to be played before it writes the next; the track sends silence whenever its queue is empty.
   On a busy event loop the next chunk often comes a few milliseconds late: 10 ms of silence is put
   into the speech each time, and the voice falls further behind the pictures with every one, for
-  as long as the voice goes on (0.77 s after 3 s with writes 12 ms late, in
-  ``tests/test_smallwebrtc.py``). Here a write queues the chunk and returns: the track plays it in
+  as long as the voice goes on (1.1-1.2 s after 4 s with writes 12 ms late and one 150 ms late, in
+  ``tests/test_smallwebrtc.py``; 39-49 ms with this change). Here a write queues the chunk and returns: the track plays it in
   real time, 10 ms at a time, as before. A stall still leaves the voice behind (what waits in the
   queue stays there while more comes at the same rate), so when more than :data:`KEPT` of it has
   waited at every write for a second, the excess is dropped, oldest first; more than

@@ -160,7 +160,7 @@ def measure_mode(paths: list[str], shared: bool, device: int | None, precision: 
             "first_request_ms": _dist(first_req), "warm_batch_ms": _dist(warm),
             "first_request_vs_warm": round(statistics.median(first_req) / statistics.median(warm), 2) if first_req else None,
             "bytes_per_network": int(per), "weight_bytes": int(wb), "bytes_vs_weights": round(per / wb, 2) if wb else None,
-            "memory_before": mem0, "round_robin_s": round(wall, 2), "rss_growth_bytes": mem3 - mem0,
+            "memory_before": mem0, "round_robin_s": round(wall, 4), "rss_growth_bytes": mem3 - mem0,
             "peak_growth_bytes": peak, "run_ms": run_ms,
             "resident": st["networks"], "sessions_built": st["sessions_built"], "loads": st["loads"]}
 

@@ -16,6 +16,7 @@ def test_both_modes_report_what_they_hold_and_the_memory_growth(tmp_path):
     assert shared["split_ms"]["count"] == 4 and own["split_ms"] is None
     for r in (shared, own):
         assert r["resident_ms"]["count"] == 3 and r["round_robin_s"] > 0
-        assert r["memory_before"] > 0 and r["peak_growth_bytes"] >= r["rss_growth_bytes"] > 0
-    # the shared mode's growth holds at least the weights of its four resident networks
-    assert shared["rss_growth_bytes"] >= 4 * shared["weight_bytes"]
+        assert r["memory_before"] > 0 and r["peak_growth_bytes"] >= r["rss_growth_bytes"]
+    # no bound on the growth here: in a test process that ran other tests, the allocator reuses what
+    # they freed (131 kB of growth for 9.8 MB of weights once in CI); the benchmark, run on its own,
+    # prints the figures (docs/performance.md)

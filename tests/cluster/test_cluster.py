@@ -220,6 +220,27 @@ def test_an_engine_killed_has_its_avatars_resolve_elsewhere_within_10_s(cluster)
     wait_ready(url)
 
 
+def test_a_host_leaves_and_joins_again_through_the_ray_address(cluster):
+    """The commands of a real multi-host set-up (cluster leave/join --address) against the emulation's Ray."""
+    url, cfg, state = cluster["url"], cluster["cfg"], cluster["state"]
+    wait_ready(url)
+    gone = state["hosts"][2]
+    r = ctl(cfg, "leave", "--address", state["ray_address"], "--host", gone["host"], timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    deadline = time.monotonic() + 15
+    while gone["host"] in {h["host"] for h in json.loads(ctl(cfg, "status", "--json").stdout)["hosts"]}:
+        assert time.monotonic() < deadline, "the router still lists the host that left"
+        time.sleep(0.5)
+    assert all(resolve(url, name)["host"] != gone["host"] for name in AVATARS)
+    r = ctl(cfg, "join", "--address", state["ray_address"], "--host", gone["host"], "--endpoint", gone["endpoint"],
+            timeout=120)
+    assert r.returncode == 0 and "deployed" in r.stdout, r.stdout + r.stderr
+    wait_ready(url)
+    held = {name for name in AVATARS if holds(gone["endpoint"], name)}         # its engine kept serving
+    st = json.loads(ctl(cfg, "status", "--json").stdout)
+    assert held and held <= set({h["host"]: h for h in st["hosts"]}[gone["host"]]["hot"])
+
+
 def test_with_ray_stopped_streams_go_on_and_resolve_fails_clearly_until_ray_is_back(cluster):
     url, cfg = cluster["url"], cluster["cfg"]
     wait_ready(url)

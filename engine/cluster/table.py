@@ -52,23 +52,25 @@ class Table:
             host.known = set(report["known"])
         host.error, host.server_key = report.get("error", ""), report.get("server_key")
         host.streams, host.gpus, host.reported = int(report.get("streams", 0)), int(report.get("gpus", 0)), now
+        for name, (_, when) in list(self.placed.items()):          # expired placements, once a report
+            if now - when > PLACED_S:
+                del self.placed[name]
 
     def forget(self, name: str) -> None:
         self.hosts.pop(name, None)
 
-    def views(self, now: float) -> list[HostView]:
-        """Each host as the ranking sees it: stale hosts unhealthy, recent placements hot."""
+    def views(self, now: float, avatar: str) -> list[HostView]:
+        """Each host as the ranking sees it for ``avatar``: stale hosts unhealthy, and hot where the
+        router placed it recently (its reported set is shared, not copied: a resolve is O(hosts))."""
+        placed = self.placed.get(avatar)
+        if placed is not None and now - placed[1] > PLACED_S:
+            del self.placed[avatar]
+            placed = None
         out = []
         for h in self.hosts.values():
-            v = HostView(h.view.name, h.view.endpoint, h.view.healthy and now - h.reported <= STALE_S,
-                         h.view.draining, h.view.load, h.view.free_bytes, set(h.view.hot))
-            out.append(v)
-        by_name = {v.name: v for v in out}
-        for avatar, (name, when) in list(self.placed.items()):
-            if now - when > PLACED_S:
-                del self.placed[avatar]
-            elif name in by_name:
-                by_name[name].hot.add(avatar)
+            hot = h.view.hot | {avatar} if placed is not None and placed[0] == h.view.name else h.view.hot
+            out.append(HostView(h.view.name, h.view.endpoint, h.view.healthy and now - h.reported <= STALE_S,
+                                h.view.draining, h.view.load, h.view.free_bytes, hot))
         return out
 
     def resolve(self, avatar: str, now: float | None = None) -> tuple[int, dict[str, Any]]:
@@ -80,7 +82,7 @@ class Table:
                     and not any(avatar in h.known for h in self.hosts.values()):          # type: ignore[operator]
                 self.counts["unknown_model"] += 1
                 return 404, {"error": "unknown_model", "message": f"no engine host has an avatar named {avatar!r}"}
-            views = self.views(now)
+            views = self.views(now, avatar)
             try:
                 view, hot = choose(avatar, views, self.slack)
             except NoHost as e:

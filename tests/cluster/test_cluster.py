@@ -162,16 +162,22 @@ def run_stream(url: str, seconds: float, out: dict) -> None:
         out["error"] = e
 
 
-def test_a_live_stream_keeps_its_host_and_a_drained_host_takes_nothing_new(cluster):
-    url, cfg = cluster["url"], cluster["cfg"]
-    wait_ready(url)
+def streaming(url: str, seconds: float) -> tuple[threading.Thread, dict]:
+    """:func:`run_stream` in a thread, once its first frames have come."""
     out: dict = {}
-    t = threading.Thread(target=run_stream, args=(url, 6.0, out))
+    t = threading.Thread(target=run_stream, args=(url, seconds, out))
     t.start()
     deadline = time.monotonic() + 30
     while "frames" not in out and t.is_alive():
         assert time.monotonic() < deadline
         time.sleep(0.1)
+    return t, out
+
+
+def test_a_live_stream_keeps_its_host_and_a_drained_host_takes_nothing_new(cluster):
+    url, cfg = cluster["url"], cluster["cfg"]
+    wait_ready(url)
+    t, out = streaming(url, 6.0)
     host = resolve(url, "demo")
     assert host["endpoint"] == out["endpoint"] and host["hot"]          # demo stays where its stream runs
     r = ctl(cfg, "drain", host["host"])
@@ -244,13 +250,7 @@ def test_a_host_leaves_and_joins_again_through_the_ray_address(cluster):
 def test_with_ray_stopped_streams_go_on_and_resolve_fails_clearly_until_ray_is_back(cluster):
     url, cfg = cluster["url"], cluster["cfg"]
     wait_ready(url)
-    out: dict = {}
-    t = threading.Thread(target=run_stream, args=(url, 8.0, out))
-    t.start()
-    deadline = time.monotonic() + 30
-    while "frames" not in out and t.is_alive():
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    t, out = streaming(url, 8.0)
     r = ctl(cfg, "stop", "--keep-engines")                             # Ray's head and Serve gone
     assert r.returncode == 0, r.stdout + r.stderr
     with pytest.raises(ResolveError) as e:

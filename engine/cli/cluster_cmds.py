@@ -70,13 +70,17 @@ def cluster() -> None:
 @click.option("--http-host", default="127.0.0.1", show_default=True,
               help="where Serve's HTTP proxies listen for resolves (loopback unless you open it)")
 @click.option("--http-port", default=8000, show_default=True)
+@click.option("--resolve-host", default=None, help="where the router's own resolve listener listens (default: "
+              "--http-host); it runs on the Ray head node")
+@click.option("--resolve-port", default=8001, show_default=True,
+              help="the router's own resolve listener, the fast path that skips Serve's proxy (0: none)")
 @click.option("--slack", default=2.0, show_default=True, help="load (busy units per GPU) a hot host may exceed "
               "the least loaded by and still get its avatars")
 @click.option("--detach", is_flag=True, help="with --emulate: in the background (log: <run_dir>/cluster/cluster.log)")
 @click.option("--timeout", default=300.0, show_default=True, help="seconds to wait for ready with --detach")
 @click.pass_context
-def start(ctx: click.Context, n: int | None, address: str | None, http_host: str, http_port: int, slack: float,
-          detach: bool, timeout: float) -> None:
+def start(ctx: click.Context, n: int | None, address: str | None, http_host: str, http_port: int,
+          resolve_host: str | None, resolve_port: int, slack: float, detach: bool, timeout: float) -> None:
     """Start the control plane: an emulated cluster (--emulate N) or the router on a Ray cluster (--address)."""
     cfg = cfg_of(ctx)
     if (n is None) == (address is None):
@@ -84,17 +88,19 @@ def start(ctx: click.Context, n: int | None, address: str | None, http_host: str
     if address is not None:
         _ray(address, cfg)
         from engine.cluster.deploy import deploy_router
-        click.echo(f"router deployed: resolve at {deploy_router(http_host, http_port, slack)}")
+        url, proxy = deploy_router(http_host, http_port, slack, resolve_host=resolve_host, resolve_port=resolve_port)
+        click.echo(f"router deployed: resolve at {url}" + (f" (through Serve's proxy: {proxy})" if url != proxy else ""))
         return
-    if http_host != "127.0.0.1":
+    if http_host != "127.0.0.1" or resolve_host not in (None, "127.0.0.1"):
         raise click.UsageError("the emulation listens on loopback only")
     if not detach:
-        emulate(cfg, n, http_port, slack)
+        emulate(cfg, n, http_port, resolve_port, slack)
         return
     root = cluster_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, "-m", "engine.cli"] + (["--config", cfg.source] if cfg.source else [])
-    args += ["cluster", "start", "--emulate", str(n), "--http-port", str(http_port), "--slack", str(slack)]
+    args += ["cluster", "start", "--emulate", str(n), "--http-port", str(http_port), "--resolve-port", str(resolve_port),
+             "--slack", str(slack)]
     with open(root / "cluster.log", "ab") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=str(cfg.root_dir) if cfg.source else None)
@@ -163,7 +169,8 @@ def status(ctx: click.Context, url: str | None, as_json: bool) -> None:
                    f"{h['free_bytes'] / 1e6:9.0f} {h['resolved']:8d}  {h['endpoint']}"
                    + (f"  ({h['error']})" if h["error"] else ""))
     ratio = st["hit_ratio"]
-    click.echo(f"resolves {st['resolves']}; hit ratio {'-' if ratio is None else f'{100 * ratio:.1f}%'}")
+    click.echo(f"resolves {st['resolves']}; hit ratio {'-' if ratio is None else f'{100 * ratio:.1f}%'}"
+               + (f"; the router's listener: {st['listen']}" if st.get("listen") else ""))
 
 
 @cluster.command()

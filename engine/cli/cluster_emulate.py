@@ -48,7 +48,7 @@ def host_config(cfg: EngineConfig, host: str) -> EngineConfig:
     return load_config(path)
 
 
-def emulate(cfg: EngineConfig, n: int, http_port: int, slack: float) -> None:
+def emulate(cfg: EngineConfig, n: int, http_port: int, resolve_port: int, slack: float) -> None:
     """Run the emulation until a signal (see the module's doc)."""
     from engine.cluster.deploy import deploy_agent, deploy_router, ray_environment, resource
     state = read_state(cfg)
@@ -83,10 +83,10 @@ def emulate(cfg: EngineConfig, n: int, http_port: int, slack: float) -> None:
             cluster.add_node(num_cpus=1, resources={resource(host): 1})
         ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
         handle_signals()                               # ray.init puts its own SIGTERM handler (exit) in place
-        url = deploy_router("127.0.0.1", http_port, slack, proxy_location="HeadOnly")
+        url, proxy = deploy_router("127.0.0.1", http_port, slack, proxy_location="HeadOnly", resolve_port=resolve_port)
         for host in hosts:
             deploy_agent(host, configs[host].server.front)
-        state = {"pid": os.getpid(), "url": url, "ray_address": cluster.address, "ready": True,
+        state = {"pid": os.getpid(), "url": url, "serve_url": proxy, "ray_address": cluster.address, "ready": True,
                  "started_s": round(time.monotonic() - t0, 1), "engines_s": round(engines_s, 1),
                  "hosts": [{"host": h, "endpoint": configs[h].server.front, "config": configs[h].source}
                            for h in hosts]}

@@ -8,13 +8,16 @@ with HTTP 404 (``unknown_model``: every host has reported its avatars and none h
 an unknown name is placed like any other and fails at the engine), 503 (``no_host``: every host is
 down or draining) or 400 (``bad_request``: no avatar named). A cluster whose router does not answer
 (Ray down, the Serve proxy restarting) is ``cluster_unavailable``.
+
+Each thread keeps one HTTP/1.1 connection per cluster open between resolves (a new TCP connection
+costs about as much as the router's answer); one the server has closed meanwhile is replaced once.
 """
 from __future__ import annotations
 
+import http.client
 import json
-import urllib.error
+import threading
 import urllib.parse
-import urllib.request
 from typing import Any
 
 from engine.client.common import EngineError
@@ -25,23 +28,62 @@ class ResolveError(EngineError):
     ``bad_request``, ``cluster_unavailable`` or ``bad_reply``."""
 
 
+_local = threading.local()          # .conns: (scheme, netloc) -> this thread's kept-alive connection
+_STALE = (http.client.RemoteDisconnected, http.client.CannotSendRequest, ConnectionResetError, BrokenPipeError)
+
+
+def _get(url: str, timeout: float) -> tuple[int, bytes]:
+    """``GET url`` over this thread's kept-alive connection to its server: (HTTP status, body)."""
+    u = urllib.parse.urlsplit(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    conns: dict = _local.__dict__.setdefault("conns", {})
+    key = (u.scheme, u.netloc)
+    target = u.path + (f"?{u.query}" if u.query else "")
+    while True:
+        conn = conns.pop(key, None)
+        reused = conn is not None
+        if conn is None:
+            kind = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+            conn = kind(u.hostname, u.port, timeout=timeout)
+        else:
+            conn.timeout = timeout
+            if conn.sock is not None:
+                conn.sock.settimeout(timeout)
+        try:
+            conn.request("GET", target)
+            r = conn.getresponse()
+            body = r.read()
+        except _STALE:
+            conn.close()
+            if reused:                               # the server closed it while idle: once on a new one
+                continue
+            raise
+        except BaseException:
+            conn.close()
+            raise
+        if r.will_close:
+            conn.close()
+        else:
+            conns[key] = conn
+        return r.status, body
+
+
 def resolve(cluster: str, avatar: str, timeout: float = 5.0) -> dict[str, Any]:
     """Where ``avatar`` should be served: the router's answer (see the module's doc)."""
     url = f"{cluster.rstrip('/')}/resolve?{urllib.parse.urlencode({'avatar': avatar})}"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            body = r.read()
-    except urllib.error.HTTPError as e:
+        status, body = _get(url, timeout)
+    except (OSError, http.client.HTTPException) as e:
+        raise ResolveError("cluster_unavailable", f"the cluster at {cluster} does not answer ({e or type(e).__name__}): "
+                           "is Ray up and the router deployed (engine-ctl cluster status)?") from None
+    if status != 200:
         try:
-            err = json.loads(e.read())
+            err = json.loads(body)
             raise ResolveError(str(err["error"]), str(err["message"])) from None
         except (ValueError, KeyError, TypeError):
-            raise ResolveError("cluster_unavailable", f"the cluster at {cluster} answered HTTP {e.code} "
+            raise ResolveError("cluster_unavailable", f"the cluster at {cluster} answered HTTP {status} "
                                f"for avatar {avatar!r}: is its router deployed?") from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise ResolveError("cluster_unavailable", f"the cluster at {cluster} does not answer ({reason}): is Ray "
-                           "up and the router deployed (engine-ctl cluster status)?") from None
     try:
         out = json.loads(body)
         out["endpoint"]                                         # noqa: B018 (checked present)

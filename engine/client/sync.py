@@ -59,7 +59,7 @@ class Client:
     @classmethod
     def for_avatar(cls, cluster: str, avatar: str, *, resolve_timeout: float = 5.0, **kwargs: Any) -> Client:
         """A client of the engine a cluster's router (``engine-ctl cluster``) picks for ``avatar``:
-        ``cluster`` is its resolve URL (e.g. ``http://127.0.0.1:8000/lse``); ``kwargs`` as for the
+        ``cluster`` is its resolve URL (e.g. ``http://127.0.0.1:8001/lse``); ``kwargs`` as for the
         constructor. With ``keys``, the server key the cluster names for that engine is used.
         :class:`engine.client.resolve.ResolveError` when the cluster cannot name one."""
         from engine.client.resolve import with_server_key

@@ -12,10 +12,11 @@ import os
 from pathlib import Path
 
 from engine.cluster.ranking import SLACK
-from engine.cluster.router import AGENT_PREFIX, APP
+from engine.cluster.router import AGENT_PREFIX, APP, ROUTE
 
-ROUTE = "/lse"
 HTTP_PORT = 8000
+RESOLVE_PORT = 8001
+HEAD = "node:__internal_head__"                     # Ray's resource of the head node
 
 
 def resource(host: str) -> str:
@@ -40,16 +41,22 @@ def ray_environment(run_dir: Path, loopback: bool = True) -> dict[str, str]:
 
 
 def deploy_router(http_host: str = "127.0.0.1", http_port: int = HTTP_PORT, slack: float = SLACK,
-                  proxy_location: str = "EveryNode") -> str:
-    """The router app and Serve's HTTP proxies (on ``http_host`` of every node, loopback unless
-    told: each host's clients resolve locally); its URL on this node."""
+                  proxy_location: str = "EveryNode", resolve_host: str | None = None,
+                  resolve_port: int = RESOLVE_PORT) -> tuple[str, str]:
+    """The router app on the head node, its own resolve listener (``resolve_host:resolve_port``,
+    ``http_host`` unless told; none with port 0) and Serve's HTTP proxies (on ``http_host`` of every
+    node, loopback unless told: each host's clients can resolve locally). Returns the URL to resolve
+    at (the listener's, else the proxy's on this node) and the proxy's URL on this node."""
     from ray import serve
 
     from engine.cluster.router import Router
     serve.start(proxy_location=proxy_location, http_options={"host": http_host, "port": http_port})
-    app = serve.deployment(Router).options(name="Router", num_replicas=1, ray_actor_options={"num_cpus": 0})
-    serve.run(app.bind(slack), name=APP, route_prefix=ROUTE, blocking=False)
-    return f"http://{http_host}:{http_port}{ROUTE}"
+    listen = (resolve_host or http_host, resolve_port) if resolve_port else None
+    opts = {"num_cpus": 0, "resources": {HEAD: 0.001}}   # pinned: the listener's address is the head's
+    app = serve.deployment(Router).options(name="Router", num_replicas=1, ray_actor_options=opts)
+    serve.run(app.bind(slack, listen), name=APP, route_prefix=ROUTE, blocking=False)
+    proxy = f"http://{http_host}:{http_port}{ROUTE}"
+    return (f"http://{listen[0]}:{listen[1]}{ROUTE}" if listen else proxy), proxy
 
 
 def deploy_agent(host: str, endpoint: str, server_key_file: str | None = None,

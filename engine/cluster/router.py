@@ -12,6 +12,9 @@ agent to load it. HTTP, under the app's route prefix (``/lse`` by default):
 - ``POST /drain?host=NAME`` (``&undo=1`` to take work again): no new avatars there;
 - ``GET /metrics``: Prometheus' text format.
 
+The same routes are served by the replica's own listener (:mod:`engine.cluster.listener`,
+``listen=(host, port)``), the fast resolve path that skips Serve's proxy.
+
 Python callers with a Ray connection use a handle instead:
 ``serve.get_app_handle("lse").resolve.remote("demo").result()`` (same bodies, errors included).
 """
@@ -28,6 +31,7 @@ from engine.cluster.table import Table
 log = logging.getLogger("engine.cluster.router")
 
 APP = "lse"
+ROUTE = "/lse"                                         # the app's route prefix; the listener's URLs use it too
 AGENT_PREFIX = "lse-agent-"
 POLL_S = 0.5
 DISCOVER_S = 2.0
@@ -35,11 +39,19 @@ REPORT_TIMEOUT_S = 2.0
 
 
 class Router:
-    def __init__(self, slack: float = SLACK) -> None:
+    def __init__(self, slack: float = SLACK, listen: tuple[str, int] | None = None) -> None:
         self.table = Table(slack)
         self._agents: dict[str, Any] = {}              # host -> DeploymentHandle of its agent
         self._background: set[asyncio.Task] = set()
         self._task = asyncio.get_running_loop().create_task(self._run())
+        self.listener = None
+        if listen is not None:
+            from engine.cluster.listener import Listener
+            self.listener = Listener(self.__call__, *listen)
+
+    def __del__(self) -> None:
+        if getattr(self, "listener", None) is not None:
+            self.listener.close()
 
     async def _run(self) -> None:
         discovered = 0.0
@@ -92,8 +104,14 @@ class Router:
     async def resolve(self, avatar: str) -> dict[str, Any]:
         return self._resolve(avatar)[1]
 
+    def _status(self) -> dict[str, Any]:
+        out = self.table.status()
+        if self.listener is not None:                  # where the fast resolve path answers
+            out["listen"] = f"http://{self.listener.url_host}:{self.listener.port}{ROUTE}"
+        return out
+
     async def status(self) -> dict[str, Any]:
-        return self.table.status()
+        return self._status()
 
     async def drain(self, host: str, on: bool = True) -> dict[str, Any]:
         if host not in self._agents:
@@ -115,7 +133,7 @@ class Router:
             status, body = self._resolve(q["avatar"])
             return JSONResponse(body, status)
         if path == "status" and request.method == "GET":
-            return JSONResponse(self.table.status())
+            return JSONResponse(self._status())
         if path == "metrics" and request.method == "GET":
             return PlainTextResponse(self.table.metrics(), media_type="text/plain; version=0.0.4")
         if path == "drain" and request.method == "POST":

@@ -63,13 +63,17 @@ def cluster(module_alone, tmp_path_factory):                # Ray's start-up and
         make_avatar(models, name, 500 + i, small)
     cfg = write_config(tmp / "engine.toml", models, tmp / "run", f"t{os.getpid()}cl", "[compositor]\nprocesses = 1\n",
                        server=os.environ.get("LSE_CLUSTER_TEST_SERVER", ""))
-    port = free_port()
-    r = ctl(cfg, "start", "--emulate", "3", "--detach", "--http-port", str(port))
+    port, rport = free_port(), free_port()
+    while rport == port:
+        rport = free_port()
+    r = ctl(cfg, "start", "--emulate", "3", "--detach", "--http-port", str(port), "--resolve-port", str(rport))
     assert r.returncode == 0, r.stdout + r.stderr
     state = json.loads((tmp / "run" / "cluster" / "state.json").read_text())
     print(f"\nemulated 3-host cluster ready in {state['started_s']} s (engines {state['engines_s']} s)")
     ray_tmp = os.environ.get("RAY_TMPDIR") or _ray_tmp(tmp / "run")
-    yield {"cfg": cfg, "url": state["url"], "state": state, "port": port, "ray_tmp": ray_tmp}
+    assert state["url"] == f"http://127.0.0.1:{rport}/lse"                # the router's own listener
+    assert state["serve_url"] == f"http://127.0.0.1:{port}/lse"           # Serve's proxy
+    yield {"cfg": cfg, "url": state["url"], "state": state, "port": port, "rport": rport, "ray_tmp": ray_tmp}
     r = ctl(cfg, "stop")
     assert r.returncode == 0, r.stdout + r.stderr
     hosts = [load_config(h["config"]) for h in state["hosts"]]
@@ -142,6 +146,11 @@ def test_zipf_requests_land_where_their_avatar_is_hot(cluster):
     assert sum(spread.values()) >= len(AVATARS) and min(spread.values()) >= 5     # spread over the hosts
     with Client.for_avatar(url, AVATARS[0], timeout=30) as c:          # the client resolves for the caller
         assert holds(c.resolved, AVATARS[0]) and c.composite(AVATARS[0], AUDIO).frames
+    assert st["listen"] == url                                          # status names the fast path
+    proxy = cluster["state"]["serve_url"]                               # Serve's proxy: the same router
+    for name in AVATARS[:5]:
+        assert resolve(proxy, name)["endpoint"] == resolve(url, name)["endpoint"]
+    assert json.load(urllib.request.urlopen(proxy + "/status", timeout=5))["listen"] == url
 
 
 def run_stream(url: str, seconds: float, out: dict) -> None:
@@ -192,7 +201,7 @@ def test_a_live_stream_keeps_its_host_and_a_drained_host_takes_nothing_new(clust
     assert n >= 6.0 * 25 and [f.number for f in out["frames"]] == list(range(n))   # it ended normally
     ctl(cfg, "drain", host["host"], "--undo")
     text = ctl(cfg, "status").stdout
-    assert "hit ratio" in text and host["host"] in text
+    assert "hit ratio" in text and host["host"] in text and f"the router's listener: {url}" in text
 
 
 def test_an_engine_killed_has_its_avatars_resolve_elsewhere_within_10_s(cluster):
@@ -259,7 +268,8 @@ def test_with_ray_stopped_streams_go_on_and_resolve_fails_clearly_until_ray_is_b
     t.join(60)
     assert out.get("done") and "error" not in out, out.get("error")
     assert [f.number for f in out["frames"]] == list(range(len(out["frames"])))
-    r = ctl(cfg, "start", "--emulate", "3", "--detach", "--http-port", str(cluster["port"]))
+    r = ctl(cfg, "start", "--emulate", "3", "--detach", "--http-port", str(cluster["port"]),
+            "--resolve-port", str(cluster["rport"]))
     assert r.returncode == 0, r.stdout + r.stderr                       # the same engines, found running
     assert "already runs" in (Path(cluster["cfg"]).parent / "run" / "cluster" / "cluster.log").read_text()
     wait_ready(url)

@@ -27,14 +27,23 @@ class Router:
     """A thread serving ``GET /lse/resolve?avatar=NAME`` from ``answers[NAME]`` = (status, content
     type, body bytes); records each request's path."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_alive: bool = False) -> None:
         self.answers: dict[str, tuple[int, str, bytes]] = {}
         self.paths: list[str] = []
+        self.peers: list[tuple[str, int]] = []             # each request's client address
+        self.sockets: list = []                            # each connection's server side
         router = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
+            def setup(self) -> None:
+                super().setup()
+                router.sockets.append(self.connection)
+
             def do_GET(self) -> None:                      # noqa: N802 (http.server's name)
                 router.paths.append(self.path)
+                router.peers.append(self.client_address)
                 url = urllib.parse.urlsplit(self.path)
                 avatar = urllib.parse.parse_qs(url.query).get("avatar", [""])[0]
                 if url.path != "/lse/resolve" or avatar not in router.answers:
@@ -62,6 +71,15 @@ class Router:
     def json(self, avatar: str, status: int, body) -> None:
         self.answers[avatar] = (status, "application/json", json.dumps(body).encode())
 
+    def drop_connections(self) -> None:
+        """Close every client connection from the server's side, as an idle timeout does."""
+        import socket
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -85,6 +103,32 @@ def test_a_200_reply_is_the_dict_and_the_avatar_is_quoted(router):
     assert resolve(router.url + "/", odd)["endpoint"] == "tcp://10.0.0.2:5555"     # a trailing slash is fine
     assert len(router.paths) == 2 and all(p.startswith("/lse/resolve?avatar=") for p in router.paths)
     assert "&" not in router.paths[0].split("?", 1)[1]                              # one query parameter
+
+
+def test_a_thread_keeps_one_connection_and_replaces_one_the_server_closed():
+    router = Router(keep_alive=True)
+    try:
+        for name in ("a", "b"):
+            router.json(name, 200, reply("tcp://10.0.0.2:5555", name))
+        router.json("x", 404, {"error": "unknown_model", "message": "no x"})
+        for name in ("a", "b", "a"):
+            assert resolve(router.url, name)["avatar"] == name
+        with pytest.raises(ResolveError, match="unknown_model"):           # an error reply keeps it too
+            resolve(router.url, "x")
+        assert resolve(router.url, "b")["avatar"] == "b"
+        assert len(set(router.peers)) == 1, router.peers                    # five resolves, one connection
+        router.drop_connections()                                            # the server closes it while idle
+        time.sleep(0.1)
+        assert resolve(router.url, "a")["avatar"] == "a"                    # a new one, no error
+        assert len(set(router.peers)) == 2
+        other: list = []
+        t = threading.Thread(target=lambda: other.append(resolve(router.url, "b")))
+        t.start()
+        t.join(10)
+        assert other and other[0]["avatar"] == "b"
+        assert len(set(router.peers)) == 3                                  # another thread: its own
+    finally:
+        router.close()
 
 
 @pytest.mark.parametrize("status,code,message", [

@@ -43,6 +43,8 @@ class Router:
         self.table = Table(slack)
         self._agents: dict[str, Any] = {}              # host -> DeploymentHandle of its agent
         self._background: set[asyncio.Task] = set()
+        self._started = time.monotonic()
+        self._heard = False                            # a first round of discovery and reports is done
         self._task = asyncio.get_running_loop().create_task(self._run())
         self.listener = None
         if listen is not None:
@@ -61,6 +63,7 @@ class Router:
                     await self._discover()
                     discovered = time.monotonic()
                 await asyncio.gather(*(self._poll(h, a) for h, a in list(self._agents.items())))
+                self._heard = True
             except Exception:                          # never let the loop die: log and go on
                 log.exception("the router's poll loop failed; retrying")
             await asyncio.sleep(POLL_S)
@@ -96,6 +99,11 @@ class Router:
     # -- the methods (handle callers) ----------------------------------------------------------------
 
     def _resolve(self, avatar: str) -> tuple[int, dict[str, Any]]:
+        if not self._heard:                            # a new replica knows no host yet: not "no_host"
+            self.table.counts["starting"] += 1
+            return 503, {"error": "cluster_unavailable", "message": "the router started "
+                         f"{time.monotonic() - self._started:.1f} s ago and has not heard from the hosts' agents "
+                         "yet: retry in a second"}
         status, body = self.table.resolve(avatar)
         if status == 200 and not body["hot"] and body["host"] in self._agents:     # load it there now
             self._prepare(body["host"], avatar)

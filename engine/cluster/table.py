@@ -32,7 +32,8 @@ class Table:
     slack: float = SLACK
     hosts: dict[str, Host] = field(default_factory=dict)
     placed: dict[str, tuple[str, float]] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=lambda: {"hit": 0, "miss": 0, "no_host": 0, "unknown_model": 0})
+    counts: dict[str, int] = field(default_factory=lambda: {"hit": 0, "miss": 0, "no_host": 0, "unknown_model": 0,
+                                                                      "starting": 0})
     latency: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
     latency_sum: float = 0.0
 

@@ -204,6 +204,56 @@ def test_a_live_stream_keeps_its_host_and_a_drained_host_takes_nothing_new(clust
     assert "hit ratio" in text and host["host"] in text and f"the router's listener: {url}" in text
 
 
+def router_replicas(state: dict) -> list[psutil.Process]:
+    """The router replica's process (Ray titles it ``ray::ServeReplica:lse:Router``) under the emulation."""
+    out = []
+    for p in psutil.Process(int(state["pid"])).children(recursive=True):
+        try:
+            if (p.cmdline() or [""])[0].startswith("ray::ServeReplica:lse:Router"):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_a_router_replica_killed_is_replaced_on_its_port_and_streams_go_on(cluster):
+    """kill -9 of the router replica: Serve starts another (on the head node), its listener takes the
+    same port, and until it has heard from the agents resolves fail with cluster_unavailable, never
+    a wrong answer or a hang; a running stream is untouched."""
+    url = cluster["url"]
+    wait_ready(url)
+    deadline, cold = time.monotonic() + 120, list(AVATARS)
+    while cold:                                                         # all hot where they resolve
+        assert time.monotonic() < deadline, f"not hot after 120 s: {cold}"
+        cold = [a for a in cold if not resolve(url, a)["hot"]]
+        time.sleep(0.5 if cold else 0)
+    t, out = streaming(url, 6.0)
+    [old] = router_replicas(cluster["state"])
+    old.kill()
+    old.wait(10)
+    t0, refused = time.monotonic(), []
+    while True:
+        try:
+            where = resolve(url, AVATARS[3], timeout=3)
+            break
+        except ResolveError as e:
+            assert e.code == "cluster_unavailable", e
+            refused.append(e.message)
+        assert time.monotonic() - t0 < 90, f"no resolve for 90 s after the router was killed: {refused[-3:]}"
+        time.sleep(0.2)
+    back_s = time.monotonic() - t0
+    [new] = router_replicas(cluster["state"])
+    assert new.pid != old.pid
+    assert refused, "a resolve answered while no router ran"
+    assert where["endpoint"] in {h["endpoint"] for h in cluster["state"]["hosts"]}
+    assert all(resolve(url, name)["hot"] for name in AVATARS)           # the new router learns who holds what
+    print(f"\nrouter replica replaced: resolves answered again {back_s:.1f} s after the kill "
+          f"({len(refused)} refused meanwhile, e.g. {refused[-1]!r})")
+    t.join(60)
+    assert out.get("done") and "error" not in out, out.get("error")
+    assert [f.number for f in out["frames"]] == list(range(len(out["frames"])))
+
+
 def test_an_engine_killed_has_its_avatars_resolve_elsewhere_within_10_s(cluster):
     url = cluster["url"]
     wait_ready(url)
@@ -286,5 +336,6 @@ def test_the_router_metrics(cluster):
     text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
     series = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
     assert float(series['lse_cluster_resolves_total{result="unknown_model"}']) >= 1
+    assert 'lse_cluster_resolves_total{result="starting"}' in series      # refused before the first reports
     assert float(series['lse_cluster_resolve_seconds_count']) >= 2
     assert sum(float(series[f'lse_cluster_host_up{{host="h{i}"}}']) for i in range(3)) == 3

@@ -138,7 +138,7 @@ def test_hits_misses_and_the_hit_ratio():
     got = [t.resolve(x, now=T0)[1].get("hot") for x in seq]
     assert got == [True, True, False, True, True, False, None]
     st = t.status(T0)
-    assert st["resolves"] == {"hit": 4, "miss": 2, "no_host": 0, "unknown_model": 1}
+    assert st["resolves"] == {"hit": 4, "miss": 2, "no_host": 0, "unknown_model": 1, "starting": 0}
     assert st["hit_ratio"] == round(4 / 6, 4)
     assert sum(h["resolved"] for h in st["hosts"]) == 6
     t2 = table(rep("h0", healthy=False))

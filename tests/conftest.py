@@ -200,7 +200,7 @@ def pytest_sessionstart(session):
 
 
 @contextlib.contextmanager
-def _turn(request, tmp_path_factory, exclusive: bool):
+def _turn(request, tmp_path_factory, exclusive: bool, name: str = "realtime"):
     """A readers-writer lock across the xdist workers (nothing outside xdist): shared, or exclusive.
     A turnstile taken first keeps a waiting exclusive holder from being overtaken by later tests."""
     if not hasattr(request.config, "workerinput"):
@@ -208,7 +208,7 @@ def _turn(request, tmp_path_factory, exclusive: bool):
         return
     import fcntl
     root = tmp_path_factory.getbasetemp().parent
-    with open(root / "realtime.turnstile", "a") as gate, open(root / "realtime.lock", "a") as lock:
+    with open(root / f"{name}.turnstile", "a") as gate, open(root / f"{name}.lock", "a") as lock:
         fcntl.flock(gate, fcntl.LOCK_EX)
         fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         fcntl.flock(gate, fcntl.LOCK_UN)
@@ -221,19 +221,29 @@ def _turn(request, tmp_path_factory, exclusive: bool):
 @pytest.fixture(autouse=True)
 def _realtime_runs_alone(request, tmp_path_factory):
     """Every test holds the lock shared, a ``realtime`` test exclusively, so real-time assertions are
-    not measured against another worker's load. A module that uses :func:`module_alone` holds it
-    exclusively from before its module fixtures start to after they stop: its tests take nothing."""
-    if "module_alone" in request.fixturenames:
+    not measured against another worker's load. A module that uses :func:`no_realtime_beside` holds
+    it (shared) from before its module fixtures start to after they stop: its tests take nothing."""
+    if "no_realtime_beside" in request.fixturenames:
         yield
         return
-    with _turn(request, tmp_path_factory, request.node.get_closest_marker("realtime") is not None):
+    realtime = request.node.get_closest_marker("realtime") is not None
+    if realtime and hasattr(request.config, "workerinput"):
+        # the test's other fixtures first (engines, browsers, bots start beside other tests), so the
+        # exclusive turn covers the test itself; they are torn down after it is given back
+        params = getattr(getattr(request.node, "callspec", None), "params", {})
+        for name in request.fixturenames:
+            if name not in ("_realtime_runs_alone", "request") and name not in params:
+                request.getfixturevalue(name)
+    with _turn(request, tmp_path_factory, realtime):
         yield
 
 
 @pytest.fixture(scope="module")
-def module_alone(request, tmp_path_factory):
-    """The whole module runs alone (its fixtures too): for a module whose background processes
-    (a Ray cluster) would load the machine under another worker's real-time test. Module fixtures
-    that start such processes depend on it, so it is taken first and given back last."""
-    with _turn(request, tmp_path_factory, True):
+def no_realtime_beside(request, tmp_path_factory):
+    """No ``realtime`` test runs while the module does (its fixtures included), nor another module
+    that uses this; other tests may: for a module whose background processes (a Ray cluster) load
+    the machine the whole time, which would skew another worker's real-time assertions (and two Ray
+    clusters at once would skew each other). Module fixtures that start such processes depend on
+    it, so it is taken first and given back last."""
+    with _turn(request, tmp_path_factory, True, "background"), _turn(request, tmp_path_factory, False):
         yield

@@ -4,7 +4,7 @@ On one machine, to try it or test it: ``start --emulate N`` (engine.cli.cluster_
 hosts: the head runs ``ray start --head`` and ``cluster start --address``; each engine host runs its
 engine, ``ray start --address HEAD --resources '{"lse_host_NAME": 1}'`` and ``cluster join``.
 ``status``, ``resolve`` and ``drain`` speak HTTP to the router (``--url``, else the emulation's, else
-http://127.0.0.1:8000/lse)."""
+Serve's proxy on this node, http://127.0.0.1:8000/lse)."""
 from __future__ import annotations
 
 import json
@@ -23,6 +23,7 @@ from engine.supervisor.supervisor import pid_alive
 from engine.cli.common import cfg_of, print_json
 
 DEFAULT_URL = "http://127.0.0.1:8000/lse"
+URL_HELP = "the router's URL (default: the emulation's, else Serve's proxy on this node, " + DEFAULT_URL + ")"
 
 
 def _ray(address: str, cfg) -> None:                               # type: ignore[no-untyped-def]
@@ -51,8 +52,12 @@ def _http(method: str, url: str) -> dict:
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.load(r)
     except urllib.error.HTTPError as e:
-        body = json.loads(e.read() or b"{}")
-        raise click.ClickException(f"{body.get('error', e.code)}: {body.get('message', '')}") from None
+        try:
+            body = json.loads(e.read() or b"{}")
+            raise click.ClickException(f"{body['error']}: {body['message']}") from None
+        except (ValueError, KeyError, TypeError):
+            raise click.ClickException(f"the cluster's router at {url.rsplit('/', 1)[0]} answered HTTP {e.code}: "
+                                       "is the router deployed (or restarting)?") from None
     except (urllib.error.URLError, OSError) as e:
         raise click.ClickException(f"the cluster's router at {url.rsplit('/', 1)[0]} does not answer "
                                    f"({getattr(e, 'reason', e)}): is Ray up and the router deployed?") from None
@@ -68,7 +73,8 @@ def cluster() -> None:
               help="run N engines as N Ray nodes on this machine (tests, trying it)")
 @click.option("--address", default=None, help="an existing Ray cluster (the head's HOST:PORT): deploy the router there")
 @click.option("--http-host", default="127.0.0.1", show_default=True,
-              help="where Serve's HTTP proxies listen for resolves (loopback unless you open it)")
+              help="where Serve's HTTP proxies listen for resolves (loopback unless you open it); "
+              "also the router's listener unless --resolve-host")
 @click.option("--http-port", default=8000, show_default=True)
 @click.option("--resolve-host", default=None, help="where the router's own resolve listener listens (default: "
               "--http-host); it runs on the Ray head node")
@@ -153,7 +159,7 @@ def leave(ctx: click.Context, address: str, name: str) -> None:
 
 
 @cluster.command()
-@click.option("--url", default=None, help="the router's URL (default: the emulation's, else " + DEFAULT_URL + ")")
+@click.option("--url", default=None, help=URL_HELP)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def status(ctx: click.Context, url: str | None, as_json: bool) -> None:
@@ -175,7 +181,7 @@ def status(ctx: click.Context, url: str | None, as_json: bool) -> None:
 
 @cluster.command()
 @click.argument("avatar")
-@click.option("--url", default=None)
+@click.option("--url", default=None, help=URL_HELP)
 @click.pass_context
 def resolve(ctx: click.Context, avatar: str, url: str | None) -> None:
     """The engine the router picks for AVATAR (JSON: host, endpoint, hot, server_key)."""
@@ -189,7 +195,7 @@ def resolve(ctx: click.Context, avatar: str, url: str | None) -> None:
 @cluster.command()
 @click.argument("host")
 @click.option("--undo", is_flag=True, help="take new work again")
-@click.option("--url", default=None)
+@click.option("--url", default=None, help=URL_HELP)
 @click.pass_context
 def drain(ctx: click.Context, host: str, undo: bool, url: str | None) -> None:
     """No new avatars on HOST; its running streams and connected clients go on."""

@@ -6,11 +6,13 @@ engine directly and speaks the protocol (``Client.for_avatar``).
 (``server_key``: the engine's CURVE public key, Z85, or null); an error is ``{"error", "message"}``
 with HTTP 404 (``unknown_model``: every host has reported its avatars and none has it; until then
 an unknown name is placed like any other and fails at the engine), 503 (``no_host``: every host is
-down or draining) or 400 (``bad_request``: no avatar named). A cluster whose router does not answer
-(Ray down, the Serve proxy restarting) is ``cluster_unavailable``.
+down or draining; ``cluster_unavailable``: a new router replica that has not polled the agents yet)
+or 400 (``bad_request``: no avatar named). A cluster whose router does not answer (Ray down, the
+router replica restarting) is ``cluster_unavailable`` too.
 
-Each thread keeps one HTTP/1.1 connection per cluster open between resolves (a new TCP connection
-costs about as much as the router's answer); one the server has closed meanwhile is replaced once.
+Each thread keeps one HTTP/1.1 connection per server (host and port) open between resolves (a new
+TCP connection costs about as much as the router's answer); one the server has closed meanwhile is
+replaced once.
 """
 from __future__ import annotations
 

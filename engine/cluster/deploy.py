@@ -44,8 +44,9 @@ def deploy_router(http_host: str = "127.0.0.1", http_port: int = HTTP_PORT, slac
                   proxy_location: str = "EveryNode", resolve_host: str | None = None,
                   resolve_port: int = RESOLVE_PORT) -> tuple[str, str]:
     """The router app on the head node, its own resolve listener (``resolve_host:resolve_port``,
-    ``http_host`` unless told; none with port 0) and Serve's HTTP proxies (on ``http_host`` of every
-    node, loopback unless told: each host's clients can resolve locally). Returns the URL to resolve
+    ``http_host`` unless told; none with port 0) and Serve's HTTP proxies (on ``http_host``, loopback
+    unless told, of every node unless ``proxy_location`` says otherwise: each host's clients can
+    resolve locally). Returns the URL to resolve
     at (the listener's, else the proxy's on this node) and the proxy's URL on this node."""
     from ray import serve
 
@@ -55,8 +56,10 @@ def deploy_router(http_host: str = "127.0.0.1", http_port: int = HTTP_PORT, slac
     opts = {"num_cpus": 0, "resources": {HEAD: 0.001}}   # pinned: the listener's address is the head's
     app = serve.deployment(Router).options(name="Router", num_replicas=1, ray_actor_options=opts)
     serve.run(app.bind(slack, listen), name=APP, route_prefix=ROUTE, blocking=False)
-    proxy = f"http://{http_host}:{http_port}{ROUTE}"
-    return (f"http://{listen[0]}:{listen[1]}{ROUTE}" if listen else proxy), proxy
+    def url(host: str, port: int) -> str:
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}{ROUTE}"
+    proxy = url(http_host, http_port)
+    return (url(*listen) if listen else proxy), proxy
 
 
 def deploy_agent(host: str, endpoint: str, server_key_file: str | None = None,

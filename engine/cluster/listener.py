@@ -3,9 +3,10 @@
 Through Serve's HTTP proxy every request is an actor call from the proxy to the router replica and
 back, a few milliseconds on a loaded host (docs/performance.md). The router replica also serves the
 same routes itself on a port of its own (``--resolve-port``, 8001 by default), with uvicorn (which
-Ray Serve ships) on the replica's own event loop, so a resolve is one loopback HTTP exchange and the
+Ray Serve ships) on the replica's own event loop, so a resolve is one HTTP exchange and the
 router's ranking. The router runs on the Ray head node, so this URL is the head's address and that
-port; Serve's proxy path (port 8000 on every node) stays for callers that cannot reach the head.
+port; Serve's proxy path (port 8000, on every node by default) stays for callers that cannot reach
+the head.
 """
 from __future__ import annotations
 

@@ -3,12 +3,13 @@
 It finds the agents by their Serve applications (``lse-agent-<host>``), asks each for its report
 every :data:`POLL_S`, and ranks hosts with :mod:`engine.cluster.ranking` over the state in
 :class:`engine.cluster.table.Table`. On a placement where the avatar is not hot it asks that host's
-agent to load it. HTTP, under the app's route prefix (``/lse`` by default):
+agent to load it. HTTP, under the app's route prefix (``/lse``):
 
-- ``GET /resolve?avatar=NAME``: ``{"avatar", "host", "endpoint", "hot", "server_key"}``; 404
-  ``unknown_model``, 503 ``no_host`` as ``{"error", "message"}``;
+- ``GET /resolve?avatar=NAME``: ``{"avatar", "host", "endpoint", "hot", "server_key"}``; as
+  ``{"error", "message"}``: 404 ``unknown_model``, 503 ``no_host``, 400 ``bad_request`` (no avatar
+  named), 503 ``cluster_unavailable`` (a new replica that has not polled the agents yet);
 - ``GET /status``: per host (endpoint, healthy, draining, load, streams, free bytes, avatars hot,
-  resolves) and the hit ratio;
+  resolves), the hit ratio and ``listen`` (the listener's URL);
 - ``POST /drain?host=NAME`` (``&undo=1`` to take work again): no new avatars there;
 - ``GET /metrics``: Prometheus' text format.
 

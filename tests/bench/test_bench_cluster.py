@@ -1,10 +1,10 @@
 """The cluster's resolve path on an emulated 3-host cluster (``engine-ctl cluster start --emulate 3``:
 real Ray Serve, three real engines holding 30 small avatars and the demo), every avatar hot: resolve
-latency over HTTP on loopback to the router's own listener (``resolve()`` as ``Client.for_avatar``
-calls it: a connection kept alive per thread; and a new connection per resolve) and through Serve's
-proxy, the same client against a bare Serve deployment answering a constant (Serve's HTTP path
-without the router) and against a standard-library HTTP server (no Ray: the client and loopback
-alone), through a ``DeploymentHandle`` from a driver process, resolves per second with a few client
+latency over HTTP on loopback (``resolve()`` as ``Client.for_avatar`` calls it: a connection kept
+alive per thread) to the router's own listener and through Serve's proxy, the same client against a
+bare Serve deployment answering a constant (Serve's HTTP path without the router) and against a
+standard-library HTTP server (no Ray: the client and loopback alone), each HTTP path again with a
+new connection per resolve, through a ``DeploymentHandle`` from a driver process, resolves per second with a few client
 threads calling ``resolve()``, and the emulation's memory (PSS, Ray's processes apart from the
 engines') and start-up time. Prints the figures and a summary line; asserts nothing about time.
 
@@ -230,7 +230,7 @@ def test_resolve_over_http(benchmark, hot, summary):
 
 
 def test_resolve_through_serve_proxy(benchmark, hot, summary):
-    """The same client through Serve's HTTP proxy (the URL that answers on every node)."""
+    """The same client through Serve's HTTP proxy (``serve_url``; on the head node only in the emulation)."""
     samples, extra, _ = both_ways(hot["state"]["serve_url"], hot)
     report(benchmark, summary, "proxy", "resolve() through Serve's proxy (kept-alive connection)", samples, **extra)
 

@@ -64,16 +64,30 @@ async def run_bot(conn: SmallWebRTCConnection, args: argparse.Namespace) -> None
 
 def make_app(args: argparse.Namespace) -> web.Application:
     app = web.Application()
-    bots: set[asyncio.Task] = set()
+    bots: dict[asyncio.Task, SmallWebRTCConnection] = {}
 
     async def offer(request: web.Request) -> web.Response:
         body = await request.json()
         conn = SmallWebRTCConnection()
         await conn.initialize(sdp=body["sdp"], type=body["type"])
         task = asyncio.create_task(run_bot(conn, args))
-        bots.add(task)
-        task.add_done_callback(bots.discard)
+        bots[task] = conn
+        task.add_done_callback(lambda t: bots.pop(t, None))
         return web.json_response(conn.get_answer())
+
+    async def stop_bots(_app: web.Application) -> None:
+        """On SIGTERM/Ctrl-C: hang up every peer (its pipeline ends), then cancel what is left."""
+        async def hang_up(conn: SmallWebRTCConnection) -> None:
+            try:
+                await asyncio.wait_for(conn.disconnect(), 3)
+            except Exception:                          # noqa: BLE001 (going away either way)
+                pass
+        await asyncio.gather(*(hang_up(c) for c in list(bots.values())))
+        if bots:
+            await asyncio.wait(list(bots), timeout=3)
+        for task in list(bots):
+            task.cancel()
+    app.on_shutdown.append(stop_bots)
 
     async def avatars(_r: web.Request) -> web.Response:
         return web.json_response({"engine": args.engine, "avatars": [{"name": args.avatar}]})
@@ -105,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from frontends.web import webrtc_codecs             # x264 at ultrafast for H.264 (needs only aiortc, av)
     webrtc_codecs.install()
     print(f"echo bot: http://{args.host}:{args.port}/ (engine {args.engine}, avatar {args.avatar})", flush=True)
-    web.run_app(make_app(args), host=args.host, port=args.port, print=None)
+    web.run_app(make_app(args), host=args.host, port=args.port, print=None, shutdown_timeout=2)
     return 0
 
 

@@ -132,9 +132,6 @@ def test_the_pipecat_echo_bot_over_smallwebrtc_in_chromium(echo_bot, rtc_browser
         c.load("demo")
     w = watch(rtc_browser, echo_bot + "/", "video/H264")
     # the service hands each frame's voice and image out together (frontends/pipecat/tests), and
-    # fix_av_sync keeps them so through SmallWebRTC (its own test). In Chromium: -11 to -33 ms and 25
-    # frames/s on a quiet machine, like the gateway's path; with other work loading the 2 cores, the
-    # video's arrival stalls, Chromium's jitter buffer grows to 150-570 ms and the offset to -77 ..
-    # -1002 ms (before fix_av_sync and after, 2026-12-06). So the bounds here stay wider than the issue's
-    # (60 ms, 24 frames/s, asserted on the gateway's path): the voice-agent issue's open item
-    check(w, "video/H264", "Pipecat's SmallWebRTC echo bot", max_offset_ms=200, min_rate=23.0)
+    # fix_av_sync keeps them so through SmallWebRTC (its own test): the bounds, as the gateway's
+    # path (-20 to -25 ms and 25 frames/s in 5 runs on 2026-12-06; -15 ms beside a busy core)
+    check(w, "video/H264", "Pipecat's SmallWebRTC echo bot")

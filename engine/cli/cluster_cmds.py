@@ -94,7 +94,11 @@ def start(ctx: click.Context, n: int | None, address: str | None, http_host: str
     if address is not None:
         _ray(address, cfg)
         from engine.cluster.deploy import deploy_router
-        url, proxy = deploy_router(http_host, http_port, slack, resolve_host=resolve_host, resolve_port=resolve_port)
+        try:
+            url, proxy = deploy_router(http_host, http_port, slack, resolve_host=resolve_host,
+                                       resolve_port=resolve_port)
+        except Exception as e:                          # Serve's error names the replica's (a taken port...)
+            raise click.ClickException(f"could not deploy the router: {e}") from None
         click.echo(f"router deployed: resolve at {url}" + (f" (through Serve's proxy: {proxy})" if url != proxy else ""))
         return
     if http_host != "127.0.0.1" or resolve_host not in (None, "127.0.0.1"):

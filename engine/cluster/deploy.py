@@ -55,7 +55,16 @@ def deploy_router(http_host: str = "127.0.0.1", http_port: int = HTTP_PORT, slac
     listen = (resolve_host or http_host, resolve_port) if resolve_port else None
     opts = {"num_cpus": 0, "resources": {HEAD: 0.001}}   # pinned: the listener's address is the head's
     app = serve.deployment(Router).options(name="Router", num_replicas=1, ray_actor_options=opts)
-    serve.run(app.bind(slack, listen), name=APP, route_prefix=ROUTE, blocking=False)
+    try:
+        serve.run(app.bind(slack, listen), name=APP, route_prefix=ROUTE, blocking=False)
+    except RuntimeError as e:                          # Serve says only "failed": add the replica's reason
+        why = ""
+        try:
+            why = serve.status().applications[APP].deployments["Router"].message
+        except Exception:                              # noqa: BLE001 (the first error is the one to show)
+            pass
+        raise RuntimeError(f"{e} {why}".strip()) from None
+
     def url(host: str, port: int) -> str:
         return f"http://{f'[{host}]' if ':' in host else host}:{port}{ROUTE}"
     proxy = url(http_host, http_port)

@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable
 
 log = logging.getLogger("engine.cluster.listener")
 
-BIND_WAIT_S = 10.0       # a replica that replaces another may start before the old one's socket is closed
+BIND_WAIT_S = 3.0        # a replica that replaces another may start before the old one's socket is closed
 KEEP_ALIVE_S = 75.0      # an idle kept-alive client connection is closed after this
 
 

@@ -89,11 +89,12 @@ class AsyncClient:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise EngineTimeout(self.timeout, self.watch.why())
-                try:
-                    reply = await asyncio.wait_for(asyncio.shield(fut), min(left, 0.1))
+                # asyncio.wait, not wait_for: under Python 3.11 a cancel that comes as wait_for's own
+                # timeout fires can be lost, and this loop then went on until the deadline
+                done, _ = await asyncio.wait((fut,), timeout=min(left, 0.1))
+                if done:
+                    reply = fut.result()
                     break
-                except asyncio.TimeoutError:
-                    continue
         except BaseException:
             self._waiting.pop(req_id, None)
             fut.cancel()
@@ -190,8 +191,9 @@ class AsyncStream:
         q = self.client._events.setdefault(self.id, asyncio.Queue())
         while True:
             try:
-                ev = await asyncio.wait_for(q.get(), 0.1)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(0.1):     # not wait_for: it can lose a cancel (Python 3.11)
+                    ev = await q.get()
+            except TimeoutError:
                 self.client._check()                 # a dropped connection ends the stream
                 continue
             f = event_frame(self, ev)

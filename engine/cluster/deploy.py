@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from engine.cluster.ranking import SLACK
-from engine.cluster.router import AGENT_PREFIX, APP, ROUTE
+from engine.cluster.router import AGENT_PREFIX, APP, ROUTE, http_url
 
 HTTP_PORT = 8000
 RESOLVE_PORT = 8001
@@ -64,11 +64,8 @@ def deploy_router(http_host: str = "127.0.0.1", http_port: int = HTTP_PORT, slac
         except Exception:                              # noqa: BLE001 (the first error is the one to show)
             pass
         raise RuntimeError(f"{e} {why}".strip()) from None
-
-    def url(host: str, port: int) -> str:
-        return f"http://{f'[{host}]' if ':' in host else host}:{port}{ROUTE}"
-    proxy = url(http_host, http_port)
-    return (url(*listen) if listen else proxy), proxy
+    proxy = http_url(http_host, http_port)
+    return (http_url(*listen) if listen else proxy), proxy
 
 
 def deploy_agent(host: str, endpoint: str, server_key_file: str | None = None,

@@ -74,9 +74,5 @@ class Listener:
         if not task.cancelled() and task.exception() is not None:
             log.error("the router's resolve listener on %s:%d stopped: %r", self.host, self.port, task.exception())
 
-    @property
-    def url_host(self) -> str:
-        return f"[{self.host}]" if ":" in self.host else self.host
-
     def close(self) -> None:
         self.server.should_exit = True

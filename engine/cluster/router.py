@@ -39,6 +39,11 @@ DISCOVER_S = 2.0
 REPORT_TIMEOUT_S = 2.0
 
 
+def http_url(host: str, port: int) -> str:
+    """The router's URL at ``host:port`` (an IPv6 address bracketed)."""
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}{ROUTE}"
+
+
 class Router:
     def __init__(self, slack: float = SLACK, listen: tuple[str, int] | None = None) -> None:
         self.table = Table(slack)
@@ -116,7 +121,7 @@ class Router:
     def _status(self) -> dict[str, Any]:
         out = self.table.status()
         if self.listener is not None:                  # where the fast resolve path answers
-            out["listen"] = f"http://{self.listener.url_host}:{self.listener.port}{ROUTE}"
+            out["listen"] = http_url(self.listener.host, self.listener.port)
         return out
 
     async def status(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from engine.client.resolve import resolve
 from engine.runtime.config import load_config
 from engine.supervisor.supervisor import read_pid
 from engine.testing.measure import Report, percentiles, record
-from tests.cluster.test_cluster import AVATARS, cluster, ray_processes, wait_ready  # noqa: F401 (a fixture)
+from tests.cluster.test_cluster import AVATARS, cluster, make_hot, ray_processes, wait_ready  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -49,14 +49,8 @@ CONSTANT_APP = "bench-constant"
 @pytest.fixture(scope="module")
 def hot(cluster):  # noqa: F811
     """The cluster with every avatar resolved once and hot where it resolves."""
-    url = cluster["url"]
-    wait_ready(url)
-    deadline = time.monotonic() + 120
-    cold = list(AVATARS)
-    while cold:
-        assert time.monotonic() < deadline, f"not hot after 120 s: {cold}"
-        cold = [a for a in cold if not resolve(url, a)["hot"]]          # the first resolve asks for a load
-        time.sleep(0.5 if cold else 0)
+    wait_ready(cluster["url"])
+    make_hot(cluster["url"])
     return cluster
 
 

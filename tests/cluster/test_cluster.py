@@ -109,6 +109,15 @@ def wait_ready(url: str, hosts: int = 3, timeout: float = 30) -> dict:
         time.sleep(0.5)
 
 
+def make_hot(url: str, timeout: float = 120) -> None:
+    """Resolve every avatar until each is hot where it resolves (the first resolve asks for a load)."""
+    deadline, cold = time.monotonic() + timeout, list(AVATARS)
+    while cold:
+        assert time.monotonic() < deadline, f"not hot after {timeout:g} s: {cold}"
+        cold = [a for a in cold if not resolve(url, a)["hot"]]
+        time.sleep(0.5 if cold else 0)
+
+
 def holds(endpoint: str, avatar: str) -> bool:
     with Client(endpoint, timeout=10) as c:
         return any(m["name"] == avatar and m["state"] == "loaded" for m in c.models())
@@ -222,11 +231,7 @@ def test_a_router_replica_killed_is_replaced_on_its_port_and_streams_go_on(clust
     a wrong answer or a hang; a running stream is untouched."""
     url = cluster["url"]
     wait_ready(url)
-    deadline, cold = time.monotonic() + 120, list(AVATARS)
-    while cold:                                                         # all hot where they resolve
-        assert time.monotonic() < deadline, f"not hot after 120 s: {cold}"
-        cold = [a for a in cold if not resolve(url, a)["hot"]]
-        time.sleep(0.5 if cold else 0)
+    make_hot(url)
     t, out = streaming(url, 6.0)
     [old] = router_replicas(cluster["state"])
     old.kill()

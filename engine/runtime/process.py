@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -73,6 +74,7 @@ class Role:
         self.idx = idx
         self.hb_slot = hb_slot
         self.stopping = False
+        self.supervisor = os.getpid()     # made in the supervisor, which then starts the process
 
     @property
     def identity(self) -> bytes:
@@ -83,9 +85,15 @@ class Role:
         return f"{self.role}-{self.idx}"
 
     def main(self) -> None:
-        """Entry point in the child (spawned)."""
+        """Entry point in the child (forked from the supervisor's fork server)."""
         setup_logging(self.cfg.server.log_level, self.label, self.cfg.server.log_format)
-        self.parent = os.getppid()
+        # the supervisor is not our parent (the fork server is, and lives as long as we hold its
+        # pipe): a pidfd says when it is gone, kill -9 included
+        try:
+            self.supervisor_fd: int | None = os.pidfd_open(self.supervisor)
+        except ProcessLookupError:
+            self.supervisor_fd = None
+            self.stopping = True
         # Ctrl-C reaches the whole process group: only the supervisor reacts, then stops us cleanly
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self._on_term)
@@ -126,10 +134,10 @@ class Role:
 
     def beat(self) -> None:
         self.heartbeats.beat(self.hb_slot)
-        if os.getppid() != self.parent:
+        if self.supervisor_fd is None or select.select([self.supervisor_fd], [], [], 0)[0]:
             # the supervisor is gone (kill -9): stop too; its next start removes what it owned
             if not self.stopping:
-                log.warning("%s: supervisor %d is gone, stopping", self.label, self.parent)
+                log.warning("%s: supervisor %d is gone, stopping", self.label, self.supervisor)
             self.stopping = True
 
     def init_process(self) -> None:

@@ -1,8 +1,10 @@
 """The supervisor: owns the shared memory, spawns and watches every engine process.
 
 It creates the heartbeat segment and one batch ring per GPU worker (and unlinks them at stop),
-then spawns, with the ``spawn`` start method and without ever loading CUDA itself, the front,
-one GPU worker per (GPU, slot) and the compositor pool. It answers ``engine-ctl`` on the control
+then starts, without ever loading CUDA itself, the front, one GPU worker per (GPU, slot) and the
+compositor pool. They are forked from a fork server (multiprocessing's ``forkserver`` method) that
+has loaded their modules and kernels once (:mod:`engine.supervisor.preload`): a child, and a dead
+one's replacement, starts without importing them again. It answers ``engine-ctl`` on the control
 socket. Signals only set a flag; the loop does the work (gunicorn's arbiter).
 
 A child that dies is respawned and the front is told, so it fails or re-dispatches what that
@@ -135,7 +137,8 @@ class Supervisor:
         self.backend.setsockopt(zmq.IDENTITY, b"sup")
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.connect(cfg.backend_endpoint)
-        self.mp = mp.get_context("spawn")
+        self.mp = mp.get_context("forkserver")
+        self.mp.set_forkserver_preload(["engine.supervisor.preload"])
         self._start_metrics()                       # before any child: they inherit the metrics folder
 
     def _preflight(self) -> None:

@@ -121,6 +121,7 @@ def audios(rec: Recorder) -> list[tuple[float, TTSAudioRawFrame]]:
     return [(t, f) for t, f in rec.out if isinstance(f, TTSAudioRawFrame)]
 
 
+@pytest.mark.realtime
 def test_speech_in_synchronised_audio_and_video_out_idle_frames_around_it():
     pcm = speech()
     service = LipsyncVideoService(avatar="demo", endpoint=os.environ["LSE_ENDPOINT"])
@@ -145,6 +146,7 @@ def test_speech_in_synchronised_audio_and_video_out_idle_frames_around_it():
     assert len(talking) == len(auds) and len(imgs) - len(talking) > 50
 
 
+@pytest.mark.realtime
 def test_barge_in_stops_the_voice_at_once_and_idle_frames_go_on():
     pcm = speech()
     source = TTSStandIn(pcm, delay=0.5, interrupt_after=1.5)

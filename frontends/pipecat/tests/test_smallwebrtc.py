@@ -8,6 +8,7 @@ import asyncio
 import time
 
 import numpy as np
+import pytest
 import simplejpeg
 from pipecat.frames.frames import OutputAudioRawFrame
 from pipecat.transports.smallwebrtc.transport import RawAudioTrack, RawVideoTrack, SmallWebRTCClient
@@ -59,6 +60,7 @@ async def lag_of_the_voice(write, seconds: float = 4.0, late: float = 0.012, sta
     return np.array(lags)
 
 
+@pytest.mark.realtime
 def test_the_voice_stays_with_its_frames_when_writes_come_late():
     before = asyncio.run(lag_of_the_voice(ORIGINAL))
     fix_av_sync()

@@ -19,6 +19,8 @@ from engine.runtime.shm import list_segments
 from engine.supervisor.control import control
 from engine.runtime.derived import dump_toml, free_port  # noqa: F401 - free_port: the tests import it from here
 
+pytest_plugins = ["tests.scheduling"]          # the order and the units the xdist workers get
+
 
 @pytest.fixture(scope="session")
 def models_root(tmp_path_factory) -> Path:
@@ -234,7 +236,12 @@ def _realtime_runs_alone(request, tmp_path_factory):
         for name in request.fixturenames:
             if name not in ("_realtime_runs_alone", "request") and name not in params:
                 request.getfixturevalue(name)
-    with _turn(request, tmp_path_factory, realtime):
+        # a Ray cluster module running: wait for its end without the turnstile, which would stop
+        # every other worker meanwhile
+        with _turn(request, tmp_path_factory, False, "background"), _turn(request, tmp_path_factory, True):
+            yield
+        return
+    with _turn(request, tmp_path_factory, False):
         yield
 
 

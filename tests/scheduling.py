@@ -1,0 +1,107 @@
+"""How ``./tools/dev test`` spreads the suite over pytest-xdist's workers (conftest.py imports these
+hooks). Most tests wait (engines at 25 frames/s, timeouts, Ray), so the suite runs more workers than
+cores; what limits it is the tests that must not share the machine:
+
+- ``realtime`` tests run alone (conftest's ``_realtime_runs_alone``): they go last, one unit per
+  module, after every other test, so no worker waits for one while there is other work;
+- the modules whose fixtures keep a Ray cluster running (they use ``no_realtime_beside``) must not
+  overlap one another: they go first, as one unit, so one worker runs them back to back while the
+  others take the rest;
+- everything else: xdist's ``loadscope`` units (a module on one worker, so its module fixtures are
+  made once), the longest first (WEIGHTS), so no long module is left to start at the end.
+
+The workers know the marks and fixtures, the controller (which schedules) sees only test ids: each
+worker writes the groups it found to a file the controller reads when collection is done.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+BACKGROUND = "~background"              # the unit of the Ray cluster modules
+REALTIME = "~realtime:"                 # + the module: a module's real-time tests
+
+# seconds a module took on the 2-core VM (2026-12-06; without its real-time tests): only the order
+# depends on them, so a stale figure costs time, never a result. Modules not named: 0.5 s a test.
+WEIGHTS = {
+    "tests/worker/test_gpu_worker.py": 90, "tests/front/test_streams.py": 60,
+    "tests/integration/test_integration.py": 45, "tests/supervisor/test_supervisor.py": 55,
+    "tests/testing/test_plugin.py": 40, "tests/bench/test_bench_import.py": 35,
+    "tests/front/test_bounds.py": 35, "tests/avatars/test_real_footage.py": 30,
+    "tests/integration/test_shared_sessions.py": 40, "tests/integration/test_chaos.py": 30,
+    "tests/runtime/test_metrics.py": 25, "tests/cli/test_cli.py": 25, "tests/test_gpu_bench.py": 30,
+    "tests/bench/test_bench_barge_in.py": 25, "tests/frontends/test_browser.py": 20,
+    "tests/frontends/test_gateway.py": 20, "tests/avatars/test_avatar_import.py": 20,
+    "tests/supervisor/test_prometheus.py": 20, "tests/frontends/test_webrtc.py": 20,
+    "tests/frontends/test_pipecat.py": 20, "tests/frontends/test_node_client.py": 12,
+    "tests/front/test_security.py": 20, "tests/cluster/test_agent.py": 12, "tests/front/test_barge_in.py": 12,
+}
+
+
+def group_of(item: pytest.Item) -> str | None:
+    if "no_realtime_beside" in item.fixturenames:
+        return BACKGROUND
+    if item.get_closest_marker("realtime") is not None:
+        return REALTIME + item.nodeid.split("::")[0]
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None):
+        config._lse_groups = Path(tempfile.mkdtemp(prefix="lse-groups-")) / "groups.json"
+        config.option.loadscopereorder = False          # the units in the order the workers collected
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    path = getattr(config, "_lse_groups", None)
+    if path is not None:
+        path.unlink(missing_ok=True)
+        path.parent.rmdir()
+
+
+def pytest_configure_node(node) -> None:
+    path = getattr(node.config, "_lse_groups", None)
+    if path is not None:
+        node.workerinput["lse_groups"] = str(path)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not hasattr(config, "workerinput") or "lse_groups" not in config.workerinput:
+        return
+    groups = {item.nodeid: group_of(item) for item in items}
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+
+    def weight(module: str) -> float:
+        return WEIGHTS.get(module, 0.5 * len(modules[module]))
+    plain = sorted(modules, key=lambda m: -weight(m))
+    order = ([i for i in items if groups[i.nodeid] == BACKGROUND]
+             + [i for m in plain for i in modules[m] if groups[i.nodeid] is None]
+             + [i for m in modules for i in modules[m] if (groups[i.nodeid] or "").startswith(REALTIME)])
+    items[:] = order
+    path = Path(config.workerinput["lse_groups"])
+    tmp = path.with_name(f"{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({k: v for k, v in groups.items() if v}))
+    os.replace(tmp, path)                                # every worker writes the same
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    if config.getvalue("dist") != "loadscope" or getattr(config, "_lse_groups", None) is None:
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:
+                path = config._lse_groups
+                self.groups = json.loads(path.read_text()) if path.exists() else {}
+            return self.groups.get(nodeid) or super()._split_scope(nodeid)
+
+    return GroupScheduling(config, log)

@@ -2,8 +2,10 @@
 hooks). Most tests wait (engines at 25 frames/s, timeouts, Ray), so the suite runs more workers than
 cores; what limits it is the tests that must not share the machine:
 
-- ``realtime`` tests run alone (conftest's ``_realtime_runs_alone``): they go last, one unit per
-  module, after every other test, so no worker waits for one while there is other work;
+- ``realtime`` tests run alone (conftest's ``_realtime_runs_alone``): they go last, all in one unit,
+  after every other test, so no worker waits for one while there is other work. One unit, so one
+  worker runs them one after the other: their fixtures (engines, Chromium, bots) start before their
+  turn, and another real-time test's start-up would load the machine under the one that runs;
 - the modules whose fixtures keep a Ray cluster running (they use ``no_realtime_beside``) must not
   overlap one another: they go first, as one unit, so one worker runs them back to back while the
   others take the rest;
@@ -23,7 +25,7 @@ from pathlib import Path
 import pytest
 
 BACKGROUND = "~background"              # the unit of the Ray cluster modules
-REALTIME = "~realtime:"                 # + the module: a module's real-time tests
+REALTIME = "~realtime"                  # the unit of the real-time tests
 
 # seconds a module took on the 2-core VM (2026-12-06; without its real-time tests): only the order
 # depends on them, so a stale figure costs time, never a result. Modules not named: 0.5 s a test.
@@ -46,7 +48,7 @@ def group_of(item: pytest.Item) -> str | None:
     if "no_realtime_beside" in item.fixturenames:
         return BACKGROUND
     if item.get_closest_marker("realtime") is not None:
-        return REALTIME + item.nodeid.split("::")[0]
+        return REALTIME
     return None
 
 
@@ -82,7 +84,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     plain = sorted(modules, key=lambda m: -weight(m))
     order = ([i for i in items if groups[i.nodeid] == BACKGROUND]
              + [i for m in plain for i in modules[m] if groups[i.nodeid] is None]
-             + [i for m in modules for i in modules[m] if (groups[i.nodeid] or "").startswith(REALTIME)])
+             + [i for m in modules for i in modules[m] if groups[i.nodeid] == REALTIME])
     items[:] = order
     path = Path(config.workerinput["lse_groups"])
     tmp = path.with_name(f"{path.name}.{os.getpid()}")

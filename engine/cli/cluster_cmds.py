@@ -19,7 +19,7 @@ import urllib.request
 import click
 
 from engine.cli.cluster_emulate import cluster_dir, emulate, read_state
-from engine.supervisor.supervisor import pid_alive
+from engine.supervisor.control import pid_alive
 from engine.cli.common import cfg_of, print_json
 
 DEFAULT_URL = "http://127.0.0.1:8000/lse"

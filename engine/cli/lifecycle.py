@@ -44,7 +44,7 @@ def start_detached(cfg: EngineConfig, timeout: float = 300.0) -> None:
 
 
 def stop_engine(cfg: EngineConfig, timeout: float = 30.0) -> None:
-    from engine.supervisor.supervisor import pid_alive, read_pid
+    from engine.supervisor.control import pid_alive, read_pid
     pid = read_pid(cfg)
     if control(cfg, "stop", 2.0) is None and pid is None:
         raise click.ClickException("no engine is running")

@@ -9,6 +9,7 @@ Exit codes tell the supervisor why a child ended: 0 asked to stop, ``EXIT_BOOT``
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -64,6 +65,16 @@ class Heartbeats:
         self.segment.close()
 
 
+def run_role(cls: str, args: tuple, supervisor: int) -> None:
+    """A child's entry point: make the role ``cls`` ("module:Class") with ``args`` and run it. The
+    supervisor names the class, so it never imports the roles' modules (the fork server it starts
+    its children from has them loaded)."""
+    module, name = cls.split(":")
+    role = getattr(importlib.import_module(module), name)(*args)
+    role.supervisor = supervisor
+    role.main()
+
+
 class Role:
     """Base of a child process role. Subclasses set ``role`` and implement init_process/run."""
 
@@ -74,7 +85,7 @@ class Role:
         self.idx = idx
         self.hb_slot = hb_slot
         self.stopping = False
-        self.supervisor = os.getpid()     # made in the supervisor, which then starts the process
+        self.supervisor = os.getppid()    # run_role says when the parent is not the supervisor
 
     @property
     def identity(self) -> bytes:

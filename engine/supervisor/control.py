@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import psutil
 import zmq
 
 from engine.runtime.config import EngineConfig
@@ -23,3 +24,18 @@ def control(cfg: EngineConfig, cmd: str, timeout: float = 5.0) -> dict[str, Any]
         return json.loads(sock.recv_multipart()[-1])
     finally:
         sock.close(0)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def read_pid(cfg: EngineConfig) -> int | None:
+    try:
+        pid = int((cfg.run_path / "engine.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if pid_alive(pid) else None

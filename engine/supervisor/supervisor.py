@@ -23,22 +23,20 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 import zmq
 
 from engine import __version__
-from engine.compositor.compositor import Compositor
-from engine.front.front import Front
 from engine.front.security import SecurityError, preflight
 from engine.runtime.config import EngineConfig
 from engine.runtime.logs import end_redirect, redirect_std_to
-from engine.runtime.process import EXIT_BOOT, Heartbeats, Role, send_msg, setup_logging
+from engine.runtime.process import EXIT_BOOT, Heartbeats, run_role, send_msg, setup_logging
 from engine.runtime.ring import BatchRing, RingGeometry
 from engine.runtime.shm import SHM_DIR, list_segments, remove_stale
+from engine.supervisor.control import read_pid
 from engine.supervisor.metrics_server import MetricsServer
-from engine.worker.gpu_worker import GpuWorker
 
 log = logging.getLogger("engine.supervisor")
 
@@ -52,7 +50,8 @@ class Child:
     role: str
     idx: int
     hb_slot: int
-    make: Callable[[], Role]
+    cls: str                                   # the role's class, "module:Class": made in the child
+    args: tuple
     process: Any = None
     started: float = 0.0
     restarts: int = 0
@@ -62,21 +61,6 @@ class Child:
     @property
     def label(self) -> str:
         return f"{self.role}-{self.idx}"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def read_pid(cfg: EngineConfig) -> int | None:
-    try:
-        pid = int((cfg.run_path / "engine.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pid if pid_alive(pid) else None
 
 
 class Supervisor:
@@ -121,14 +105,13 @@ class Supervisor:
                  cfg.compositor_count(), geo.nslots, geo.slot_bytes / 1e6)
         slot = iter(range(1024))
         ncomp = cfg.compositor_count()
-        self.children.append(Child("front", 0, next(slot), lambda: Front(cfg, 0, 0, specs, ncomp)))
+        self.children.append(Child("front", 0, next(slot), "engine.front.front:Front", (cfg, 0, 0, specs, ncomp)))
         for i, (dev, name) in enumerate(specs):
             hb = next(slot)
-            self.children.append(Child("gpu", i, hb, lambda i=i, hb=hb, dev=dev, name=name:
-                                       GpuWorker(cfg, i, hb, dev, name)))
+            self.children.append(Child("gpu", i, hb, "engine.worker.gpu_worker:GpuWorker", (cfg, i, hb, dev, name)))
         for i in range(ncomp):
             hb = next(slot)
-            self.children.append(Child("compositor", i, hb, lambda i=i, hb=hb: Compositor(cfg, i, hb)))
+            self.children.append(Child("compositor", i, hb, "engine.compositor.compositor:Compositor", (cfg, i, hb)))
         self.ctx = zmq.Context()
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
@@ -158,9 +141,9 @@ class Supervisor:
                 raise EngineStopped(str(e)) from None
 
     def _spawn(self, child: Child) -> None:
-        role = child.make()
         self.heartbeats.times[child.hb_slot] = time.monotonic()
-        p = self.mp.Process(target=role.main, name=f"lse-{child.label}", daemon=False)
+        p = self.mp.Process(target=run_role, args=(child.cls, child.args, os.getpid()), name=f"lse-{child.label}",
+                            daemon=False)
         p.start()
         child.process, child.started, child.state = p, time.monotonic(), "starting"
         log.info("spawned %s (pid %d)", child.label, p.pid)

@@ -31,7 +31,7 @@ import pytest
 
 from engine.client.resolve import resolve
 from engine.runtime.config import load_config
-from engine.supervisor.supervisor import read_pid
+from engine.supervisor.control import read_pid
 from engine.testing.measure import Report, percentiles, record
 from tests.cluster.test_cluster import AVATARS, cluster, make_hot, ray_processes, wait_ready  # noqa: F401 (a fixture)
 

@@ -269,7 +269,7 @@ def test_an_engine_killed_has_its_avatars_resolve_elsewhere_within_10_s(cluster)
     with Client(victim["endpoint"], timeout=30) as c:
         c.composite(AVATARS[1], AUDIO)
     hcfg = load_config(next(h["config"] for h in cluster["state"]["hosts"] if h["host"] == victim["host"]))
-    from engine.supervisor.supervisor import read_pid
+    from engine.supervisor.control import read_pid
     os.kill(read_pid(hcfg), signal.SIGKILL)
     t0 = time.monotonic()
     while (where := resolve(url, AVATARS[1]))["host"] == victim["host"]:

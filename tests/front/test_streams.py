@@ -235,7 +235,9 @@ def test_a_long_clip_in_one_push_is_delivered_whole_then_ends(shared_engine, rea
         assert s.finished                                        # stream_end came (frames() returned)
         if realtime:
             span = got[-1][0] - got[0][0]
-            assert span >= (n - 1) / 25 - 0.1                    # paced at 25 frames/s ...
+            # paced at 25 frames/s (a frame late on a busy machine is sent at once, so the span
+            # may come short by that lateness; unpaced, 250 frames take 2-4 s here) ...
+            assert span >= (n - 1) / 25 - 0.5, span
             assert max(f.late_ms for _, f in got) < 1000         # ... and never stalled
         else:
             assert got[-1][0] - t0 < seconds                     # faster than real time

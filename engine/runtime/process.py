@@ -1,11 +1,12 @@
 """What every engine child process shares: start-up, signals, heartbeat, the backend channel.
 
-A role object (``Front``, ``GpuWorker``, ``Compositor``) is built in the supervisor and pickled
-to a ``spawn`` child; its ``__init__`` only stores plain values. In the child, :meth:`Role.main`
-calls ``init_process()`` (sockets, shared memory, models) and then ``run()``.
+The supervisor names a role's class (``Front``, ``GpuWorker``, ``Compositor``, as "module:Class")
+and its plain arguments; the child, forked from the supervisor's fork server, makes it
+(:func:`run_role`; its ``__init__`` only stores values), and :meth:`Role.main` calls
+``init_process()`` (sockets, shared memory, models) and then ``run()``.
 
 Exit codes tell the supervisor why a child ended: 0 asked to stop, ``EXIT_BOOT`` could not start
-(the supervisor does not respawn it forever), anything else a crash.
+(the supervisor stops the engine with a message that names it), anything else a crash.
 """
 from __future__ import annotations
 
@@ -67,8 +68,8 @@ class Heartbeats:
 
 def run_role(cls: str, args: tuple, supervisor: int) -> None:
     """A child's entry point: make the role ``cls`` ("module:Class") with ``args`` and run it. The
-    supervisor names the class, so it never imports the roles' modules (the fork server it starts
-    its children from has them loaded)."""
+    supervisor names the class, so it never imports the roles' own modules, nor onnxruntime, numba
+    or OpenCV (the fork server it starts its children from has them loaded)."""
     module, name = cls.split(":")
     role = getattr(importlib.import_module(module), name)(*args)
     role.supervisor = supervisor

@@ -1,5 +1,6 @@
 """The client side of the supervisor's control socket (``status``, ``stop``): what ``engine-ctl``
-and the test fixtures use to ask a running engine about its processes."""
+and the test fixtures use to ask a running engine about its processes; and :func:`pid_alive`,
+:func:`read_pid`: whether an engine's supervisor (its ``engine.pid``) lives."""
 from __future__ import annotations
 
 import json

@@ -1,7 +1,7 @@
 """The Pipecat video service (frontends/pipecat, its own package and environment: pipecat-ai brings
 the CPU onnxruntime, which must not replace onnxruntime-gpu here) in real Pipecat pipelines against
-real engines: this test starts the engines and runs frontends/pipecat/tests in .venv-pipecat,
-which ./tools/dev test creates."""
+real engines: these tests start the engines and run frontends/pipecat/tests in .venv-pipecat,
+which ./tools/dev test creates (the real-time ones alone, the others beside other tests)."""
 from __future__ import annotations
 
 import os

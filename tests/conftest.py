@@ -203,14 +203,14 @@ def pytest_sessionstart(session):
 
 
 @contextlib.contextmanager
-def _turn(request, tmp_path_factory, exclusive: bool, name: str = "realtime"):
+def _turn(config, exclusive: bool, name: str = "realtime"):
     """A readers-writer lock across the xdist workers (nothing outside xdist): shared, or exclusive.
     A turnstile taken first keeps a waiting exclusive holder from being overtaken by later tests."""
-    if not hasattr(request.config, "workerinput"):
+    if not hasattr(config, "workerinput"):
         yield
         return
     import fcntl
-    root = tmp_path_factory.getbasetemp().parent
+    root = config._tmp_path_factory.getbasetemp().parent        # the run's, above every worker's
     with open(root / f"{name}.turnstile", "a") as gate, open(root / f"{name}.lock", "a") as lock:
         fcntl.flock(gate, fcntl.LOCK_EX)
         fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
@@ -221,37 +221,45 @@ def _turn(request, tmp_path_factory, exclusive: bool, name: str = "realtime"):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-@pytest.fixture(autouse=True)
-def _realtime_runs_alone(request, tmp_path_factory):
-    """Every test holds the lock shared, a ``realtime`` test exclusively, so real-time assertions are
-    not measured against another worker's load. A module that uses :func:`no_realtime_beside` holds
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Every test but a ``realtime`` one holds the lock shared from its setup to its teardown, so its
+    module's fixtures too (a shared engine starts in the setup of the module's first test and stops
+    in the teardown of its last): none of that runs under a real-time test, which holds it
+    exclusively (:func:`_realtime_runs_alone`). A module that uses :func:`no_realtime_beside` holds
     it (shared) from before its module fixtures start to after they stop: its tests take nothing."""
-    if "no_realtime_beside" in request.fixturenames:
+    if item.get_closest_marker("realtime") is None and "no_realtime_beside" not in item.fixturenames:
+        with _turn(item.config, False):
+            yield
+    else:
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _realtime_runs_alone(request):
+    """A ``realtime`` test holds the lock exclusively, so real-time assertions are not measured
+    against another worker's load."""
+    if request.node.get_closest_marker("realtime") is None or not hasattr(request.config, "workerinput"):
         yield
         return
-    realtime = request.node.get_closest_marker("realtime") is not None
-    if realtime and hasattr(request.config, "workerinput"):
-        # the test's other fixtures first (engines, browsers, bots start beside other tests), so the
-        # exclusive turn covers the test itself; they are torn down after it is given back
-        params = getattr(getattr(request.node, "callspec", None), "params", {})
-        for name in request.fixturenames:
-            if name not in ("_realtime_runs_alone", "request") and name not in params:
-                request.getfixturevalue(name)
-        # a Ray cluster module running: wait for its end without the turnstile, which would stop
-        # every other worker meanwhile
-        with _turn(request, tmp_path_factory, False, "background"), _turn(request, tmp_path_factory, True):
-            yield
-        return
-    with _turn(request, tmp_path_factory, False):
+    # the test's other fixtures first (engines, browsers, bots start beside other tests), so the
+    # exclusive turn covers the test itself; they are torn down after it is given back
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    for name in request.fixturenames:
+        if name not in ("_realtime_runs_alone", "request") and name not in params:
+            request.getfixturevalue(name)
+    # a Ray cluster module running: wait for its end without the turnstile, which would stop every
+    # other worker meanwhile
+    with _turn(request.config, False, "background"), _turn(request.config, True):
         yield
 
 
 @pytest.fixture(scope="module")
-def no_realtime_beside(request, tmp_path_factory):
+def no_realtime_beside(request):
     """No ``realtime`` test runs while the module does (its fixtures included), nor another module
     that uses this; other tests may: for a module whose background processes (a Ray cluster) load
     the machine the whole time, which would skew another worker's real-time assertions (and two Ray
     clusters at once would skew each other). Module fixtures that start such processes depend on
     it, so it is taken first and given back last."""
-    with _turn(request, tmp_path_factory, True, "background"), _turn(request, tmp_path_factory, False):
+    with _turn(request.config, True, "background"), _turn(request.config, False):
         yield

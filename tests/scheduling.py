@@ -3,9 +3,10 @@ hooks). Most tests wait (engines at 25 frames/s, timeouts, Ray), so the suite ru
 cores; what limits it is the tests that must not share the machine:
 
 - ``realtime`` tests run alone (conftest's ``_realtime_runs_alone``): they go last, all in one unit,
-  handed out after every other unit, so workers wait for them only while finishing their last units. One unit, so one
-  worker runs them one after the other: their fixtures (engines, Chromium, bots) start before their
-  turn, and another real-time test's start-up would load the machine under the one that runs;
+  handed out after every other unit, so workers wait for them only while finishing their last
+  units. One unit, so one worker runs them one after the other: their fixtures (engines, Chromium,
+  bots) start before their turn, and another real-time test's start-up would load the machine
+  under the one that runs;
 - the modules whose fixtures keep a Ray cluster running (they use ``no_realtime_beside``) must not
   overlap one another: they go first, as one unit, so one worker runs them back to back while the
   others take the rest;
@@ -84,7 +85,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     plain = sorted(modules, key=lambda m: -weight(m))
     order = ([i for i in items if groups[i.nodeid] == BACKGROUND]
              + [i for m in plain for i in modules[m] if groups[i.nodeid] is None]
-             + [i for m in modules for i in modules[m] if groups[i.nodeid] == REALTIME])
+             + [i for i in items if groups[i.nodeid] == REALTIME])
     items[:] = order
     path = Path(config.workerinput["lse_groups"])
     tmp = path.with_name(f"{path.name}.{os.getpid()}")

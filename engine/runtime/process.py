@@ -71,9 +71,7 @@ def run_role(cls: str, args: tuple, supervisor: int) -> None:
     supervisor names the class, so it never imports the roles' own modules, nor onnxruntime, numba
     or OpenCV (the fork server it starts its children from has them loaded)."""
     module, name = cls.split(":")
-    role = getattr(importlib.import_module(module), name)(*args)
-    role.supervisor = supervisor
-    role.main()
+    getattr(importlib.import_module(module), name)(*args).main(supervisor)
 
 
 class Role:
@@ -86,7 +84,6 @@ class Role:
         self.idx = idx
         self.hb_slot = hb_slot
         self.stopping = False
-        self.supervisor = os.getppid()    # run_role says when the parent is not the supervisor
 
     @property
     def identity(self) -> bytes:
@@ -96,9 +93,11 @@ class Role:
     def label(self) -> str:
         return f"{self.role}-{self.idx}"
 
-    def main(self) -> None:
-        """Entry point in the child (forked from the supervisor's fork server)."""
+    def main(self, supervisor: int) -> None:
+        """Entry point in the child (forked from the supervisor's fork server, whose pid is
+        ``supervisor``)."""
         setup_logging(self.cfg.server.log_level, self.label, self.cfg.server.log_format)
+        self.supervisor = supervisor
         # the supervisor is not our parent (the fork server is, and lives as long as we hold its
         # pipe): a pidfd says when it is gone, kill -9 included
         try:

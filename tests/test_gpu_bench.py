@@ -4,8 +4,11 @@ workers, the stream capacity search, cold runs)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,9 +18,17 @@ pytestmark = pytest.mark.integration
 
 
 def test_gpu_bench_quick_on_the_cpu(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_bench.py"), "--quick", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=280, cwd=ROOT)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # its TMPDIR (short: the engines' ipc socket paths are under it): the avatars and networks it
+    # makes there (~90 MB) go when it ends
+    scratch = Path(tempfile.mkdtemp(prefix="lse-gb-"))
+    try:
+        r = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_bench.py"), "--quick", "--out", str(tmp_path)],
+                           capture_output=True, text=True, timeout=280, cwd=ROOT,
+                           env={**os.environ, "TMPDIR": str(scratch)})
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert not list(scratch.glob("gpubench*"))       # (onnxruntime leaves its own .ses file)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     report = json.loads((tmp_path / "gpu_bench.json").read_text())
     raw = report["raw"]
     assert [(x["precision"], x["path"], x["batch"]) for x in raw] == [

@@ -27,6 +27,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -295,37 +296,40 @@ def main() -> None:
         f"{os.cpu_count()} cores")
     from engine.cli.demo_avatars import ensure_avatars
     tmp = Path(tempfile.mkdtemp(prefix="gpubench"))
-    models = tmp / "models"
-    ensure_avatars(models, names=("demo", "bench"), frames=12 if args.quick else 100)
-    say("avatars made")
-    onnx_path = models / "bench" / "checkpoint" / "model_best.onnx"
-    report: dict = {"date": time.strftime("%Y-%m-%d"), "gpu": name, "onnxruntime": ort.__version__,
-                    "cores": os.cpu_count(), "quick": args.quick, "precision": args.precision,
-                    "cuda_graphs": args.cuda_graphs}
-    budget = args.budget_s
-    ncomp = max(2, (os.cpu_count() or 4) - 2)
-    extra = f'precision = "{args.precision}"' + ("\ncuda_graphs = true" if args.cuda_graphs else "")
-    if gpu:
-        report["raw"] = raw_matrix(onnx_path, 0, (1, 2, 4, 8, 16, 24, 32, 40, 50), 10, tmp / "cache",
-                                   [("fp32", False, False), ("fp32", True, False), ("fp32", True, True),
-                                    ("fp16", True, False), ("fp16", True, True)], 0.35 * budget)
-        report["engine"] = engine_runs(tmp, models, "bench", "[0]", [1, 2, 4], ncomp, 8, 24, 10,
-                                       {"workers": 2, "limit": 128, "start": 8, "seconds": 5.0, "processes": 4,
-                                        "deadline": 0.75 * budget}, extra, budget)
-    else:
-        quick = args.quick
-        report["raw"] = raw_matrix(onnx_path, None, (1, 2) if quick else (1, 2, 4, 8), 2 if quick else 5,
-                                   tmp / "cache", [("fp32", False, False), ("fp32", True, False), ("fp16", False, False)],
-                                   budget)
-        report["engine"] = engine_runs(tmp, models, "demo", "[]", [1, 2], 2, 2, 8, 2 if quick else 5,
-                                       {"workers": 1, "limit": 2 if quick else 8, "start": 1,
-                                        "seconds": 1.5 if quick else 4.0, "processes": 1, "deadline": budget},
-                                       extra, budget)
-    report["networks"] = networks(tmp, 0 if gpu else None, args.quick or not gpu, budget)
-    report["elapsed_s"] = round(elapsed(), 1)
-    (out / "gpu_bench.json").write_text(json.dumps(report, indent=2))
-    for log in tmp.glob("*.log"):
-        (out / log.name).write_text(log.read_text(errors="replace")[-200_000:])
+    try:
+        models = tmp / "models"
+        ensure_avatars(models, names=("demo", "bench"), frames=12 if args.quick else 100)
+        say("avatars made")
+        onnx_path = models / "bench" / "checkpoint" / "model_best.onnx"
+        report: dict = {"date": time.strftime("%Y-%m-%d"), "gpu": name, "onnxruntime": ort.__version__,
+                        "cores": os.cpu_count(), "quick": args.quick, "precision": args.precision,
+                        "cuda_graphs": args.cuda_graphs}
+        budget = args.budget_s
+        ncomp = max(2, (os.cpu_count() or 4) - 2)
+        extra = f'precision = "{args.precision}"' + ("\ncuda_graphs = true" if args.cuda_graphs else "")
+        if gpu:
+            report["raw"] = raw_matrix(onnx_path, 0, (1, 2, 4, 8, 16, 24, 32, 40, 50), 10, tmp / "cache",
+                                       [("fp32", False, False), ("fp32", True, False), ("fp32", True, True),
+                                        ("fp16", True, False), ("fp16", True, True)], 0.35 * budget)
+            report["engine"] = engine_runs(tmp, models, "bench", "[0]", [1, 2, 4], ncomp, 8, 24, 10,
+                                           {"workers": 2, "limit": 128, "start": 8, "seconds": 5.0, "processes": 4,
+                                            "deadline": 0.75 * budget}, extra, budget)
+        else:
+            quick = args.quick
+            report["raw"] = raw_matrix(onnx_path, None, (1, 2) if quick else (1, 2, 4, 8), 2 if quick else 5,
+                                       tmp / "cache",
+                                       [("fp32", False, False), ("fp32", True, False), ("fp16", False, False)], budget)
+            report["engine"] = engine_runs(tmp, models, "demo", "[]", [1, 2], 2, 2, 8, 2 if quick else 5,
+                                           {"workers": 1, "limit": 2 if quick else 8, "start": 1,
+                                            "seconds": 1.5 if quick else 4.0, "processes": 1, "deadline": budget},
+                                           extra, budget)
+        report["networks"] = networks(tmp, 0 if gpu else None, args.quick or not gpu, budget)
+        report["elapsed_s"] = round(elapsed(), 1)
+        (out / "gpu_bench.json").write_text(json.dumps(report, indent=2))
+    finally:                                   # the engines' logs kept, the avatars and networks (~90 MB) not
+        for log in tmp.glob("*.log"):
+            (out / log.name).write_text(log.read_text(errors="replace")[-200_000:])
+        shutil.rmtree(tmp, ignore_errors=True)
     print(tables(report))
     print(f"\ntotal {report['elapsed_s']} s; JSON in {out / 'gpu_bench.json'}")
 

@@ -185,10 +185,12 @@ def make_keys(folder: Path, names: tuple[str, ...], authorised: tuple[str, ...])
 
 # -- running in parallel (pytest-xdist: ./tools/dev test runs two workers per core, `--dist loadscope`:
 #    a module's tests on one worker, so its module fixtures (a shared engine, a cluster) are made
-#    once, once more for its real-time tests; tests/scheduling.py makes and orders the units) ------------------------------------------------------
+#    once, once more for its real-time tests; tests/scheduling.py makes and orders the units, and
+#    tests/priority.py gives the real-time tests the CPU) ------------------------------------------------
 def pytest_configure(config):
-    config.addinivalue_line("markers", "realtime: asserts real-time rates or latencies; under pytest-xdist it "
-                                       "runs alone (no other test of any worker runs meanwhile)")
+    config.addinivalue_line("markers", "realtime: asserts real-time rates or latencies; under pytest-xdist the "
+                                       "other tests yield the CPU to it (an idle cgroup), or, where that "
+                                       "cannot be made, it runs alone")
 
 
 def pytest_sessionstart(session):
@@ -202,11 +204,17 @@ def pytest_sessionstart(session):
     fill_visual(np.zeros((1, 24, 24, 3), np.uint8), np.empty((1, 6, 16, 16), np.float32))
 
 
+def _cpu_classes(config) -> dict[str, str] | None:
+    """The cgroups tests/priority.py made (a path by class), if it could."""
+    return getattr(config, "workerinput", {}).get("lse_cpu")
+
+
 @contextlib.contextmanager
 def _turn(config, exclusive: bool, name: str = "realtime"):
     """A readers-writer lock across the xdist workers (nothing outside xdist): shared, or exclusive.
-    A turnstile taken first keeps a waiting exclusive holder from being overtaken by later tests."""
-    if not hasattr(config, "workerinput"):
+    A turnstile taken first keeps a waiting exclusive holder from being overtaken by later tests.
+    The ``realtime`` lock is needed only where the workers cannot yield the CPU (no idle cgroup)."""
+    if not hasattr(config, "workerinput") or (name == "realtime" and _cpu_classes(config)):
         yield
         return
     import fcntl
@@ -223,12 +231,25 @@ def _turn(config, exclusive: bool, name: str = "realtime"):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    """Every test but a ``realtime`` one holds the lock shared from its setup to its teardown, so its
-    module's fixtures too (a shared engine starts in the setup of the module's first test and stops
-    in the teardown of its last): none of that runs under a real-time test, which holds it
-    exclusively (:func:`_realtime_runs_alone`). A module that uses :func:`no_realtime_beside` holds
-    it (shared) from before its module fixtures start to after they stop: its tests take nothing."""
-    if item.get_closest_marker("realtime") is None and "no_realtime_beside" not in item.fixturenames:
+    """With an idle cgroup, a ``realtime`` test runs in the run's own cgroup from its setup to its
+    teardown (its worker moves there with what it started, and back for its next other test), a
+    module that uses :func:`no_realtime_beside` in the idle cgroup's ``lead``, the others in its
+    ``rest`` (tests/priority.py). Without: every test but a ``realtime`` one holds the lock shared from its setup to its
+    teardown, so its module's fixtures too (a shared engine starts in the setup of the module's
+    first test and stops in the teardown of its last): none of that runs under a real-time test,
+    which holds it exclusively (:func:`_realtime_runs_alone`). A module that uses
+    :func:`no_realtime_beside` holds it (shared) from before its module fixtures start to after
+    they stop: its tests take nothing."""
+    realtime = item.get_closest_marker("realtime") is not None
+    classes = _cpu_classes(item.config)
+    if classes:
+        from tests.priority import join
+        target = ("realtime" if realtime else "lead" if "no_realtime_beside" in item.fixturenames else "rest")
+        if target != getattr(item.config, "_lse_class", "rest"):
+            join(classes[target], with_children=realtime)
+            item.config._lse_class = target
+        yield
+    elif not realtime and "no_realtime_beside" not in item.fixturenames:
         with _turn(item.config, False):
             yield
     else:
@@ -237,9 +258,10 @@ def pytest_runtest_protocol(item, nextitem):
 
 @pytest.fixture(autouse=True)
 def _realtime_runs_alone(request):
-    """A ``realtime`` test holds the lock exclusively, so real-time assertions are not measured
-    against another worker's load."""
-    if request.node.get_closest_marker("realtime") is None or not hasattr(request.config, "workerinput"):
+    """Without an idle cgroup, a ``realtime`` test holds the lock exclusively, so real-time
+    assertions are not measured against another worker's load."""
+    if (request.node.get_closest_marker("realtime") is None or not hasattr(request.config, "workerinput")
+            or _cpu_classes(request.config)):
         yield
         return
     # the test's other fixtures first (engines, browsers, bots start beside other tests), so the
@@ -256,10 +278,10 @@ def _realtime_runs_alone(request):
 
 @pytest.fixture(scope="module")
 def no_realtime_beside(request):
-    """No ``realtime`` test runs while the module does (its fixtures included), nor another module
-    that uses this; other tests may: for a module whose background processes (a Ray cluster) load
-    the machine the whole time, which would skew another worker's real-time assertions (and two Ray
-    clusters at once would skew each other). Module fixtures that start such processes depend on
-    it, so it is taken first and given back last."""
+    """No other module that uses this runs while the module does (its fixtures included), and,
+    without an idle cgroup, no ``realtime`` test either; other tests may: for a module whose
+    background processes (a Ray cluster) load the machine the whole time, which would skew another
+    worker's real-time assertions (and two Ray clusters at once would skew each other). Module
+    fixtures that start such processes depend on it, so it is taken first and given back last."""
     with _turn(request.config, True, "background"), _turn(request.config, False):
         yield

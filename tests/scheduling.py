@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.priority import CpuClasses, join
+
 BACKGROUND = "~background"              # the unit of the Ray cluster modules
 REALTIME = "~realtime"                  # the unit of the real-time tests
 
@@ -54,9 +56,13 @@ def group_of(item: pytest.Item) -> str | None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None):
+    if hasattr(config, "workerinput"):
+        if "lse_cpu" in config.workerinput:
+            join(config.workerinput["lse_cpu"]["rest"])     # the idle cgroup (tests/priority.py)
+    elif getattr(config.option, "numprocesses", None):
         config._lse_groups = Path(tempfile.mkdtemp(prefix="lse-groups-")) / "groups.json"
         config.option.loadscopereorder = False          # the units in the order the workers collected
+        config._lse_cpu = CpuClasses.make()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -64,12 +70,18 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if path is not None:
         path.unlink(missing_ok=True)
         path.parent.rmdir()
+    if getattr(config, "_lse_cpu", None) is not None:
+        config._lse_cpu.close()
 
 
+@pytest.hookimpl(optionalhook=True)             # xdist's hooks: known only with xdist loaded
 def pytest_configure_node(node) -> None:
     path = getattr(node.config, "_lse_groups", None)
     if path is not None:
         node.workerinput["lse_groups"] = str(path)
+    classes = getattr(node.config, "_lse_cpu", None)
+    if classes is not None:
+        node.workerinput["lse_cpu"] = classes.names()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -83,9 +95,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     def weight(module: str) -> float:
         return WEIGHTS.get(module, 0.5 * len(modules[module]))
     plain = sorted(modules, key=lambda m: -weight(m))
-    order = ([i for i in items if groups[i.nodeid] == BACKGROUND]
+    realtime = [i for i in items if groups[i.nodeid] == REALTIME]
+    first = realtime if "lse_cpu" in config.workerinput else []     # beside the others (priority.py)
+    order = (first + [i for i in items if groups[i.nodeid] == BACKGROUND]
              + [i for m in plain for i in modules[m] if groups[i.nodeid] is None]
-             + [i for i in items if groups[i.nodeid] == REALTIME])
+             + (realtime if not first else []))
     items[:] = order
     path = Path(config.workerinput["lse_groups"])
     tmp = path.with_name(f"{path.name}.{os.getpid()}")
@@ -93,6 +107,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     os.replace(tmp, path)                                # every worker writes the same
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     if config.getvalue("dist") != "loadscope" or getattr(config, "_lse_groups", None) is None:
         return None

@@ -1,0 +1,126 @@
+"""Real-time tests beside the others, the others yielding the CPU to them (conftest.py loads this).
+
+A ``realtime`` test asserts rates and latencies, so it must not share the CPU with other tests on
+equal terms. Where this process may make a cgroup in the kernel's ``cpu`` controller (root, as in
+CI), the xdist workers run in a child cgroup marked idle (``cpu.idle`` 1, else ``cpu.shares`` 2):
+the kernel runs its processes only on CPU time nothing else wants, and preempts them at once when a
+process outside it wakes. A worker that runs a ``realtime`` test moves itself (and what it started)
+back to the cgroup the run started in, so the test, its engines and browsers take the CPU they
+need while the other workers go on with the rest. Without such a cgroup (not root, no ``cpu``
+controller), ``realtime`` tests run alone instead, each with no other test running
+(conftest's ``_turn``).
+
+Nice values would not do: the kernel puts each session (an engine started with ``setsid``) in a
+group of its own (autogroup), and groups share the CPU equally, whatever their processes' nice.
+Processes in a cgroup below the root have no autogroup.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PREFIX = "lse-tests-"
+
+
+def _cpu_cgroup() -> tuple[Path, Path] | None:
+    """(the ``cpu`` controller's cgroup v1 mount, this process's cgroup in it), or None."""
+    mount = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[sep + 1] == "cgroup" and "cpu" in fields[sep + 3].split(","):
+                mount = Path(fields[4])
+    if mount is None:
+        return None
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if "cpu" in controllers.split(","):
+                return mount, mount / path.lstrip("/")
+    return None
+
+
+def _move(pids, cgroup: Path) -> None:
+    for pid in pids:
+        try:
+            (cgroup / "cgroup.procs").write_text(str(pid))
+        except (ProcessLookupError, OSError):
+            pass                                  # gone meanwhile
+
+
+def _empty(cgroup: Path, into: Path) -> None:
+    """Move what is left in ``cgroup`` to ``into`` and remove it."""
+    for _ in range(3):
+        _move((cgroup / "cgroup.procs").read_text().split(), into)
+        try:
+            cgroup.rmdir()
+            return
+        except OSError:
+            pass                                  # a process forked while we moved the others
+
+
+class CpuClasses:
+    """The idle cgroup the workers run in, made by the xdist controller and removed at its end. In it,
+    ``lead`` (8 times the weight of ``rest``, where the workers start) is for the modules that keep a
+    Ray cluster running (``no_realtime_beside``): a chain of long waits that would otherwise finish
+    last, behind every other module's CPU time."""
+
+    def __init__(self, foreground: Path, background: Path):
+        self.foreground = foreground
+        self.background = background
+        self.lead = background / "lead"
+        self.rest = background / "rest"
+
+    @classmethod
+    def make(cls) -> CpuClasses | None:
+        found = _cpu_cgroup()
+        if found is None:
+            return None
+        _, here = found
+        for stale in here.glob(f"{PREFIX}*"):      # left by a run that was killed
+            try:
+                os.kill(int(stale.name[len(PREFIX):]), 0)
+            except ProcessLookupError:
+                for child in stale.iterdir():
+                    if child.is_dir():
+                        _empty(child, here)
+                _empty(stale, here)
+            except (ValueError, PermissionError):
+                pass
+        made = cls(here, here / f"{PREFIX}{os.getpid()}")
+        try:
+            made.background.mkdir()
+        except OSError:
+            return None                            # not root, or a read-only cgroup file system
+        try:
+            if (made.background / "cpu.idle").exists():
+                (made.background / "cpu.idle").write_text("1")
+            else:
+                (made.background / "cpu.shares").write_text("2")
+            for child, shares in ((made.lead, 8192), (made.rest, 1024)):
+                child.mkdir()
+                (child / "cpu.shares").write_text(str(shares))
+        except OSError:
+            made.close()
+            return None
+        return made
+
+    def close(self) -> None:
+        for child in (self.lead, self.rest):
+            if child.exists():
+                _empty(child, self.foreground)
+        _empty(self.background, self.foreground)
+
+    def names(self) -> dict[str, str]:
+        """What the workers get (workerinput): a cgroup's path by class."""
+        return {"realtime": str(self.foreground), "lead": str(self.lead), "rest": str(self.rest)}
+
+
+def join(cgroup: str, with_children: bool = False) -> None:
+    """Move this process into ``cgroup`` (with everything it started, when asked)."""
+    pids = [os.getpid()]
+    if with_children:
+        import psutil
+        pids += [p.pid for p in psutil.Process().children(recursive=True)]
+    _move(pids, Path(cgroup))

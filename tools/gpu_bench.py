@@ -17,7 +17,8 @@ Run on a CUDA machine after ``tools/gpu_bench.sh`` has put onnxruntime-gpu on PY
 4. cold runs: each engine's ``health`` after its runs (0 expected: every shape warmed up at load).
 
 Without a GPU the same sections run on the CPU provider, smaller (the demo avatar for the engine
-and capacity parts); ``--quick`` is the smallest form, run by the test suite. A section that would
+and capacity parts); ``--quick`` is the smallest form, run by the test suite, with the demo
+network in the raw part too (the bench network's fp16 conversion has its own tests). A section that would
 overrun ``--budget-s`` is skipped and says so.
 """
 from __future__ import annotations
@@ -298,9 +299,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="gpubench"))
     try:
         models = tmp / "models"
-        ensure_avatars(models, names=("demo", "bench"), frames=12 if args.quick else 100)
+        raw_net = "demo" if args.quick else "bench"
+        ensure_avatars(models, names=tuple(dict.fromkeys(("demo", raw_net))), frames=12 if args.quick else 100)
         say("avatars made")
-        onnx_path = models / "bench" / "checkpoint" / "model_best.onnx"
+        onnx_path = models / raw_net / "checkpoint" / "model_best.onnx"
         report: dict = {"date": time.strftime("%Y-%m-%d"), "gpu": name, "onnxruntime": ort.__version__,
                         "cores": os.cpu_count(), "quick": args.quick, "precision": args.precision,
                         "cuda_graphs": args.cuda_graphs}

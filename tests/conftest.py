@@ -188,9 +188,10 @@ def make_keys(folder: Path, names: tuple[str, ...], authorised: tuple[str, ...])
 #    once, once more for its real-time tests; tests/scheduling.py makes and orders the units, and
 #    tests/priority.py gives the real-time tests the CPU) ------------------------------------------------
 def pytest_configure(config):
-    config.addinivalue_line("markers", "realtime: asserts real-time rates or latencies; under pytest-xdist the "
-                                       "other tests yield the CPU to it (an idle cgroup), or, where that "
-                                       "cannot be made, it runs alone")
+    config.addinivalue_line("markers", "realtime(alone=False): asserts real-time rates or latencies; under "
+                                       "pytest-xdist the other tests yield the CPU to it (a cgroup "
+                                       "marked idle), or, with alone=True or where that cannot be made, it runs "
+                                       "alone")
 
 
 def pytest_sessionstart(session):
@@ -209,12 +210,20 @@ def _cpu_classes(config) -> dict[str, str] | None:
     return getattr(config, "workerinput", {}).get("lse_cpu")
 
 
+def _runs_alone(item) -> bool:
+    """A ``realtime`` test that has the machine to itself (under xdist): every one where the others
+    cannot yield the CPU (no idle cgroup), else those marked ``realtime(alone=True)``: the
+    browser tests, whose load would leave the idle cgroup no CPU for half a minute."""
+    mark = item.get_closest_marker("realtime")
+    return (mark is not None and hasattr(item.config, "workerinput")
+            and (not _cpu_classes(item.config) or mark.kwargs.get("alone", False)))
+
+
 @contextlib.contextmanager
 def _turn(config, exclusive: bool, name: str = "realtime"):
     """A readers-writer lock across the xdist workers (nothing outside xdist): shared, or exclusive.
-    A turnstile taken first keeps a waiting exclusive holder from being overtaken by later tests.
-    The ``realtime`` lock is needed only where the workers cannot yield the CPU (no idle cgroup)."""
-    if not hasattr(config, "workerinput") or (name == "realtime" and _cpu_classes(config)):
+    A turnstile taken first keeps a waiting exclusive holder from being overtaken by later tests."""
+    if not hasattr(config, "workerinput"):
         yield
         return
     import fcntl
@@ -231,15 +240,16 @@ def _turn(config, exclusive: bool, name: str = "realtime"):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    """With an idle cgroup, a ``realtime`` test runs in the run's own cgroup from its setup to its
-    teardown (its worker moves there with what it started, and back for its next other test), a
-    module that uses :func:`no_realtime_beside` in the idle cgroup's ``lead``, the others in its
-    ``rest`` (tests/priority.py). Without: every test but a ``realtime`` one holds the lock shared from its setup to its
-    teardown, so its module's fixtures too (a shared engine starts in the setup of the module's
-    first test and stops in the teardown of its last): none of that runs under a real-time test,
-    which holds it exclusively (:func:`_realtime_runs_alone`). A module that uses
-    :func:`no_realtime_beside` holds it (shared) from before its module fixtures start to after
-    they stop: its tests take nothing."""
+    """Every test but a ``realtime`` one holds the lock shared from its setup to its teardown, so its
+    module's fixtures too (a shared engine starts in the setup of the module's first test and stops
+    in the teardown of its last): none of that runs under a real-time test that runs alone, which
+    holds it exclusively (:func:`_realtime_runs_alone`). A module that uses
+    :func:`no_realtime_beside` takes nothing here (see there).
+
+    With an idle cgroup (tests/priority.py), a ``realtime`` test runs in the run's own cgroup
+    from its setup to its teardown (its worker moves there with what it started, and back for its
+    next other test), a module that uses :func:`no_realtime_beside` in the idle cgroup's
+    ``lead``, the others in its ``rest``."""
     realtime = item.get_closest_marker("realtime") is not None
     classes = _cpu_classes(item.config)
     if classes:
@@ -248,8 +258,7 @@ def pytest_runtest_protocol(item, nextitem):
         if target != getattr(item.config, "_lse_class", "rest"):
             join(classes[target], with_children=realtime)
             item.config._lse_class = target
-        yield
-    elif not realtime and "no_realtime_beside" not in item.fixturenames:
+    if not realtime and "no_realtime_beside" not in item.fixturenames:
         with _turn(item.config, False):
             yield
     else:
@@ -258,10 +267,9 @@ def pytest_runtest_protocol(item, nextitem):
 
 @pytest.fixture(autouse=True)
 def _realtime_runs_alone(request):
-    """Without an idle cgroup, a ``realtime`` test holds the lock exclusively, so real-time
+    """A ``realtime`` test that runs alone (:func:`_runs_alone`) holds the lock exclusively, so its
     assertions are not measured against another worker's load."""
-    if (request.node.get_closest_marker("realtime") is None or not hasattr(request.config, "workerinput")
-            or _cpu_classes(request.config)):
+    if not _runs_alone(request.node):
         yield
         return
     # the test's other fixtures first (engines, browsers, bots start beside other tests), so the
@@ -278,10 +286,13 @@ def _realtime_runs_alone(request):
 
 @pytest.fixture(scope="module")
 def no_realtime_beside(request):
-    """No other module that uses this runs while the module does (its fixtures included), and,
-    without an idle cgroup, no ``realtime`` test either; other tests may: for a module whose
-    background processes (a Ray cluster) load the machine the whole time, which would skew another
-    worker's real-time assertions (and two Ray clusters at once would skew each other). Module
-    fixtures that start such processes depend on it, so it is taken first and given back last."""
+    """No other module that uses this runs while the module does (its fixtures included), nor a
+    ``realtime`` test that runs alone; other tests may: for a module whose background processes (a
+    Ray cluster) load the machine the whole time, which would skew another worker's real-time
+    assertions (and two Ray clusters at once would skew each other). Module fixtures that start
+    such processes depend on it, so it is taken first and given back last. With an idle cgroup the
+    Ray cluster's processes are in it, beside the real-time tests that do not run alone; beside a
+    browser test it would starve (its agents were silent for over 3 s, and the router took every
+    host for down)."""
     with _turn(request.config, True, "background"), _turn(request.config, False):
         yield

@@ -1,18 +1,22 @@
 """Real-time tests beside the others, the others yielding the CPU to them (conftest.py loads this).
 
 A ``realtime`` test asserts rates and latencies, so it must not share the CPU with other tests on
-equal terms. Where this process may make a cgroup in the kernel's ``cpu`` controller (root, as in
-CI), the xdist workers run in a child cgroup marked idle (``cpu.idle`` 1, else ``cpu.shares`` 2):
-the kernel runs its processes only on CPU time nothing else wants, and preempts them at once when a
-process outside it wakes. A worker that runs a ``realtime`` test moves itself (and what it started)
-back to the cgroup the run started in, so the test, its engines and browsers take the CPU they
-need while the other workers go on with the rest. Without such a cgroup (not root, no ``cpu``
-controller), ``realtime`` tests run alone instead, each with no other test running
+equal terms. Where this process may make a cgroup in the kernel's ``cpu`` controller (cgroup v1,
+root, as in CI), the xdist workers run in a child cgroup marked idle (``cpu.idle`` 1, else
+``cpu.shares`` 2): the kernel runs its processes only on CPU time nothing else wants, and preempts
+them at once when a process outside it wakes. A worker that runs a ``realtime`` test moves itself
+(and what it started) back to the cgroup the run started in, so the test, its engines and peers
+take the CPU they need while the other workers go on with the rest. Without such a cgroup (not
+root, no ``cpu`` controller), ``realtime`` tests run alone instead, each with no other test running
 (conftest's ``_turn``).
 
-Nice values would not do: the kernel puts each session (an engine started with ``setsid``) in a
-group of its own (autogroup), and groups share the CPU equally, whatever their processes' nice.
-Processes in a cgroup below the root have no autogroup.
+The browser tests (``realtime(alone=True)``) run alone even so: Chromium, the gateway's encoder
+and the engine leave the idle cgroup no CPU for half a minute, and a test engine there whose GPU
+worker could not run sent no heartbeat for 30 s and was killed. Weights instead of ``cpu.idle``
+(``cpu.shares`` 1024 for the cgroup) left the others enough, but then four real-time tests missed
+their rates. Nice values would not do: the kernel puts each session (an engine started with
+``setsid``) in a group of its own (autogroup), and groups share the CPU equally, whatever their
+processes' nice. Processes in a cgroup below the root have no autogroup.
 """
 from __future__ import annotations
 
@@ -62,7 +66,7 @@ def _empty(cgroup: Path, into: Path) -> None:
 
 class CpuClasses:
     """The idle cgroup the workers run in, made by the xdist controller and removed at its end. In it,
-    ``lead`` (8 times the weight of ``rest``, where the workers start) is for the modules that keep a
+    ``lead`` (twice the weight of ``rest``, where the workers start) is for the modules that keep a
     Ray cluster running (``no_realtime_beside``): a chain of long waits that would otherwise finish
     last, behind every other module's CPU time."""
 
@@ -98,7 +102,7 @@ class CpuClasses:
                 (made.background / "cpu.idle").write_text("1")
             else:
                 (made.background / "cpu.shares").write_text("2")
-            for child, shares in ((made.lead, 8192), (made.rest, 1024)):
+            for child, shares in ((made.lead, 2048), (made.rest, 1024)):
                 child.mkdir()
                 (child / "cpu.shares").write_text(str(shares))
         except OSError:

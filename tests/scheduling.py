@@ -2,11 +2,13 @@
 hooks). Most tests wait (engines at 25 frames/s, timeouts, Ray), so the suite runs more workers than
 cores; what limits it is the tests that must not share the machine:
 
-- ``realtime`` tests run alone (conftest's ``_realtime_runs_alone``): they go last, all in one unit,
+- ``realtime`` tests, all in one unit, so one worker runs them one after the other (each one's
+  fixtures, engines, Chromium, bots, start after the one before has ended). Where the other tests
+  yield the CPU to them (an idle cgroup, tests/priority.py), that unit goes first and runs beside
+  everything else, and the ``realtime(alone=True)`` ones form a unit of their own, last, each alone
+  (conftest's ``_realtime_runs_alone``). Where not, every one runs alone: the unit goes last,
   handed out after every other unit, so workers wait for them only while finishing their last
-  units. One unit, so one worker runs them one after the other: their fixtures (engines, Chromium,
-  bots) start before their turn, and another real-time test's start-up would load the machine
-  under the one that runs;
+  units;
 - the modules whose fixtures keep a Ray cluster running (they use ``no_realtime_beside``) must not
   overlap one another: they go first, as one unit, so one worker runs them back to back while the
   others take the rest;
@@ -29,6 +31,7 @@ from tests.priority import CpuClasses, join
 
 BACKGROUND = "~background"              # the unit of the Ray cluster modules
 REALTIME = "~realtime"                  # the unit of the real-time tests
+ALONE = "~alone"                        # with an idle cgroup: the real-time tests that run alone even so
 
 # seconds a module took on the 2-core VM (2026-12-06; without its real-time tests): only the order
 # depends on them, so a stale figure costs time, never a result. Modules not named: 0.5 s a test.
@@ -50,9 +53,11 @@ WEIGHTS = {
 def group_of(item: pytest.Item) -> str | None:
     if "no_realtime_beside" in item.fixturenames:
         return BACKGROUND
-    if item.get_closest_marker("realtime") is not None:
-        return REALTIME
-    return None
+    mark = item.get_closest_marker("realtime")
+    if mark is None:
+        return None
+    beside = "lse_cpu" in getattr(item.config, "workerinput", {})        # an idle cgroup (priority.py)
+    return ALONE if beside and mark.kwargs.get("alone", False) else REALTIME
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -99,7 +104,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     first = realtime if "lse_cpu" in config.workerinput else []     # beside the others (priority.py)
     order = (first + [i for i in items if groups[i.nodeid] == BACKGROUND]
              + [i for m in plain for i in modules[m] if groups[i.nodeid] is None]
-             + (realtime if not first else []))
+             + (realtime if not first else []) + [i for i in items if groups[i.nodeid] == ALONE])
     items[:] = order
     path = Path(config.workerinput["lse_groups"])
     tmp = path.with_name(f"{path.name}.{os.getpid()}")

@@ -11,7 +11,9 @@ import pytest
 from engine.audio.speech import resample, speech_pcm, write_wav
 from tests.frontends.test_browser import chromium, console, gateway_url  # noqa: F401 (a fixture)
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240), pytest.mark.realtime]
+# alone: the browser, the gateway's encoder and the engine leave the other tests' background cgroup
+# no CPU for half a minute (tests/priority.py)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240), pytest.mark.realtime(alone=True)]
 
 SECONDS = 20
 

@@ -219,7 +219,7 @@ def clip_with_pauses(seed: int = 11) -> np.ndarray:
     return np.concatenate([a, z, b, z[:9000], c])
 
 
-@pytest.mark.parametrize("realtime, seconds", [(False, 20.0), (True, 10.0)])
+@pytest.mark.parametrize("realtime, seconds", [(False, 20.0), pytest.param(True, 10.0, marks=pytest.mark.realtime)])
 def test_a_long_clip_in_one_push_is_delivered_whole_then_ends(shared_engine, realtime, seconds):
     """What a text-to-speech engine does: the whole utterance at once, faster than real time (a 20 s
     clip; real-time pacing is shown on 10 s, 250 frames: far past the 3 s the engine renders ahead

@@ -153,6 +153,7 @@ def test_ws_stream_float32_gets_every_frame_in_order(endpoint, tmp_path) -> None
     run(go())
 
 
+@pytest.mark.realtime                                       # asserts the pacing
 def test_ws_stream_int16_realtime_is_paced(endpoint, tmp_path) -> None:
     pcm = (speech_pcm(1.2) * 32767).astype("<i2")    # 19200 samples: 30 frames
 

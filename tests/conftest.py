@@ -240,10 +240,10 @@ def _turn(config, exclusive: bool, name: str = "realtime"):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    """Every test but a ``realtime`` one holds the lock shared from its setup to its teardown, so its
-    module's fixtures too (a shared engine starts in the setup of the module's first test and stops
-    in the teardown of its last): none of that runs under a real-time test that runs alone, which
-    holds it exclusively (:func:`_realtime_runs_alone`). A module that uses
+    """Every test but a ``realtime`` one that runs alone holds the lock shared from its setup to its
+    teardown, so its module's fixtures too (a shared engine starts in the setup of the module's
+    first test and stops in the teardown of its last): none of that runs under a real-time test
+    that runs alone, which holds it exclusively (:func:`_realtime_runs_alone`). A module that uses
     :func:`no_realtime_beside` takes nothing here (see there).
 
     With an idle cgroup (tests/priority.py), a ``realtime`` test runs in the run's own cgroup
@@ -258,7 +258,7 @@ def pytest_runtest_protocol(item, nextitem):
         if target != getattr(item.config, "_lse_class", "rest"):
             join(classes[target], with_children=realtime)
             item.config._lse_class = target
-    if not realtime and "no_realtime_beside" not in item.fixturenames:
+    if not _runs_alone(item) and "no_realtime_beside" not in item.fixturenames:
         with _turn(item.config, False):
             yield
     else:

@@ -49,12 +49,15 @@ def _move(pids, cgroup: Path) -> None:
     for pid in pids:
         try:
             (cgroup / "cgroup.procs").write_text(str(pid))
-        except (ProcessLookupError, OSError):
+        except OSError:
             pass                                  # gone meanwhile
 
 
 def _empty(cgroup: Path, into: Path) -> None:
-    """Move what is left in ``cgroup`` to ``into`` and remove it."""
+    """Move what is left in ``cgroup`` and its child cgroups to ``into`` and remove them."""
+    for child in cgroup.iterdir():
+        if child.is_dir():
+            _empty(child, into)
     for _ in range(3):
         _move((cgroup / "cgroup.procs").read_text().split(), into)
         try:
@@ -86,9 +89,6 @@ class CpuClasses:
             try:
                 os.kill(int(stale.name[len(PREFIX):]), 0)
             except ProcessLookupError:
-                for child in stale.iterdir():
-                    if child.is_dir():
-                        _empty(child, here)
                 _empty(stale, here)
             except (ValueError, PermissionError):
                 pass
@@ -111,9 +111,6 @@ class CpuClasses:
         return made
 
     def close(self) -> None:
-        for child in (self.lead, self.rest):
-            if child.exists():
-                _empty(child, self.foreground)
         _empty(self.background, self.foreground)
 
     def names(self) -> dict[str, str]:

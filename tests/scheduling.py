@@ -100,12 +100,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     def weight(module: str) -> float:
         return WEIGHTS.get(module, 0.5 * len(modules[module]))
     plain = sorted(modules, key=lambda m: -weight(m))
-    realtime = [i for i in items if groups[i.nodeid] == REALTIME]
-    first = realtime if "lse_cpu" in config.workerinput else []     # beside the others (priority.py)
-    order = (first + [i for i in items if groups[i.nodeid] == BACKGROUND]
-             + [i for m in plain for i in modules[m] if groups[i.nodeid] is None]
-             + (realtime if not first else []) + [i for i in items if groups[i.nodeid] == ALONE])
-    items[:] = order
+
+    def of(group: str) -> list[pytest.Item]:
+        return [i for i in items if groups[i.nodeid] == group]
+    beside = "lse_cpu" in config.workerinput                      # an idle cgroup (priority.py)
+    items[:] = ((of(REALTIME) if beside else []) + of(BACKGROUND)
+                + [i for m in plain for i in modules[m] if groups[i.nodeid] is None]
+                + ([] if beside else of(REALTIME)) + of(ALONE))
     path = Path(config.workerinput["lse_groups"])
     tmp = path.with_name(f"{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps({k: v for k, v in groups.items() if v}))

@@ -21,8 +21,7 @@ import click
 from engine.cli.lifecycle import start_detached, stop_engine
 from engine.runtime.config import EngineConfig, load_config
 from engine.runtime.derived import absolute_paths, free_port, write_derived
-from engine.supervisor.control import control
-from engine.supervisor.control import pid_alive
+from engine.supervisor.control import control, pid_alive
 
 
 def cluster_dir(cfg: EngineConfig) -> Path:

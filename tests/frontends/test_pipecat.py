@@ -1,7 +1,7 @@
 """The Pipecat video service (frontends/pipecat, its own package and environment: pipecat-ai brings
 the CPU onnxruntime, which must not replace onnxruntime-gpu here) in real Pipecat pipelines against
 real engines: these tests start the engines and run frontends/pipecat/tests in .venv-pipecat,
-which ./tools/dev test creates (the real-time ones alone, the others beside other tests)."""
+which ./tools/dev test creates (the real-time ones as a ``realtime`` test, the others as a plain one)."""
 from __future__ import annotations
 
 import os
@@ -41,7 +41,7 @@ def run_pipecat_tests(marks: str, expect: str, tmp_path: Path, engine, doomed=No
 
 @pytest.mark.realtime
 def test_the_pipecat_service_keeps_time_in_real_pipelines(shared_engine, tmp_path):
-    """Its tests that assert rates and lags (25 frames/s, the voice with its frames, barge-in): alone."""
+    """Its tests that assert rates and lags (25 frames/s, the voice with its frames, barge-in)."""
     run_pipecat_tests("realtime", "3 passed", tmp_path, shared_engine)
 
 

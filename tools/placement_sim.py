@@ -42,7 +42,8 @@ Policies:
   ``max_num_models_per_replica``, decides evictions.
 * affinity: ``choose(avatar, hosts, slack)``: holders first unless their load exceeds the least
   loaded host's by more than the slack (2 busy units per GPU), else the least loaded, more free
-  bytes on a tie.
+  bytes on a tie (the router first breaks a tie by placements its reports do not show yet; the
+  simulation's reports are instant, so none is pending).
 * static bound: the share of requests for the most popular avatars that fit in all hosts' shared
   memory together (and, for bounded networks, in all their network slots), in rank order: the hit
   ratio of placing exactly those, one copy each, and sending every request to its avatar's host

@@ -3,7 +3,9 @@ simulation (tools/placement_sim.py) ranks with the very same code.
 
 Holders first: a host where the avatar is already hot (backgrounds in shared memory, network
 resident) wins unless its load exceeds the least loaded host's by more than ``slack``; among those
-the least loaded. Otherwise the least loaded host, the one with more free bytes on a tie (a load
+the least loaded. Otherwise the least loaded host; on a tie, the one with fewer placements still
+loading (sent there, not yet in its report: a burst of new avatars spreads over the hosts instead of
+following a free-bytes figure that has not caught up), then the one with more free bytes (a load
 there evicts less). Unhealthy and draining hosts take nothing new.
 
 Load is in "busy units per GPU" (open streams and batches in flight or queued, divided by the
@@ -30,6 +32,7 @@ class HostView:
     load: float = 0.0                           # busy units per GPU
     free_bytes: int = 0                         # shared memory its engine can still give to backgrounds
     hot: set[str] = field(default_factory=set)  # avatars loaded there
+    pending: int = 0                            # avatars placed there that its last report does not show yet
 
     @property
     def takes_work(self) -> bool:
@@ -46,4 +49,4 @@ def choose(avatar: str, hosts: list[HostView], slack: float = SLACK) -> tuple[Ho
     holders = [h for h in live if avatar in h.hot and h.load <= least + slack]
     if holders:
         return min(holders, key=lambda h: (h.load, h.name)), True
-    return min(live, key=lambda h: (h.load, -h.free_bytes, h.name)), False
+    return min(live, key=lambda h: (h.load, h.pending, -h.free_bytes, h.name)), False

@@ -25,6 +25,7 @@ class Host:
     streams: int = 0
     gpus: int = 0
     resolved: int = 0                          # resolves answered with this host
+    pending: int = 0                           # avatars placed here that its last report does not show hot
 
 
 @dataclass
@@ -53,9 +54,12 @@ class Table:
             host.known = set(report["known"])
         host.error, host.server_key = report.get("error", ""), report.get("server_key")
         host.streams, host.gpus, host.reported = int(report.get("streams", 0)), int(report.get("gpus", 0)), now
-        for name, (_, when) in list(self.placed.items()):          # expired placements, once a report
+        host.pending = 0
+        for avatar, (where, when) in list(self.placed.items()):    # expired placements, once a report
             if now - when > PLACED_S:
-                del self.placed[name]
+                del self.placed[avatar]
+            elif where == name and avatar not in v.hot:
+                host.pending += 1
 
     def forget(self, name: str) -> None:
         self.hosts.pop(name, None)
@@ -71,7 +75,7 @@ class Table:
         for h in self.hosts.values():
             hot = h.view.hot | {avatar} if placed is not None and placed[0] == h.view.name else h.view.hot
             out.append(HostView(h.view.name, h.view.endpoint, h.view.healthy and now - h.reported <= STALE_S,
-                                h.view.draining, h.view.load, h.view.free_bytes, hot))
+                                h.view.draining, h.view.load, h.view.free_bytes, hot, h.pending))
         return out
 
     def resolve(self, avatar: str, now: float | None = None) -> tuple[int, dict[str, Any]]:
@@ -92,9 +96,10 @@ class Table:
                         for h in views if not h.healthy}
                 return 503, {"error": "no_host", "message": f"{e} (known hosts: {len(views)}; down: {down})"}
             self.counts["hit" if hot else "miss"] += 1
+            host = self.hosts[view.name]
             if not hot:
                 self.placed[avatar] = (view.name, now)
-            host = self.hosts[view.name]
+                host.pending += 1
             host.resolved += 1
             return 200, {"avatar": avatar, "host": view.name, "endpoint": view.endpoint, "hot": hot,
                          "server_key": host.server_key}

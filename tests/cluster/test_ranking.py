@@ -45,6 +45,17 @@ def test_free_bytes_break_a_load_tie_then_the_name():
     assert choose("x", holders) == (holders[1], True)
 
 
+def test_placements_still_loading_break_a_load_tie_before_free_bytes():
+    hosts = [host("a", free=30, pending=2), host("b", free=10, pending=1), host("c", free=20, pending=1)]
+    assert choose("x", hosts) == (hosts[2], False)
+    hosts[1].load = 0.5                                                    # load still comes first
+    assert choose("x", hosts) == (hosts[2], False)
+    hosts[2].load = 0.5
+    assert choose("x", hosts) == (hosts[0], False)
+    holder = host("h", free=0, pending=9, hot={"x"})                       # and a holder is still a holder
+    assert choose("x", [*hosts, holder]) == (holder, True)
+
+
 @pytest.mark.parametrize("flag", [{"healthy": False}, {"draining": True}])
 def test_unhealthy_and_draining_hosts_take_nothing_new(flag):
     out = host("out", load=0.0, free=10**12, hot={"x"}, **flag)

@@ -20,6 +20,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from engine.avatars.graph_io import GraphReadError, read_graph_io
+
 MAX_NAME_BYTES = 128             # an avatar name is a folder name (and part of segment names)
 FRAME_RE = re.compile(r"^frame_(\d+)\.(png|jpg|jpeg)$", re.IGNORECASE)
 MEL_WINDOW = (1, 80, 16)          # the audio encoder's input per window (REFERENCE.md section 5)
@@ -50,20 +52,13 @@ class GraphInfo:
         return self.image_shape[1]
 
 
-def _dims(value_info: Any) -> list[int | None]:
-    return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
-
-
 def _graph_io(path: Path) -> tuple[dict[str, list[int | None]], list[tuple[str, list[int | None]]]]:
-    """An ONNX file's inputs (initializers excluded) and outputs, with their dims."""
-    import onnx  # here, not at the top: importing onnx costs ~1 s, and most processes never read a graph
+    """An ONNX file's inputs (initializers excluded) and outputs, with their dims (read without the
+    ``onnx`` package: :mod:`engine.avatars.graph_io` says why)."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - onnx raises many kinds
+        return read_graph_io(path)
+    except (GraphReadError, OSError, ValueError) as e:
         raise AvatarError(f"{path}: not a readable ONNX model: {e}") from None
-    inits = {i.name for i in model.graph.initializer}
-    return ({i.name: _dims(i) for i in model.graph.input if i.name not in inits},
-            [(o.name, _dims(o)) for o in model.graph.output])
 
 
 def read_graph(path: Path) -> GraphInfo:

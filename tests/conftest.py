@@ -238,6 +238,16 @@ def _turn(config, exclusive: bool, name: str = "realtime"):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+NEXT_ITEM = pytest.StashKey()          # the test after the one being torn down (None: the last one here)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Lets a module fixture see, in its teardown, whether the next test uses it too
+    (tests/cluster/test_cluster.py's ``cluster`` stays up for the next module that uses it)."""
+    item.config.stash[NEXT_ITEM] = nextitem
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """Every test but a ``realtime`` one that runs alone holds the lock shared from its setup to its

@@ -2,7 +2,8 @@
 avatars requested in a Zipf-like sequence land where they are hot, a live stream keeps its host, a
 drained host takes nothing new while its stream ends normally, an engine killed with SIGKILL has its
 avatars resolve elsewhere within 10 s, and with Ray stopped the streams go on while resolve fails
-clearly until Ray is back. One emulated cluster for the module (Ray starts in ~25 s)."""
+clearly until Ray is back. One emulated cluster for the module, shared with the cluster bench
+(tests/bench/test_bench_cluster.py) when both run."""
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ from engine.client import Client, EngineError
 from engine.client.resolve import ResolveError, resolve
 from engine.runtime.config import load_config
 from engine.runtime.shm import list_segments
-from tests.conftest import free_port, write_config
+from tests.conftest import NEXT_ITEM, free_port, write_config
 from tests.nets import make_avatar
 from tests.integration.test_shared_sessions import small_frames
 
@@ -52,8 +53,26 @@ def ray_processes(tmp: str) -> list[psutil.Process]:
     return out
 
 
+_running: dict | None = None            # the emulated cluster, while one runs
+
+
 @pytest.fixture(scope="module")
-def cluster(no_realtime_beside, tmp_path_factory):         # Ray's start-up and idle load: no real-time test beside it
+def cluster(no_realtime_beside, tmp_path_factory, request):  # Ray's start-up and idle load: no real-time test beside it
+    """The emulated 3-host cluster. A module that uses it after another (the cluster bench, then this
+    module: one xdist unit, tests/scheduling.py) gets the same one: it is stopped when the next test
+    does not use it (the last module's teardown), not at each module's end; Ray's start is ~25 s."""
+    global _running
+    if _running is None:
+        _running = start_cluster(tmp_path_factory)
+    yield _running
+    nextitem = request.config.stash.get(NEXT_ITEM, None)
+    if nextitem is not None and "cluster" in nextitem.fixturenames:
+        return
+    running, _running = _running, None
+    stop_cluster(running)
+
+
+def start_cluster(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("cluster")
     models = tmp / "models"
     make_demo(models, frames=12)
@@ -73,10 +92,15 @@ def cluster(no_realtime_beside, tmp_path_factory):         # Ray's start-up and 
     ray_tmp = os.environ.get("RAY_TMPDIR") or _ray_tmp(tmp / "run")
     assert state["url"] == f"http://127.0.0.1:{rport}/lse"                # the router's own listener
     assert state["serve_url"] == f"http://127.0.0.1:{port}/lse"           # Serve's proxy
-    yield {"cfg": cfg, "url": state["url"], "state": state, "port": port, "rport": rport, "ray_tmp": ray_tmp}
-    r = ctl(cfg, "stop")
+    return {"cfg": cfg, "url": state["url"], "state": state, "port": port, "rport": rport, "ray_tmp": ray_tmp}
+
+
+def stop_cluster(cluster: dict) -> None:
+    """``cluster stop``, then nothing of it left: no segment of its engines, no Ray process, no Ray files."""
+    r = ctl(cluster["cfg"], "stop")
     assert r.returncode == 0, r.stdout + r.stderr
-    hosts = [load_config(h["config"]) for h in state["hosts"]]
+    hosts = [load_config(h["config"]) for h in cluster["state"]["hosts"]]
+    ray_tmp = cluster["ray_tmp"]
     deadline = time.monotonic() + 20
     while any(list_segments(f"{h.server.instance}_") for h in hosts) or ray_processes(ray_tmp):
         assert time.monotonic() < deadline, ([list_segments(f"{h.server.instance}_") for h in hosts],

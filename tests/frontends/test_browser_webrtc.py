@@ -1,8 +1,10 @@
 """The avatar over WebRTC in headless Chromium (the gateway's /webrtc page, its /api/offer): the
 browser's microphone (Chromium's fake capture device playing a speech WAV) goes in, the avatar's
-video and voice come out; measured from the browser's own getStats() over 20 s."""
+video and voice come out; measured from the browser's own getStats() over ``LSE_BROWSER_SECONDS``
+(10 s in the suite; the figures in docs/performance.md are over 20 s: ``LSE_BROWSER_SECONDS=20``)."""
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -15,7 +17,7 @@ from tests.frontends.test_browser import chromium, console, gateway_url  # noqa:
 # no CPU for half a minute (tests/priority.py)
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240), pytest.mark.realtime(alone=True)]
 
-SECONDS = 20
+SECONDS = int(os.environ.get("LSE_BROWSER_SECONDS", "10"))
 
 
 @pytest.fixture

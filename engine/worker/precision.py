@@ -154,13 +154,12 @@ def speech_features(count: int, shape: tuple[int, ...], encoder: Path | None) ->
     """``count`` frames of network audio input from speech (see :func:`sample_inputs`)."""
     if encoder is None or not encoder.is_file():
         return speech_like_features(count, 0, shape)
-    import onnxruntime as ort
 
     from engine.audio.mel import frame_audio_features, mel_windows, melspectrogram
     pcm = speech_pcm(max(1.0, (count + 8) / 25), seed=11)
     total = int(len(pcm) // 640)
     windows = mel_windows(melspectrogram(pcm), 0, total)
-    sess = ort.InferenceSession(str(encoder), providers=["CPUExecutionProvider"])
+    sess = _session(encoder, ["CPUExecutionProvider"])
     enc = sess.run(None, {sess.get_inputs()[0].name: windows})[0]
     frames = np.linspace(8, total - 9, count).round().astype(np.int64)
     try:

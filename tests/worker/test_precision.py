@@ -62,7 +62,9 @@ def test_the_report_matches_an_independent_comparison(bench, models_root, tmp_pa
     assert image.shape == (8, *g.image_shape) and audio.shape == (8, *g.audio_shape)
     assert 0 <= image.min() and image.max() <= 1 and np.abs(audio).max() > 0     # real crops, real speech
     half = fp16.fp16_model(src, tmp_path)
-    outs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")   # no idle thread spinning beside other tests
+    outs = [ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]).run(
         None, {g.image_input: image, g.audio_input: audio})[0] for p in (src, half)]
     r = fp16.measure_error(src, half, image, audio, ["CPUExecutionProvider"])
     diff = np.abs(outs[0].astype(np.float64) - outs[1])

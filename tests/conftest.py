@@ -300,7 +300,9 @@ def no_realtime_beside(request):
     ``realtime`` test that runs alone; other tests may: for a module whose background processes (a
     Ray cluster) load the machine the whole time, which would skew another worker's real-time
     assertions (and two Ray clusters at once would skew each other). Module fixtures that start
-    such processes depend on it, so it is taken first and given back last. With an idle cgroup the
+    such processes depend on it, so it is taken first and given back last (the cluster the two Ray
+    modules share outlives the first one's turn by the moment between them: they run back to back,
+    first in the order, long before the alone tests are handed out). With an idle cgroup the
     Ray cluster's processes are in it, beside the real-time tests that do not run alone; beside a
     browser test it would starve (its agents were silent for over 3 s, and the router took every
     host for down)."""

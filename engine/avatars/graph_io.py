@@ -3,7 +3,8 @@
 The front checks every avatar's network when it loads the avatar, and each GPU worker checks the
 audio encoder's contract; both need only the names and dims of the graph's inputs and outputs.
 ``onnx.load`` costs twice: importing ``onnx`` takes about 0.5 CPU-s in each process that does it
-(the front and every GPU worker of every engine), and parsing a large network's protobuf holds the
+(the front, and every GPU worker on the CPU provider: on CUDA a worker imports it anyway, for its
+start-up probe and shared sessions), and parsing a large network's protobuf holds the
 interpreter lock for the whole file (40-80 ms for a SyncTalk_2D-size network) while the front's
 thread waits. This reader maps the file and walks only the fields it needs, in protobuf's wire
 format (https://protobuf.dev/programming-guides/encoding/), skipping everything else, weights
@@ -13,7 +14,8 @@ included, by their lengths:
     ValueInfoProto.name (1), .type (2) -> TypeProto.tensor_type (1) -> .shape (2) -> .dim (1)
     -> Dimension.dim_value (1) | .dim_param (2)
 
-It gives what ``onnx.load(path, load_external_data=False)`` gives for the same fields: inputs that
+It gives what ``onnx.load(path, load_external_data=False)`` gives for the same fields, in the files
+exporters write (one exception below, in ``_dims``): inputs that
 are not initializers, outputs, each with its dims (``None`` for a symbolic or missing dim; no dims
 for an input that is not a tensor). tests/avatars/test_graph_io.py compares the two.
 """
@@ -96,7 +98,8 @@ def _dims(buf: Buffer, span: tuple[int, int]) -> Dims:
     for f, w, v in _fields(buf, *span):
         if f != _TYPE_TENSOR or w != 2:
             continue
-        dims = []                                         # a repeated singular field: the last one counts
+        dims = []            # a singular message that occurs again: protobuf merges the occurrences (their
+                             # dims would concatenate); this keeps the last; no exporter splits a type
         for f2, w2, v2 in _fields(buf, *v):
             if f2 != _TENSOR_TYPE_SHAPE or w2 != 2:
                 continue

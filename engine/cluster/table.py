@@ -26,6 +26,7 @@ class Host:
     gpus: int = 0
     resolved: int = 0                          # resolves answered with this host
     pending: int = 0                           # avatars placed here that its last report does not show hot
+                                               # (recounted at each report, raised at each placement here)
 
 
 @dataclass

@@ -2,8 +2,9 @@
 avatars requested in a Zipf-like sequence land where they are hot, a live stream keeps its host, a
 drained host takes nothing new while its stream ends normally, an engine killed with SIGKILL has its
 avatars resolve elsewhere within 10 s, and with Ray stopped the streams go on while resolve fails
-clearly until Ray is back. One emulated cluster for the module, shared with the cluster bench
-(tests/bench/test_bench_cluster.py) when both run."""
+clearly until Ray is back. One emulated cluster for the module, the cluster bench's
+(tests/bench/test_bench_cluster.py) when that ran right before it (the suite: one xdist unit, the
+bench first); otherwise its own."""
 from __future__ import annotations
 
 import json

@@ -1,7 +1,8 @@
 """The avatar over WebRTC in headless Chromium (the gateway's /webrtc page, its /api/offer): the
 browser's microphone (Chromium's fake capture device playing a speech WAV) goes in, the avatar's
-video and voice come out; measured from the browser's own getStats() over ``LSE_BROWSER_SECONDS``
-(10 s in the suite; the figures in docs/performance.md are over 20 s: ``LSE_BROWSER_SECONDS=20``)."""
+video and voice come out; measured from the browser's own getStats(), 20 s on the gateway's path and
+10 s on the echo bot's (``LSE_BROWSER_SECONDS`` sets both; the figures in docs/performance.md are
+over 20 s)."""
 from __future__ import annotations
 
 import os
@@ -17,7 +18,11 @@ from tests.frontends.test_browser import chromium, console, gateway_url  # noqa:
 # no CPU for half a minute (tests/priority.py)
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240), pytest.mark.realtime(alone=True)]
 
-SECONDS = int(os.environ.get("LSE_BROWSER_SECONDS", "10"))
+# the gateway's own A/V figure is a median over its last 250 frames (10 s): watched for 10 s, that
+# window reached back into the session's first seconds, and a fresh-clone run read 84 ms there while
+# the browser's playout offset was -32 ms
+GATEWAY_SECONDS = int(os.environ.get("LSE_BROWSER_SECONDS") or 20)
+BOT_SECONDS = int(os.environ.get("LSE_BROWSER_SECONDS") or 10)
 
 
 @pytest.fixture
@@ -33,8 +38,8 @@ def stats(driver) -> dict:
     return driver.execute_async_script("window.rtc.stats().then(arguments[arguments.length - 1])")
 
 
-def watch(b, page: str, codec: str) -> dict:
-    """Open ``page``, press "speak (microphone)", and read the browser's getStats() for SECONDS."""
+def watch(b, page: str, codec: str, seconds: int) -> dict:
+    """Open ``page``, press "speak (microphone)", and read the browser's getStats() for ``seconds``."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
     b.get(page)
@@ -50,7 +55,7 @@ def watch(b, page: str, codec: str) -> dict:
         time.sleep(0.2)
     first = stats(b)
     offsets = []
-    for _ in range(SECONDS * 2):
+    for _ in range(seconds * 2):
         time.sleep(0.5)
         s = stats(b)
         a, v = s["audio"].get("estimatedPlayoutTimestamp"), s["video"].get("estimatedPlayoutTimestamp")
@@ -86,7 +91,7 @@ def check(w: dict, codec: str, what: str, extra: str = "", max_offset_ms: float 
 def test_the_avatar_plays_over_webrtc_in_chromium(gateway_url, rtc_browser):  # noqa: F811
     import json
     import urllib.request
-    w = watch(rtc_browser, gateway_url + "/webrtc", "")
+    w = watch(rtc_browser, gateway_url + "/webrtc", "", GATEWAY_SECONDS)
     with urllib.request.urlopen(gateway_url + "/api/webrtc", timeout=5) as r:
         (session,) = json.load(r)["sessions"]
     check(w, "", "the gateway's /api/offer", f"; gateway: audio in to frame out p50 "
@@ -134,7 +139,7 @@ def test_the_pipecat_echo_bot_over_smallwebrtc_in_chromium(echo_bot, rtc_browser
     from engine.client import Client
     with Client(shared_engine.endpoint, timeout=60) as c:
         c.load("demo")
-    w = watch(rtc_browser, echo_bot + "/", "video/H264")
+    w = watch(rtc_browser, echo_bot + "/", "video/H264", BOT_SECONDS)
     # the service hands each frame's voice and image out together (frontends/pipecat/tests), and
     # fix_av_sync keeps them so through SmallWebRTC (its own test): the issue's bounds, as the gateway's
     # path (-20 to -25 ms and 25 frames/s in 5 runs on 2026-12-06; -15 ms beside a busy core)

@@ -55,6 +55,8 @@ MAX_BACKLOG_S = 0.5             # audio in waiting beyond this is dropped
 OUT_FRAME = 320                 # 20 ms audio frames out (Opus wants 20 ms)
 VIDEO_QUEUE = 3                 # frames waiting for the encoder; older ones are dropped (stay live)
 AUDIO_HELD = 5 * 640            # samples of voice waiting to play; beyond, the oldest go (bounded drift)
+KEPT = 320                      # samples that may wait when a frame's voice comes, at every frame for a
+                                # second (one 20 ms packet: packets against 40 ms frames); more is a backlog
 CONNECT_S = 20.0                # a peer not connected by then is closed
 VIDEO_CLOCK = 90000
 
@@ -87,6 +89,19 @@ class SampleQueue:
         self.held += len(pcm)
         while limit is not None and self.held > limit:
             self.held -= len(self._chunks.popleft()[1])
+
+    def drop(self, n: int) -> None:
+        """The oldest ``n`` samples go (a chunk cut at its start loses its tag)."""
+        while n > 0 and self._chunks:
+            tag, head = self._chunks[0]
+            if len(head) <= n:
+                self._chunks.popleft()
+                self.held -= len(head)
+                n -= len(head)
+            else:
+                self._chunks[0] = (None, head[n:])
+                self.held -= n
+                n = 0
 
     def take(self, n: int) -> tuple[np.ndarray, list[int]]:
         """``n`` samples, and the tags of the chunks whose first sample is among them."""
@@ -157,17 +172,29 @@ class AvatarVideo(MediaStreamTrack):
 
 
 class EchoAudio(MediaStreamTrack):
-    """The audio of the frames sent, 20 ms at a time in real time; silence when there is none."""
+    """The audio of the frames sent, 20 ms at a time in real time; silence when there is none.
+
+    Each frame's voice is queued when the frame goes to the encoder and plays after what already
+    waits. After a stall the frames come in a burst and their voice piles up: played in real time
+    while more comes at the same rate, that backlog would stay, the voice behind its frames for the
+    rest of the session (up to :data:`AUDIO_HELD`; 84-122 ms at the gateway's output in test runs on
+    a loaded machine). So when more than :data:`KEPT` has waited at every frame for a second, the
+    excess goes, oldest first (as ``lipsync_pipecat.smallwebrtc`` does for Pipecat's transport)."""
     kind = "audio"
 
     def __init__(self) -> None:
         super().__init__()
         self._pending = SampleQueue(np.int16)
+        self._waited: collections.deque[int] = collections.deque(maxlen=25)    # a second of frames
         self._start: float | None = None
         self._pts = 0
         self.left: dict[int, float] = {}             # frame number -> when its first sample went out
 
     def feed(self, number: int, pcm16: np.ndarray) -> None:
+        self._waited.append(self._pending.held)          # what still waits when this frame's voice comes
+        if len(self._waited) == self._waited.maxlen and min(self._waited) > KEPT:     # a lasting backlog
+            self._pending.drop(min(self._waited) - KEPT)
+            self._waited.clear()
         self._pending.put(pcm16, number if len(pcm16) == SAMPLES_PER_FRAME else None,
                           limit=AUDIO_HELD)          # never more than 0.2 s behind its frames
 

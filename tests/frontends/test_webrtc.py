@@ -18,7 +18,7 @@ from aiortc.mediastreams import MediaStreamError
 from engine.audio.speech import speech_pcm
 from engine.cli.demo_avatars import make_audio_encoder
 from frontends.web.gateway import make_app
-from frontends.web.webrtc import allow_loopback
+from frontends.web.webrtc import AUDIO_HELD, KEPT, OUT_FRAME, EchoAudio, allow_loopback
 
 pytestmark = pytest.mark.integration
 
@@ -186,3 +186,34 @@ def test_bad_offers_are_refused_clearly(endpoint, tmp_path, body, status, code):
 def test_an_unknown_avatar_is_a_404_with_the_engines_code(endpoint, tmp_path):
     got = asyncio.run(call(endpoint, tmp_path, None, seconds=1.0, avatar="nobody"))
     assert got["status"] == 404 and got["body"]["error"]["code"] == "unknown_model"
+
+
+def test_a_lasting_voice_backlog_after_a_stall_is_dropped_and_jitter_is_not():
+    """The gateway's audio track (no network, no clock: frames fed, 20 ms packets taken as aiortc
+    would). Steady frames with jitter keep every sample; a burst after a stall leaves a backlog that
+    would keep the voice behind its frames; within two seconds of frames it is cut to KEPT."""
+    audio = EchoAudio()
+    voice = np.arange(640, dtype=np.int16)
+    frame = 0
+    played: list[int] = []
+
+    def step(packets: int) -> int:
+        nonlocal frame
+        waiting = audio._pending.held
+        audio.feed(frame, voice)
+        frame += 1
+        for _ in range(packets):
+            before = set(audio.left)
+            audio._take(OUT_FRAME)
+            played.extend(sorted(set(audio.left) - before))
+        return waiting
+    # jitter: packets taken 1, 3, 2, 2 ... per frame (the same 25 frames/s on average): nothing dropped
+    waits = [step(p) for p in [1, 3, 2, 2] * 20]
+    assert max(waits) <= KEPT and played == list(range(frame)), (waits, played[-5:])
+    # a stall, then its frames in a burst: 5 frames' voice waits, and would at every frame after
+    for _ in range(5):
+        step(0)
+    waits = [step(2) for _ in range(75)]
+    assert waits[0] == 5 * 640 <= AUDIO_HELD
+    assert all(w <= KEPT for w in waits[-25:]), waits
+    assert set(range(frame - 26, frame - 1)) <= set(played)   # each frame's voice starts by the next frame

@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 
 PREFIX = "lse-tests-"
+LEAD = "-lead"                 # lse-tests-<pid>-lead: the Ray modules' cgroup, beside the idle one
+LEAD_SHARES = 256
 
 
 def _cpu_cgroup() -> tuple[Path, Path] | None:
@@ -68,15 +70,18 @@ def _empty(cgroup: Path, into: Path) -> None:
 
 
 class CpuClasses:
-    """The idle cgroup the workers run in, made by the xdist controller and removed at its end. In it,
-    ``lead`` (twice the weight of ``rest``, where the workers start) is for the modules that keep a
-    Ray cluster running (``no_realtime_beside``): a chain of long waits that would otherwise finish
-    last, behind every other module's CPU time."""
+    """The cgroups the xdist controller makes and removes at its end: the idle one, with ``rest`` in
+    it, where the workers run; and beside it, not idle but of a low weight (``cpu.shares`` 256
+    against 1024 for each busy process of the real-time tests), ``lead``, for the modules that keep
+    a Ray cluster running (``no_realtime_beside``). In the idle cgroup a Ray cluster starved while
+    real-time tests took both cores (a CI run: every agent silent for over 3 s, so the router
+    answered ``no_host``); with that weight its reports keep coming, at the cost of a few per cent
+    of the CPU to the real-time tests when both want it all, and the other tests yield to it."""
 
     def __init__(self, foreground: Path, background: Path):
         self.foreground = foreground
         self.background = background
-        self.lead = background / "lead"
+        self.lead = background.with_name(background.name + LEAD)
         self.rest = background / "rest"
 
     @classmethod
@@ -87,7 +92,7 @@ class CpuClasses:
         _, here = found
         for stale in here.glob(f"{PREFIX}*"):      # left by a run that was killed
             try:
-                os.kill(int(stale.name[len(PREFIX):]), 0)
+                os.kill(int(stale.name[len(PREFIX):].removesuffix(LEAD)), 0)
             except ProcessLookupError:
                 _empty(stale, here)
             except (ValueError, PermissionError):
@@ -102,16 +107,18 @@ class CpuClasses:
                 (made.background / "cpu.idle").write_text("1")
             else:
                 (made.background / "cpu.shares").write_text("2")
-            for child, shares in ((made.lead, 2048), (made.rest, 1024)):
-                child.mkdir()
-                (child / "cpu.shares").write_text(str(shares))
+            made.rest.mkdir()
+            made.lead.mkdir()
+            (made.lead / "cpu.shares").write_text(str(LEAD_SHARES))
         except OSError:
             made.close()
             return None
         return made
 
     def close(self) -> None:
-        _empty(self.background, self.foreground)
+        for group in (self.background, self.lead):
+            if group.exists():
+                _empty(group, self.foreground)
 
     def names(self) -> dict[str, str]:
         """What the workers get (workerinput): a cgroup's path by class."""

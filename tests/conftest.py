@@ -18,6 +18,7 @@ from engine.runtime.config import EngineConfig, load_config
 from engine.runtime.shm import list_segments
 from engine.supervisor.control import control
 from engine.runtime.derived import dump_toml, free_port  # noqa: F401 - free_port: the tests import it from here
+from tests.priority import cpu_classes, join
 
 pytest_plugins = ["tests.scheduling"]          # the order and the units the xdist workers get
 
@@ -205,18 +206,13 @@ def pytest_sessionstart(session):
     fill_visual(np.zeros((1, 24, 24, 3), np.uint8), np.empty((1, 6, 16, 16), np.float32))
 
 
-def _cpu_classes(config) -> dict[str, str] | None:
-    """The cgroups tests/priority.py made (a path by class), if it could."""
-    return getattr(config, "workerinput", {}).get("lse_cpu")
-
-
 def _runs_alone(item) -> bool:
     """A ``realtime`` test that has the machine to itself (under xdist): every one where the others
     cannot yield the CPU (no idle cgroup), else those marked ``realtime(alone=True)``: the
     browser tests, whose load would leave the idle cgroup no CPU for half a minute."""
     mark = item.get_closest_marker("realtime")
     return (mark is not None and hasattr(item.config, "workerinput")
-            and (not _cpu_classes(item.config) or mark.kwargs.get("alone", False)))
+            and (not cpu_classes(item.config) or mark.kwargs.get("alone", False)))
 
 
 @contextlib.contextmanager
@@ -258,12 +254,11 @@ def pytest_runtest_protocol(item, nextitem):
 
     With an idle cgroup (tests/priority.py), a ``realtime`` test runs in the run's own cgroup
     from its setup to its teardown (its worker moves there with what it started, and back for its
-    next other test), a module that uses :func:`no_realtime_beside` in the idle cgroup's
-    ``lead``, the others in its ``rest``."""
+    next other test), a module that uses :func:`no_realtime_beside` in ``lead`` (beside the idle
+    cgroup, at a low weight), the others in the idle cgroup's ``rest``."""
     realtime = item.get_closest_marker("realtime") is not None
-    classes = _cpu_classes(item.config)
+    classes = cpu_classes(item.config)
     if classes:
-        from tests.priority import join
         target = ("realtime" if realtime else "lead" if "no_realtime_beside" in item.fixturenames else "rest")
         if target != getattr(item.config, "_lse_class", "rest"):
             join(classes[target], with_children=realtime)
@@ -302,9 +297,9 @@ def no_realtime_beside(request):
     assertions (and two Ray clusters at once would skew each other). Module fixtures that start
     such processes depend on it, so it is taken first and given back last (the cluster the two Ray
     modules share outlives the first one's turn by the moment between them: they run back to back,
-    first in the order, long before the alone tests are handed out). With an idle cgroup the
-    Ray cluster's processes are in it, beside the real-time tests that do not run alone; beside a
-    browser test it would starve (its agents were silent for over 3 s, and the router took every
-    host for down)."""
+    first in the order, long before the alone tests are handed out). With the idle cgroup the Ray
+    cluster's processes are in ``lead``, at a low weight beside the real-time tests that do not run
+    alone; beside a browser test even the idle cgroup's share starved them (agents silent for over
+    3 s, every host taken for down)."""
     with _turn(request.config, True, "background"), _turn(request.config, False):
         yield

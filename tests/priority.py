@@ -125,6 +125,11 @@ class CpuClasses:
         return {"realtime": str(self.foreground), "lead": str(self.lead), "rest": str(self.rest)}
 
 
+def cpu_classes(config) -> dict[str, str] | None:
+    """In an xdist worker, the cgroups :class:`CpuClasses` made (a path by class), if it could."""
+    return getattr(config, "workerinput", {}).get("lse_cpu")
+
+
 def join(cgroup: str, with_children: bool = False) -> None:
     """Move this process into ``cgroup`` (with everything it started, when asked)."""
     pids = [os.getpid()]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.priority import CpuClasses, join
+from tests.priority import CpuClasses, cpu_classes, join
 
 BACKGROUND = "~background"              # the unit of the Ray cluster modules
 REALTIME = "~realtime"                  # the unit of the real-time tests
@@ -56,14 +56,14 @@ def group_of(item: pytest.Item) -> str | None:
     mark = item.get_closest_marker("realtime")
     if mark is None:
         return None
-    beside = "lse_cpu" in getattr(item.config, "workerinput", {})        # an idle cgroup (priority.py)
+    beside = cpu_classes(item.config) is not None                        # an idle cgroup (priority.py)
     return ALONE if beside and mark.kwargs.get("alone", False) else REALTIME
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):
-        if "lse_cpu" in config.workerinput:
-            join(config.workerinput["lse_cpu"]["rest"])     # the idle cgroup (tests/priority.py)
+        if cpu_classes(config):
+            join(cpu_classes(config)["rest"])               # the idle cgroup (tests/priority.py)
     elif getattr(config.option, "numprocesses", None):
         config._lse_groups = Path(tempfile.mkdtemp(prefix="lse-groups-")) / "groups.json"
         config.option.loadscopereorder = False          # the units in the order the workers collected
@@ -103,7 +103,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     def of(group: str) -> list[pytest.Item]:
         return [i for i in items if groups[i.nodeid] == group]
-    beside = "lse_cpu" in config.workerinput                      # an idle cgroup (priority.py)
+    beside = cpu_classes(config) is not None                      # an idle cgroup (priority.py)
     items[:] = ((of(REALTIME) if beside else []) + of(BACKGROUND)
                 + [i for m in plain for i in modules[m] if groups[i.nodeid] is None]
                 + ([] if beside else of(REALTIME)) + of(ALONE))

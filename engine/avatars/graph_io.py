@@ -15,8 +15,7 @@ included, by their lengths:
     -> Dimension.dim_value (1) | .dim_param (2)
 
 It gives what ``onnx.load(path, load_external_data=False)`` gives for the same fields, in the files
-exporters write (one exception below, in ``_dims``): inputs that
-are not initializers, outputs, each with its dims (``None`` for a symbolic or missing dim; no dims
+exporters write (one exception: see ``_dims``): inputs that are not initializers, outputs, each with its dims (``None`` for a symbolic or missing dim; no dims
 for an input that is not a tensor). tests/avatars/test_graph_io.py compares the two.
 """
 from __future__ import annotations
@@ -92,28 +91,33 @@ def _int64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def _dims(buf: Buffer, span: tuple[int, int]) -> Dims:
-    """A TypeProto's tensor shape (no dims when it is not a tensor or has no shape)."""
-    dims: Dims = []
+def _each(buf: Buffer, span: tuple[int, int], number: int):
+    """The spans of the length-delimited fields numbered ``number`` in ``buf[span]``, in order."""
     for f, w, v in _fields(buf, *span):
-        if f != _TYPE_TENSOR or w != 2:
-            continue
-        dims = []            # a singular message that occurs again: protobuf merges the occurrences (their
-                             # dims would concatenate); this keeps the last; no exporter splits a type
-        for f2, w2, v2 in _fields(buf, *v):
-            if f2 != _TENSOR_TYPE_SHAPE or w2 != 2:
-                continue
-            dims = []
-            for f3, w3, v3 in _fields(buf, *v2):
-                if f3 != _SHAPE_DIM or w3 != 2:
-                    continue
-                dim: int | None = None
-                for f4, w4, v4 in _fields(buf, *v3):
-                    if f4 == _DIM_VALUE and w4 == 0:
-                        dim = _int64(v4)
-                    elif f4 == _DIM_PARAM:
-                        dim = None                        # one of: the last set wins, as in protobuf
-                dims.append(dim)
+        if f == number and w == 2:
+            yield v
+
+
+def _dim(buf: Buffer, span: tuple[int, int]) -> int | None:
+    """A Dimension: its dim_value, None for a dim_param or neither (one of: the last set wins)."""
+    dim: int | None = None
+    for f, w, v in _fields(buf, *span):
+        if f == _DIM_VALUE and w == 0:
+            dim = _int64(v)
+        elif f == _DIM_PARAM:
+            dim = None
+    return dim
+
+
+def _dims(buf: Buffer, span: tuple[int, int]) -> Dims:
+    """A TypeProto's tensor shape (no dims when it is not a tensor or has no shape). A singular
+    message that occurs again is merged by protobuf (the dims would concatenate); this keeps the
+    last occurrence: no exporter splits a type."""
+    dims: Dims = []
+    for tensor in _each(buf, span, _TYPE_TENSOR):
+        dims = []
+        for shape in _each(buf, tensor, _TENSOR_TYPE_SHAPE):
+            dims = [_dim(buf, d) for d in _each(buf, shape, _SHAPE_DIM)]
     return dims
 
 
@@ -129,9 +133,8 @@ def _value_info(buf: Buffer, span: tuple[int, int]) -> tuple[str, Dims]:
 
 def _tensor_name(buf: Buffer, span: tuple[int, int]) -> str:
     name = ""
-    for f, w, v in _fields(buf, *span):
-        if f == _TENSOR_NAME and w == 2:
-            name = _string(buf, v)
+    for v in _each(buf, span, _TENSOR_NAME):
+        name = _string(buf, v)
     return name
 
 
@@ -141,10 +144,8 @@ def graph_io_of(buf: Buffer) -> tuple[dict[str, Dims], list[tuple[str, Dims]]]:
     inputs: list[tuple[str, Dims]] = []
     outputs: list[tuple[str, Dims]] = []
     inits: set[str] = set()
-    for f, w, v in _fields(buf, 0, len(buf)):
-        if f != _MODEL_GRAPH or w != 2:
-            continue
-        for f2, w2, v2 in _fields(buf, *v):               # every occurrence: repeated fields concatenate
+    for graph in _each(buf, (0, len(buf)), _MODEL_GRAPH):
+        for f2, w2, v2 in _fields(buf, *graph):           # every occurrence: repeated fields concatenate
             if w2 != 2:
                 continue
             if f2 == _GRAPH_INPUT:

@@ -6,7 +6,8 @@ resident) wins unless its load exceeds the least loaded host's by more than ``sl
 the least loaded. Otherwise the least loaded host; on a tie, the one with fewer pending placements
 (avatars the router sent there that its agent's last report does not list yet as loaded or loading:
 a burst of new avatars spreads over the hosts instead of following a free-bytes figure that has not
-caught up), then the one with more free bytes (a load there evicts less). Unhealthy and draining hosts take nothing new.
+caught up), then the one with more free bytes (a load there evicts less). Unhealthy and draining
+hosts take nothing new.
 
 Load is in "busy units per GPU" (open streams and batches in flight or queued, divided by the
 host's GPU workers), so hosts of different sizes compare; ``slack`` is in the same units.

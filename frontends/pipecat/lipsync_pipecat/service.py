@@ -11,9 +11,10 @@ much as the video (the network's 490 ms look-ahead plus rendering).
 - **Idle.** Audio goes to the engine every 40 ms on the service's clock, silence when the TTS is
   quiet, so the engine keeps sending the avatar's idle frames (its own frames, no network run) at
   25 frames/s while nobody speaks; they carry no audio.
-- **Barge-in.** On an ``InterruptionFrame`` the TTS audio not yet sent is dropped and the engine
-  stream is flushed (``stream_flush``): frames not yet sent are dropped there, idle frames follow at
-  once, and the next speech starts a new utterance.
+- **Barge-in.** On an ``InterruptionFrame`` the voice stops at once: the TTS audio not yet sent is
+  dropped, and so is the voice of frames still on their way (a frame that comes before the flush is
+  answered goes out without it). Then the engine stream is flushed (``stream_flush``): frames not
+  yet sent are dropped there, idle frames follow at once, and the next speech starts a new utterance.
 - **End.** ``EndFrame`` and ``CancelFrame`` close the stream and the connection.
 - **Errors.** An engine that does not answer within ``connect_timeout`` or an unknown avatar is an
   error pushed upstream (``push_error``, permanent), with the engine's address or the avatar's name
@@ -72,6 +73,7 @@ class LipsyncVideoService(FrameProcessor):
         self._utt_frame = 0                          # the current utterance's first frame
         self._audio = np.zeros(0, np.float32)        # the utterance's audio sent, from _audio_from on
         self._real = np.zeros(0, bool)               # which of those samples are the TTS's (not padding)
+        self._muted = False                          # from an interruption until its flush is answered
         self._audio_from = 0
         self._new_utterance = True
 
@@ -174,7 +176,7 @@ class LipsyncVideoService(FrameProcessor):
         try:
             while (f := await self._client.next_frame(self._stream)) is not None:
                 audio = self._audio_of(f.number)
-                if audio is not None:
+                if audio is not None and not self._muted:
                     await self.push_frame(TTSAudioRawFrame(audio=audio, sample_rate=RATE, num_channels=1))
                 await self.push_frame(self._image(f.jpeg))
                 self.frames_out += 1
@@ -212,6 +214,10 @@ class LipsyncVideoService(FrameProcessor):
         self._inbox.clear()
         if self._client is None or self._stream is None:
             return
+        # silent from now on, not from the flush's reply: that waits for a push in flight, then a
+        # round trip, and the frames that come meanwhile would still speak (on a loaded host, 60 to
+        # 150 ms of voice after the interruption)
+        self._muted = True
         async with self._lock:
             try:
                 await self._client.flush(self._stream)
@@ -220,7 +226,7 @@ class LipsyncVideoService(FrameProcessor):
             else:
                 failed = None
                 self._inbox.clear()
-                self._new_utterance = True
+                self._new_utterance, self._muted = True, False
                 self._audio, self._real, self._audio_from = np.zeros(0, np.float32), np.zeros(0, bool), 0
         if failed is not None:
             await self._fail(f"the lipsync engine at {self.endpoint} refused a flush: {failed}", failed)

@@ -1,8 +1,8 @@
 """The avatar over WebRTC in headless Chromium (the gateway's /webrtc page, its /api/offer): the
 browser's microphone (Chromium's fake capture device playing a speech WAV) goes in, the avatar's
-video and voice come out; measured from the browser's own getStats(), 20 s on the gateway's path and
-10 s on the echo bot's (``LSE_BROWSER_SECONDS`` sets both; the figures in docs/performance.md are
-over 20 s)."""
+video and voice come out; measured from the browser's own getStats(), 10 s on the gateway's path and
+on the echo bot's (``LSE_BROWSER_SECONDS`` sets both; the figures in docs/performance.md are over
+20 s)."""
 from __future__ import annotations
 
 import os
@@ -18,12 +18,11 @@ from tests.frontends.test_browser import chromium, console, gateway_url  # noqa:
 # no CPU for half a minute (tests/priority.py)
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240), pytest.mark.realtime(alone=True)]
 
-# the gateway's path is watched 20 s, as before 2026-12-06: with 10 s, suite runs read its own A/V
-# figure (a median over its last 250 frames) at 84 and 89 ms, then with 20 s at 122 ms: the cause
-# was a voice backlog left by a stall (frontends/web/webrtc.py, EchoAudio, since dropped), not the
-# window; 20 s was kept for the final runs of that day
-GATEWAY_SECONDS = int(os.environ.get("LSE_BROWSER_SECONDS") or 20)
-BOT_SECONDS = int(os.environ.get("LSE_BROWSER_SECONDS") or 10)
+# 10 s each (the gateway's path watched 20 s on 2026-12-06: suite runs then read its own A/V figure,
+# a median over its last 250 frames, at 84, 89 and 122 ms; the cause was a voice backlog left by a
+# stall, frontends/web/webrtc.py's EchoAudio now drops it, not the window: with 10 s, three runs
+# alone read 16-28 ms on 2026-12-06)
+SECONDS = int(os.environ.get("LSE_BROWSER_SECONDS") or 10)
 
 
 @pytest.fixture
@@ -92,7 +91,7 @@ def check(w: dict, codec: str, what: str, extra: str = "", max_offset_ms: float 
 def test_the_avatar_plays_over_webrtc_in_chromium(gateway_url, rtc_browser):  # noqa: F811
     import json
     import urllib.request
-    w = watch(rtc_browser, gateway_url + "/webrtc", "", GATEWAY_SECONDS)
+    w = watch(rtc_browser, gateway_url + "/webrtc", "", SECONDS)
     with urllib.request.urlopen(gateway_url + "/api/webrtc", timeout=5) as r:
         (session,) = json.load(r)["sessions"]
     check(w, "", "the gateway's /api/offer", f"; gateway: audio in to frame out p50 "
@@ -140,7 +139,7 @@ def test_the_pipecat_echo_bot_over_smallwebrtc_in_chromium(echo_bot, rtc_browser
     from engine.client import Client
     with Client(shared_engine.endpoint, timeout=60) as c:
         c.load("demo")
-    w = watch(rtc_browser, echo_bot + "/", "video/H264", BOT_SECONDS)
+    w = watch(rtc_browser, echo_bot + "/", "video/H264", SECONDS)
     # the service hands each frame's voice and image out together (frontends/pipecat/tests), and
     # fix_av_sync keeps them so through SmallWebRTC (its own test): the issue's bounds, as the gateway's
     # path (-20 to -25 ms and 25 frames/s in 5 runs on 2026-12-06; -15 ms beside a busy core)

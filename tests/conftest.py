@@ -134,9 +134,12 @@ def engine_factory(tmp_path, models_root):
         assert list_segments(eng.prefix) == [], f"{eng.prefix}* left in /dev/shm"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shared_engine(tmp_path_factory, models_root):
-    """One engine for a whole test module (read-mostly tests)."""
+    """One engine for the read-mostly tests of every module a process runs (under pytest-xdist,
+    one per worker): a test leaves it as it found it, the demo avatar on disk (loaded or not, a
+    request loads it), no stream open. An engine start costs about 1.2 CPU-s; per module, the
+    suite started 28 of them."""
     tmp = tmp_path_factory.mktemp("engine")
     inst = f"t{os.getpid()}m{next(_counter)}"
     eng = start_engine(write_config(tmp / "engine.toml", models_root, tmp / "run", inst))
@@ -185,8 +188,8 @@ def make_keys(folder: Path, names: tuple[str, ...], authorised: tuple[str, ...])
 
 
 # -- running in parallel (pytest-xdist: ./tools/dev test runs two workers per core, `--dist loadscope`:
-#    a module's tests on one worker, so its module fixtures (a shared engine, a cluster) are made
-#    once, once more for its real-time tests; tests/scheduling.py makes and orders the units, and
+#    a module's tests on one worker, so its module fixtures (a cluster) are made once, once more
+#    for its real-time tests, and a worker's session fixtures (the shared engine) once; tests/scheduling.py makes and orders the units, and
 #    tests/priority.py gives the real-time tests the CPU) ------------------------------------------------
 def pytest_configure(config):
     config.addinivalue_line("markers", "realtime(alone=False): asserts real-time rates or latencies; under "
@@ -247,13 +250,14 @@ def pytest_runtest_teardown(item, nextitem):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """Every test but a ``realtime`` one that runs alone holds the lock shared from its setup to its
-    teardown, so its module's fixtures too (a shared engine starts in the setup of the module's
-    first test and stops in the teardown of its last): none of that runs under a real-time test
+    teardown, so its fixtures too (a module's start in the setup of its first test and stop in the
+    teardown of its last; the shared engine starts with the first test that uses it, stops with the
+    worker's last test): none of that runs under a real-time test
     that runs alone, which holds it exclusively (:func:`_realtime_runs_alone`). A module that uses
     :func:`no_realtime_beside` takes nothing here (see there).
 
     With an idle cgroup (tests/priority.py), a ``realtime`` test runs in the run's own cgroup
-    from its setup to its teardown (its worker moves there with what it started, and back for its
+    from its setup to its teardown (its worker moves there with what it started, and back with it for its
     next other test), a module that uses :func:`no_realtime_beside` in ``lead`` (beside the idle
     cgroup, at a low weight), the others in the idle cgroup's ``rest``."""
     realtime = item.get_closest_marker("realtime") is not None
@@ -261,7 +265,7 @@ def pytest_runtest_protocol(item, nextitem):
     if classes:
         target = ("realtime" if realtime else "lead" if "no_realtime_beside" in item.fixturenames else "rest")
         if target != getattr(item.config, "_lse_class", "rest"):
-            join(classes[target], with_children=realtime)
+            join(classes[target], with_children=True)       # the worker's engines go with it
             item.config._lse_class = target
     if not _runs_alone(item) and "no_realtime_beside" not in item.fixturenames:
         with _turn(item.config, False):

@@ -38,6 +38,13 @@ def carphone_frames():
     return [f for f in video_frames_at_source(footage("carphone_pristine.mp4"))]
 
 
+@pytest.fixture(scope="module")
+def carphone(tmp_path_factory, nets):
+    """The carphone talking head imported at its own size (once for the module) and its folder."""
+    root = tmp_path_factory.mktemp("carphone")
+    return import_video(root, "car", footage("carphone_pristine.mp4"), nets), root / "car"
+
+
 def video_frames_at_source(path: Path) -> list[np.ndarray]:
     import av
     with av.open(str(path)) as c:
@@ -70,13 +77,13 @@ def landmark_crops(video: Path) -> tuple[np.ndarray, list]:
     return np.array(crops), faces
 
 
-def test_a_real_talking_head_at_its_own_size(tmp_path, nets):
+def test_a_real_talking_head_at_its_own_size(carphone):
     video = footage("carphone_pristine.mp4")
-    res = import_video(tmp_path / "m", "car", video, nets)
+    res, folder = carphone
     assert res.frames == 101 and (res.width, res.height) == (176, 144)          # 4.04 s at 29.97 -> 25
     assert res.track.found >= 95 and res.track.others == []
     assert "resampled from 29.97 frames/s" in res.summary()
-    rects = np.array(json.loads((tmp_path / "m" / "car" / "crop_rects.json").read_text()))
+    rects = np.array(json.loads((folder / "crop_rects.json").read_text()))
     ref, faces = landmark_crops(video)
     side = rects[:, 2] - rects[:, 0]
     seen = ~np.isnan(ref[:, 0])
@@ -97,8 +104,8 @@ def test_a_real_talking_head_at_its_own_size(tmp_path, nets):
 
 
 @pytest.mark.parametrize("w, h", [(1280, 720)])
-def test_the_same_footage_upscaled_gives_the_same_crops_scaled(tmp_path, nets, carphone_frames, w, h):
-    small = import_video(tmp_path / "m", "small", footage("carphone_pristine.mp4"), nets)
+def test_the_same_footage_upscaled_gives_the_same_crops_scaled(tmp_path, nets, carphone, carphone_frames, w, h):
+    small, _ = carphone
     big = write_video(tmp_path / "big.mp4", [letterbox(f, w, h) for f in carphone_frames], NTSC)
     res = import_video(tmp_path / "m", "big", big, nets, frame_format="jpg")
     assert res.frames == small.frames and (res.width, res.height) == (w, h)

@@ -107,9 +107,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items[:] = ((of(REALTIME) if beside else []) + of(BACKGROUND)
                 + [i for m in plain for i in modules[m] if groups[i.nodeid] is None]
                 + ([] if beside else of(REALTIME)) + of(ALONE))
+    # with the idle cgroup, the Ray modules follow the real-time tests in their unit: one worker runs
+    # them after the last real-time test, so no real-time test shares the CPU with a Ray cluster
+    units = {k: (REALTIME if beside and v == BACKGROUND else v) for k, v in groups.items() if v}
     path = Path(config.workerinput["lse_groups"])
     tmp = path.with_name(f"{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({k: v for k, v in groups.items() if v}))
+    tmp.write_text(json.dumps(units))
     os.replace(tmp, path)                                # every worker writes the same
 
 

@@ -11,7 +11,7 @@ engines') and start-up time. Prints the figures and a summary line; asserts noth
     ./tools/dev test tests/bench/test_bench_cluster.py --benchmark-enable -s
     LSE_CLUSTER_RESOLVES=2000 LSE_CLUSTER_SECONDS=10 LSE_CLUSTER_IDLE_S=10 ./tools/dev test tests/bench/test_bench_cluster.py --benchmark-enable -s
 
-(the suite runs 300 resolves per figure, 3 s of load with 4 threads, ``LSE_CLUSTER_THREADS``, and
+(the suite runs 100 resolves per figure, 1 s of load with 4 threads, ``LSE_CLUSTER_THREADS``, and
 3 s of idle CPU; docs/performance.md, "Beyond one host", has the longer run). The cluster is
 tests/cluster/test_cluster.py's fixture: in the suite both modules use the same one, this one first.
 """
@@ -38,8 +38,8 @@ from tests.cluster.test_cluster import AVATARS, cluster, make_hot, ray_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
-RESOLVES = int(os.environ.get("LSE_CLUSTER_RESOLVES", "300"))
-SECONDS = float(os.environ.get("LSE_CLUSTER_SECONDS", "3"))
+RESOLVES = int(os.environ.get("LSE_CLUSTER_RESOLVES", "100"))
+SECONDS = float(os.environ.get("LSE_CLUSTER_SECONDS", "1"))
 THREADS = int(os.environ.get("LSE_CLUSTER_THREADS", "4"))
 WARMUP = 50
 IDLE_S = float(os.environ.get("LSE_CLUSTER_IDLE_S", "3"))

@@ -120,8 +120,8 @@ def test_against_an_engine_that_runs_already_with_curve(tmp_path, engine_factory
     assert "the engine requires CURVE (give the client keys)" in r.stdout
 
 
-def test_against_an_engine_that_runs_already_without_curve_saving_and_comparing_runs(tmp_path, engine_factory):
-    eng = engine_factory()
+def test_against_an_engine_that_runs_already_without_curve_saving_and_comparing_runs(tmp_path, shared_engine):
+    eng = shared_engine
     project = tmp_path / "p"
     project.mkdir()
     shutil.copy(EXAMPLE, project / "test_my_latency.py")

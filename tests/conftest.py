@@ -198,15 +198,53 @@ def pytest_configure(config):
                                        "alone")
 
 
-def pytest_sessionstart(session):
-    """Compile the numba kernels once, here, before any engine starts: on a fresh clone their cache
-    is empty, and every compositor of every worker's engines would compile them at once."""
-    if hasattr(session.config, "workerinput"):
-        return                                     # an xdist worker: the controller did it
+def warm_up_kernels() -> None:
     from engine.compositor.compositor import warm_up_kernels
     from engine.kernels.image import fill_visual
     warm_up_kernels()
     fill_visual(np.zeros((1, 24, 24, 3), np.uint8), np.empty((1, 6, 16, 16), np.float32))
+
+
+def _kernels_lock(config) -> Path:
+    """The file the kernels' compilation holds locked (under the run's base temp folder)."""
+    base = config._tmp_path_factory.getbasetemp()
+    return (base.parent if hasattr(config, "workerinput") else base) / "kernels.lock"
+
+
+def pytest_sessionstart(session):
+    """Compile the numba kernels once before any engine starts: on a fresh clone their cache is
+    empty (6.6 s of one core here), and every compositor of every worker's engines would compile
+    them at once. Under pytest-xdist a process does it, holding a lock, while the workers start and
+    collect the tests (on the other core); each worker waits for it before its first test."""
+    config = session.config
+    if hasattr(config, "workerinput"):
+        return                                     # an xdist worker: see pytest_collection_finish
+    if not getattr(config.option, "numprocesses", None):
+        warm_up_kernels()
+        return
+    import fcntl
+    fd = os.open(_kernels_lock(config), os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)                 # held by the child's copy of the descriptor until it ends
+    config._lse_kernels = subprocess.Popen([sys.executable, "-c", "from tests.conftest import warm_up_kernels; "
+                                            "warm_up_kernels()"], pass_fds=(fd,))
+    os.close(fd)
+
+
+def pytest_collection_finish(session):
+    """An xdist worker waits for the controller's compilation of the kernels (pytest_sessionstart)."""
+    if hasattr(session.config, "workerinput"):
+        import fcntl
+        path = _kernels_lock(session.config)
+        if path.exists():
+            with open(path) as f:
+                fcntl.flock(f, fcntl.LOCK_SH)
+
+
+def pytest_unconfigure(config):
+    proc = getattr(config, "_lse_kernels", None)
+    if proc is not None and proc.wait() != 0:      # the engines compiled what they needed themselves
+        print(f"warning: compiling the numba kernels before the tests failed (exit status {proc.returncode})",
+              file=sys.stderr)
 
 
 def _runs_alone(item) -> bool:

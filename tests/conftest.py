@@ -138,8 +138,8 @@ def engine_factory(tmp_path, models_root):
 def shared_engine(tmp_path_factory, models_root):
     """One engine for the read-mostly tests of every module a process runs (under pytest-xdist,
     one per worker): a test leaves it as it found it, the demo avatar on disk (loaded or not, a
-    request loads it), no stream open. An engine start costs about 1.2 CPU-s; per module, the
-    suite started 28 of them."""
+    request loads it), no stream open. An engine start costs about 1.2 CPU-s; one per module, the
+    suite started 22 of them (76 engines in all, 57 now)."""
     tmp = tmp_path_factory.mktemp("engine")
     inst = f"t{os.getpid()}m{next(_counter)}"
     eng = start_engine(write_config(tmp / "engine.toml", models_root, tmp / "run", inst))
@@ -339,9 +339,9 @@ def no_realtime_beside(request):
     assertions (and two Ray clusters at once would skew each other). Module fixtures that start
     such processes depend on it, so it is taken first and given back last (the cluster the two Ray
     modules share outlives the first one's turn by the moment between them: they run back to back,
-    first in the order, long before the alone tests are handed out). With the idle cgroup the Ray
-    cluster's processes are in ``lead``, at a low weight beside the real-time tests that do not run
-    alone; beside a browser test even the idle cgroup's share starved them (agents silent for over
-    3 s, every host taken for down)."""
+    long before the alone tests are handed out). With the idle cgroup they run after the real-time
+    tests (tests/scheduling.py), and the Ray cluster's processes are in ``lead``, at a low weight,
+    beside the idle cgroup, which yields to them: in the idle cgroup, beside a browser test, they
+    starved (agents silent for over 3 s, every host taken for down)."""
     with _turn(request.config, True, "background"), _turn(request.config, False):
         yield

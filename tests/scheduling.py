@@ -10,8 +10,10 @@ cores; what limits it is the tests that must not share the machine:
   handed out after every other unit, so workers wait for them only while finishing their last
   units;
 - the modules whose fixtures keep a Ray cluster running (they use ``no_realtime_beside``) must not
-  overlap one another: they go first, as one unit, so one worker runs them back to back while the
-  others take the rest;
+  overlap one another, nor a real-time test: with the idle cgroup they join the ``realtime`` unit,
+  after its real-time tests, so the worker that ran those runs them back to back next (a Ray
+  cluster beside real-time tests, even at a low weight, cost them frames and starved its agents);
+  without it they go first, as a unit of their own, while the others take the rest;
 - everything else: xdist's ``loadscope`` units (a module on one worker, so its module fixtures are
   made once), the longest first (WEIGHTS), so no long module is left to start at the end.
 

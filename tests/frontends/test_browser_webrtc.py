@@ -25,8 +25,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240), pytest.mark.rea
 SECONDS = int(os.environ.get("LSE_BROWSER_SECONDS") or 10)
 
 
-@pytest.fixture
-def rtc_browser(tmp_path):
+@pytest.fixture(scope="module", autouse=True)
+def _started_before_the_turns(gateway_url, echo_bot, rtc_browser):  # noqa: F811
+    """The gateway, the echo bot and Chromium start with the module's first test, beside the other
+    tests still running, and serve both tests: neither test's turn alone (conftest's
+    ``_realtime_runs_alone``) waits for a start-up (3-4 s each turn before)."""
+
+
+@pytest.fixture(scope="module")
+def rtc_browser(tmp_path_factory):
+    """One Chromium for the module's tests (each opens its own page, which closes the last one's
+    peer connection)."""
+    tmp_path = tmp_path_factory.mktemp("rtc")
     talk = np.concatenate([speech_pcm(3.0, seed=9), np.zeros(16000, np.float32)])          # 3 s talk, 1 s quiet
     wav = write_wav(tmp_path / "mic.wav", resample(talk, 16000, 48000), 48000)
     with chromium(tmp_path, f"--use-file-for-fake-audio-capture={wav}", "--allow-loopback-in-peer-connection",
@@ -101,8 +111,8 @@ def test_the_avatar_plays_over_webrtc_in_chromium(gateway_url, rtc_browser):  # 
     assert abs(session["av_offset_ms"]) < 60                    # as in test_webrtc.py: 20 ms packets, any phase
 
 
-@pytest.fixture
-def echo_bot(shared_engine, models_root, tmp_path):
+@pytest.fixture(scope="module")
+def echo_bot(shared_engine, models_root, tmp_path_factory):
     """The Pipecat example bot (SmallWebRTC + LipsyncVideoService) in .venv-pipecat, on a free port."""
     import subprocess
     import urllib.request
@@ -112,7 +122,7 @@ def echo_bot(shared_engine, models_root, tmp_path):
     make_audio_encoder(models_root)
     assert PIPECAT_PY.exists(), f"{PIPECAT_PY} is missing: ./tools/dev test creates it"
     port = free_port()
-    log = tmp_path / "bot.log"
+    log = tmp_path_factory.mktemp("bot") / "bot.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen([str(PIPECAT_PY), str(REPO / "frontends/pipecat/examples/echo_bot.py"), "--engine",
                                  shared_engine.endpoint, "--port", str(port)], stdout=fh, stderr=subprocess.STDOUT)

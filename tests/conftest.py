@@ -188,9 +188,10 @@ def make_keys(folder: Path, names: tuple[str, ...], authorised: tuple[str, ...])
 
 
 # -- running in parallel (pytest-xdist: ./tools/dev test runs two workers per core, `--dist loadscope`:
-#    a module's tests on one worker, so its module fixtures (a cluster) are made once, once more
-#    for its real-time tests, and a worker's session fixtures (the shared engine) once; tests/scheduling.py makes and orders the units, and
-#    tests/priority.py gives the real-time tests the CPU) ------------------------------------------------
+#    a module's tests on one worker, so its module fixtures (a gateway, say) are made once, once
+#    more for its real-time tests, and a worker's session fixtures (the shared engine) once;
+#    tests/scheduling.py makes and orders the units, and tests/priority.py gives the real-time
+#    tests the CPU) ------------------------------------------------
 def pytest_configure(config):
     config.addinivalue_line("markers", "realtime(alone=False): asserts real-time rates or latencies; under "
                                        "pytest-xdist the other tests yield the CPU to it (a cgroup "
@@ -295,9 +296,9 @@ def pytest_runtest_protocol(item, nextitem):
     :func:`no_realtime_beside` takes nothing here (see there).
 
     With an idle cgroup (tests/priority.py), a ``realtime`` test runs in the run's own cgroup
-    from its setup to its teardown (its worker moves there with what it started, and back with it for its
-    next other test), a module that uses :func:`no_realtime_beside` in ``lead`` (beside the idle
-    cgroup, at a low weight), the others in the idle cgroup's ``rest``."""
+    from its setup to its teardown (its worker moves there with what it started, and with it into
+    the cgroup of its next other test), a module that uses :func:`no_realtime_beside` in ``lead``
+    (beside the idle cgroup, at a low weight), the others in the idle cgroup's ``rest``."""
     realtime = item.get_closest_marker("realtime") is not None
     classes = cpu_classes(item.config)
     if classes:
@@ -339,7 +340,7 @@ def no_realtime_beside(request):
     assertions (and two Ray clusters at once would skew each other). Module fixtures that start
     such processes depend on it, so it is taken first and given back last (the cluster the two Ray
     modules share outlives the first one's turn by the moment between them: they run back to back,
-    long before the alone tests are handed out). With the idle cgroup they run after the real-time
+    before the alone tests, which are handed out last). With the idle cgroup they run after the real-time
     tests (tests/scheduling.py), and the Ray cluster's processes are in ``lead``, at a low weight,
     beside the idle cgroup, which yields to them: in the idle cgroup, beside a browser test, they
     starved (agents silent for over 3 s, every host taken for down)."""

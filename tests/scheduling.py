@@ -3,7 +3,8 @@ hooks). Most tests wait (engines at 25 frames/s, timeouts, Ray), so the suite ru
 cores; what limits it is the tests that must not share the machine:
 
 - ``realtime`` tests, all in one unit, so one worker runs them one after the other (each one's
-  fixtures, engines, Chromium, bots, start after the one before has ended). Where the other tests
+  own function-scoped fixtures start after the one before has ended; the WebRTC module's gateway,
+  echo bot and Chromium start once, before its first test). Where the other tests
   yield the CPU to them (an idle cgroup, tests/priority.py), that unit goes first and runs beside
   everything else, and the ``realtime(alone=True)`` ones form a unit of their own, last, each alone
   (conftest's ``_realtime_runs_alone``). Where not, every one runs alone: the unit goes last,

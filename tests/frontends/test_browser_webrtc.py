@@ -28,8 +28,8 @@ SECONDS = int(os.environ.get("LSE_BROWSER_SECONDS") or 10)
 @pytest.fixture(scope="module", autouse=True)
 def _started_before_the_turns(gateway_url, echo_bot, rtc_browser):  # noqa: F811
     """The gateway, the echo bot and Chromium start with the module's first test, beside the other
-    tests still running, and serve both tests: neither test's turn alone (conftest's
-    ``_realtime_runs_alone``) waits for a start-up (3-4 s each turn before)."""
+    tests still running, and stay up for both (Chromium serves both): neither test's turn alone
+    (conftest's ``_realtime_runs_alone``) waits for a start-up (3-4 s each turn before)."""
 
 
 @pytest.fixture(scope="module")

@@ -199,11 +199,13 @@ def pytest_configure(config):
                                        "alone")
 
 
-def warm_up_kernels() -> None:
-    from engine.compositor.compositor import warm_up_kernels
-    from engine.kernels.image import fill_visual
-    warm_up_kernels()
-    fill_visual(np.zeros((1, 24, 24, 3), np.uint8), np.empty((1, 6, 16, 16), np.float32))
+WARM_UP_KERNELS = """
+import numpy as np
+from engine.compositor.compositor import warm_up_kernels
+from engine.kernels.image import fill_visual
+warm_up_kernels()
+fill_visual(np.zeros((1, 24, 24, 3), np.uint8), np.empty((1, 6, 16, 16), np.float32))
+"""
 
 
 def _kernels_lock(config) -> Path:
@@ -221,13 +223,13 @@ def pytest_sessionstart(session):
     if hasattr(config, "workerinput"):
         return                                     # an xdist worker: see pytest_collection_finish
     if not getattr(config.option, "numprocesses", None):
-        warm_up_kernels()
+        exec(WARM_UP_KERNELS, {})
         return
     import fcntl
     fd = os.open(_kernels_lock(config), os.O_CREAT | os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)                 # held by the child's copy of the descriptor until it ends
-    config._lse_kernels = subprocess.Popen([sys.executable, "-c", "from tests.conftest import warm_up_kernels; "
-                                            "warm_up_kernels()"], pass_fds=(fd,))
+    config._lse_kernels = subprocess.Popen([sys.executable, "-c", WARM_UP_KERNELS], pass_fds=(fd,),
+                                           cwd=Path(__file__).resolve().parents[1])
     os.close(fd)
 
 
@@ -291,9 +293,9 @@ def pytest_runtest_protocol(item, nextitem):
     """Every test but a ``realtime`` one that runs alone holds the lock shared from its setup to its
     teardown, so its fixtures too (a module's start in the setup of its first test and stop in the
     teardown of its last; the shared engine starts with the first test that uses it, stops with the
-    worker's last test): none of that runs under a real-time test
-    that runs alone, which holds it exclusively (:func:`_realtime_runs_alone`). A module that uses
-    :func:`no_realtime_beside` takes nothing here (see there).
+    worker's last test): none of that runs under a real-time test that runs alone, which holds it
+    exclusively (:func:`_realtime_runs_alone`). A module that uses :func:`no_realtime_beside` takes
+    nothing here (see there).
 
     With an idle cgroup (tests/priority.py), a ``realtime`` test runs in the run's own cgroup
     from its setup to its teardown (its worker moves there with what it started, and with it into
@@ -340,9 +342,9 @@ def no_realtime_beside(request):
     assertions (and two Ray clusters at once would skew each other). Module fixtures that start
     such processes depend on it, so it is taken first and given back last (the cluster the two Ray
     modules share outlives the first one's turn by the moment between them: they run back to back,
-    before the alone tests, which are handed out last). With the idle cgroup they run after the real-time
-    tests (tests/scheduling.py), and the Ray cluster's processes are in ``lead``, at a low weight,
-    beside the idle cgroup, which yields to them: in the idle cgroup, beside a browser test, they
-    starved (agents silent for over 3 s, every host taken for down)."""
+    before the alone tests, which are handed out last). With the idle cgroup they run after the
+    real-time tests (tests/scheduling.py), and the Ray cluster's processes are in ``lead``, at a low
+    weight, beside the idle cgroup, which yields to them: in the idle cgroup, beside a browser
+    test, they starved (agents silent for over 3 s, every host taken for down)."""
     with _turn(request.config, True, "background"), _turn(request.config, False):
         yield

@@ -161,7 +161,10 @@ class Compositor(Role):
 
 def warm_up_kernels() -> None:
     """Compile (or load from numba's cache) the kernels a compositor runs, so that a request never
-    waits for it."""
+    waits for it: with the argument types serving passes. numba compiles one version per type, and
+    a read-only array is another type: a spliced avatar's scans are writable (shared memory), a
+    JPEG's bytes are not, so the splice runs on both (with the writable kind missing, each
+    compositor compiled its own at its first spliced frame, seconds, until one had cached it)."""
     fc = FrameCompositor()
     bg = np.zeros((64, 64, 3), np.uint8)
     face = np.zeros((3, 16, 16), np.float32)
@@ -171,6 +174,7 @@ def warm_up_kernels() -> None:
     jpeg = codec.encode_full(bg)
     rect = (8, 8, 40, 40)
     x0, y0, x1, y1 = codec.box(rect)
-    parts = FrameParts(np.frombuffer(jpeg, np.uint8)[len(codec.header):-2], codec.plan(jpeg, rect),
-                       bg[y0:y1, x0:x1].copy(), rect, crop_border(np.zeros((24, 24, 3), np.uint8)))
-    SpliceCompositor(codec)(parts, face, "synctalk")
+    for data in (np.frombuffer(jpeg, np.uint8), np.frombuffer(jpeg, np.uint8).copy()):     # read-only, writable
+        parts = FrameParts(data[len(codec.header):-2], codec.plan(data, rect), bg[y0:y1, x0:x1].copy(), rect,
+                           crop_border(np.zeros((24, 24, 3), np.uint8)))
+        SpliceCompositor(codec)(parts, face, "synctalk")

@@ -106,3 +106,50 @@ def test_jpeg_bigger_than_its_area_travels_inline(tmp_path, models_root):
         ring.close()
         big.close()
         spliced.close()
+
+
+SERVES_WARM = """
+import sys
+from pathlib import Path
+import numpy as np
+from engine.avatars.disk import avatar_files
+from engine.avatars.frames import AvatarView
+from engine.avatars.spliced import SplicedAvatarView
+from engine.compositor.compositor import ChunkCompositor, warm_up_kernels
+from engine.kernels import image, jpeg_bits
+from engine.kernels.splice import Settings
+from engine.runtime.ring import BatchRing, RingGeometry
+
+warm_up_kernels()                                   # what the fork server runs before any request
+kernels = [f for m in (jpeg_bits, image) for f in vars(m).values() if hasattr(f, "signatures")]
+before = {f.__name__: len(f.signatures) for f in kernels}
+files, prefix, face = avatar_files(Path(sys.argv[1]), "a"), sys.argv[2], [3, 320, 320]
+views = [SplicedAvatarView.create(prefix + "_s", files, 320, Settings()), AvatarView.create(prefix + "_d", files, 320)]
+ring = BatchRing.create(prefix + "_ring", RingGeometry.for_face(1, 8, 320))
+try:
+    ring.output(0, (8, *face))[:] = np.random.default_rng(0).random((8, *face), np.float32)
+    for view in views:
+        for mode in ("synctalk", "stretch"):
+            for idle in (False, [True, False, False]):
+                ChunkCompositor()(view, ring, 0, 2, [3, 0, 2], face, mode, 75, "420", idle)
+finally:
+    ring.close()
+    for view in views:
+        view.close()
+after = {f.__name__: len(f.signatures) for f in kernels}
+print({k: (before[k], after[k]) for k in after if after[k] != before[k]})
+"""
+
+
+def test_after_the_warm_up_a_spliced_or_decoded_avatar_compiles_no_kernel(tmp_path, models_root):
+    """warm_up_kernels covers the argument types serving passes (numba compiles a version per type:
+    a read-only array is another type): building a spliced avatar and a compositor's frames, idle or
+    not, then compile nothing, in a fresh process as the fork server's children are. Before
+    2026-12-06 the writable scans of a spliced avatar compiled a second splice there (seconds)."""
+    import subprocess
+    import sys
+    copy_avatar(models_root, tmp_path, "a", n=4)
+    r = subprocess.run([sys.executable, "-c", SERVES_WARM, str(tmp_path), PREFIX + "w"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "{}", f"compiled after the warm-up (kernel: signatures before, after): {r.stdout}"

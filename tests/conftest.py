@@ -206,17 +206,10 @@ from engine.kernels.image import fill_visual
 warm_up_kernels()
 fill_visual(np.zeros((1, 24, 24, 3), np.uint8), np.empty((1, 6, 16, 16), np.float32))
 """
-# librosa's STFT as test_audio.py's reference calls it: librosa compiles numba functions at its first
-# STFT (12 CPU-s on a fresh clone, then read from their cache next to librosa's code)
-WARM_UP_LIBROSA = """
-import numpy as np
-import librosa
-from scipy import signal
-librosa.stft(y=signal.lfilter([1, -0.97], [1], np.zeros(3200, np.float32)), n_fft=800, hop_length=200, win_length=800)
-"""
 # what is compiled before it is needed, each in a process of its own under pytest-xdist: the engine's
-# numba kernels (every engine, and the tests that call them, need them), and librosa's
-WARM_UPS = {"kernels": WARM_UP_KERNELS, "librosa": WARM_UP_LIBROSA}
+# numba kernels (every engine, and the tests that call them, need them), and librosa's numba
+# functions, which it compiles when imported (13 CPU-s on a fresh clone; test_audio.py's reference)
+WARM_UPS = {"kernels": WARM_UP_KERNELS, "librosa": "import librosa"}
 
 
 def _warm_up_lock(config, name: str) -> Path:
@@ -240,7 +233,7 @@ def pytest_sessionstart(session):
     empty (9.7 s of one core here), and every compositor of every worker's engines would compile
     them at once. Under pytest-xdist a process does it, holding a lock, while the workers start and
     collect the tests (on the other core); each worker waits for it before its first test. Another
-    process runs librosa's STFT meanwhile (:data:`WARM_UPS`)."""
+    process imports librosa meanwhile (:data:`WARM_UPS`)."""
     config = session.config
     if hasattr(config, "workerinput"):
         return                                     # an xdist worker: see pytest_collection_finish

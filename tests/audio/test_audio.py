@@ -10,7 +10,7 @@ from tests.conftest import wait_for_warm_up
 
 @pytest.fixture(scope="module", autouse=True)
 def _librosa_compiled(request):
-    """librosa compiles numba functions at its first STFT (12 CPU-s on a fresh clone): under
+    """librosa compiles its numba functions when first imported (13 CPU-s on a fresh clone): under
     pytest-xdist a process started with the run does it (conftest's pytest_sessionstart)."""
     wait_for_warm_up(request.config, "librosa")
 

@@ -206,34 +206,19 @@ from engine.kernels.image import fill_visual
 warm_up_kernels()
 fill_visual(np.zeros((1, 24, 24, 3), np.uint8), np.empty((1, 6, 16, 16), np.float32))
 """
-# what is compiled before it is needed, each in a process of its own under pytest-xdist: the engine's
-# numba kernels (every engine, and the tests that call them, need them), and librosa's numba
-# functions, which it compiles when imported (13 CPU-s on a fresh clone; test_audio.py's reference)
-WARM_UPS = {"kernels": WARM_UP_KERNELS, "librosa": "import librosa"}
 
 
-def _warm_up_lock(config, name: str) -> Path:
-    """The file a warm-up holds locked (under the run's base temp folder)."""
+def _kernels_lock(config) -> Path:
+    """The file the kernels' compilation holds locked (under the run's base temp folder)."""
     base = config._tmp_path_factory.getbasetemp()
-    return (base.parent if hasattr(config, "workerinput") else base) / f"{name}.lock"
-
-
-def wait_for_warm_up(config, name: str) -> None:
-    """In an xdist worker, wait for the controller's warm-up ``name`` (pytest_sessionstart) to end."""
-    if hasattr(config, "workerinput"):
-        import fcntl
-        path = _warm_up_lock(config, name)
-        if path.exists():
-            with open(path) as f:
-                fcntl.flock(f, fcntl.LOCK_SH)
+    return (base.parent if hasattr(config, "workerinput") else base) / "kernels.lock"
 
 
 def pytest_sessionstart(session):
     """Compile the numba kernels once before any engine starts: on a fresh clone their cache is
-    empty (9.7 s of one core here), and every compositor of every worker's engines would compile
+    empty (6.6 s of one core here), and every compositor of every worker's engines would compile
     them at once. Under pytest-xdist a process does it, holding a lock, while the workers start and
-    collect the tests (on the other core); each worker waits for it before its first test. Another
-    process imports librosa meanwhile (:data:`WARM_UPS`)."""
+    collect the tests (on the other core); each worker waits for it before its first test."""
     config = session.config
     if hasattr(config, "workerinput"):
         return                                     # an xdist worker: see pytest_collection_finish
@@ -241,25 +226,28 @@ def pytest_sessionstart(session):
         exec(WARM_UP_KERNELS, {})
         return
     import fcntl
-    config._lse_warm_ups = {}
-    for name, code in WARM_UPS.items():
-        fd = os.open(_warm_up_lock(config, name), os.O_CREAT | os.O_RDWR)
-        fcntl.flock(fd, fcntl.LOCK_EX)             # held by the child's copy of the descriptor until it ends
-        config._lse_warm_ups[name] = subprocess.Popen([sys.executable, "-c", code], pass_fds=(fd,),
-                                                      cwd=Path(__file__).resolve().parents[1])
-        os.close(fd)
+    fd = os.open(_kernels_lock(config), os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)                 # held by the child's copy of the descriptor until it ends
+    config._lse_kernels = subprocess.Popen([sys.executable, "-c", WARM_UP_KERNELS], pass_fds=(fd,),
+                                           cwd=Path(__file__).resolve().parents[1])
+    os.close(fd)
 
 
 def pytest_collection_finish(session):
     """An xdist worker waits for the controller's compilation of the kernels (pytest_sessionstart)."""
-    wait_for_warm_up(session.config, "kernels")
+    if hasattr(session.config, "workerinput"):
+        import fcntl
+        path = _kernels_lock(session.config)
+        if path.exists():
+            with open(path) as f:
+                fcntl.flock(f, fcntl.LOCK_SH)
 
 
 def pytest_unconfigure(config):
-    for name, proc in getattr(config, "_lse_warm_ups", {}).items():
-        if proc.wait() != 0:                       # the tests compiled what they needed themselves
-            print(f"warning: the warm-up {name!r} before the tests failed (exit status {proc.returncode})",
-                  file=sys.stderr)
+    proc = getattr(config, "_lse_kernels", None)
+    if proc is not None and proc.wait() != 0:      # the engines compiled what they needed themselves
+        print(f"warning: compiling the numba kernels before the tests failed (exit status {proc.returncode})",
+              file=sys.stderr)
 
 
 def _runs_alone(item) -> bool:

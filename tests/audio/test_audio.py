@@ -5,14 +5,6 @@ import numpy as np
 import pytest
 
 from engine.audio import mel as A
-from tests.conftest import wait_for_warm_up
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _librosa_compiled(request):
-    """librosa compiles its numba functions when first imported (13 CPU-s on a fresh clone): under
-    pytest-xdist a process started with the run does it (conftest's pytest_sessionstart)."""
-    wait_for_warm_up(request.config, "librosa")
 
 SR = A.SAMPLE_RATE
 

@@ -162,9 +162,10 @@ class Compositor(Role):
 def warm_up_kernels() -> None:
     """Compile (or load from numba's cache) the kernels a compositor runs, so that a request never
     waits for it: with the argument types serving passes. numba compiles one version per type, and
-    a read-only array is another type: a spliced avatar's scans are writable (shared memory), a
-    JPEG's bytes are not, so the splice runs on both (with the writable kind missing, each
-    compositor compiled its own at its first spliced frame, seconds, until one had cached it)."""
+    a read-only array is another type: a spliced avatar is planned from its JPEG's bytes (read-only)
+    and spliced from its scans in shared memory (writable). Before 2026-12-06 the splice ran here on
+    read-only scans, and each compositor compiled the writable version (seconds) at its first
+    spliced frame until one had cached it."""
     fc = FrameCompositor()
     bg = np.zeros((64, 64, 3), np.uint8)
     face = np.zeros((3, 16, 16), np.float32)
@@ -174,7 +175,7 @@ def warm_up_kernels() -> None:
     jpeg = codec.encode_full(bg)
     rect = (8, 8, 40, 40)
     x0, y0, x1, y1 = codec.box(rect)
-    for data in (np.frombuffer(jpeg, np.uint8), np.frombuffer(jpeg, np.uint8).copy()):     # read-only, writable
-        parts = FrameParts(data[len(codec.header):-2], codec.plan(data, rect), bg[y0:y1, x0:x1].copy(), rect,
-                           crop_border(np.zeros((24, 24, 3), np.uint8)))
-        SpliceCompositor(codec)(parts, face, "synctalk")
+    scans = np.frombuffer(jpeg, np.uint8)[len(codec.header):-2].copy()                 # writable, as in shared memory
+    parts = FrameParts(scans, codec.plan(jpeg, rect), bg[y0:y1, x0:x1].copy(), rect,
+                       crop_border(np.zeros((24, 24, 3), np.uint8)))
+    SpliceCompositor(codec)(parts, face, "synctalk")

@@ -208,10 +208,15 @@ fill_visual(np.zeros((1, 24, 24, 3), np.uint8), np.empty((1, 6, 16, 16), np.floa
 """
 
 
-def _kernels_lock(config) -> Path:
-    """The file the kernels' compilation holds locked (under the run's base temp folder)."""
+def _run_root(config) -> Path:
+    """The run's base temp folder (in an xdist worker: above every worker's own), for its lock files."""
     base = config._tmp_path_factory.getbasetemp()
-    return (base.parent if hasattr(config, "workerinput") else base) / "kernels.lock"
+    return base.parent if hasattr(config, "workerinput") else base
+
+
+def _kernels_lock(config) -> Path:
+    """The file the kernels' compilation holds locked."""
+    return _run_root(config) / "kernels.lock"
 
 
 def pytest_sessionstart(session):
@@ -267,7 +272,7 @@ def _turn(config, exclusive: bool, name: str = "realtime"):
         yield
         return
     import fcntl
-    root = config._tmp_path_factory.getbasetemp().parent        # the run's, above every worker's
+    root = _run_root(config)
     with open(root / f"{name}.turnstile", "a") as gate, open(root / f"{name}.lock", "a") as lock:
         fcntl.flock(gate, fcntl.LOCK_EX)
         fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)

@@ -48,8 +48,8 @@ def stats(driver) -> dict:
     return driver.execute_async_script("window.rtc.stats().then(arguments[arguments.length - 1])")
 
 
-def watch(b, page: str, codec: str, seconds: int) -> dict:
-    """Open ``page``, press "speak (microphone)", and read the browser's getStats() for ``seconds``."""
+def watch(b, page: str, codec: str) -> dict:
+    """Open ``page``, press "speak (microphone)", and read the browser's getStats() for SECONDS."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
     b.get(page)
@@ -65,7 +65,7 @@ def watch(b, page: str, codec: str, seconds: int) -> dict:
         time.sleep(0.2)
     first = stats(b)
     offsets = []
-    for _ in range(seconds * 2):
+    for _ in range(SECONDS * 2):
         time.sleep(0.5)
         s = stats(b)
         a, v = s["audio"].get("estimatedPlayoutTimestamp"), s["video"].get("estimatedPlayoutTimestamp")
@@ -101,7 +101,7 @@ def check(w: dict, codec: str, what: str, extra: str = "", max_offset_ms: float 
 def test_the_avatar_plays_over_webrtc_in_chromium(gateway_url, rtc_browser):  # noqa: F811
     import json
     import urllib.request
-    w = watch(rtc_browser, gateway_url + "/webrtc", "", SECONDS)
+    w = watch(rtc_browser, gateway_url + "/webrtc", "")
     with urllib.request.urlopen(gateway_url + "/api/webrtc", timeout=5) as r:
         (session,) = json.load(r)["sessions"]
     check(w, "", "the gateway's /api/offer", f"; gateway: audio in to frame out p50 "
@@ -149,7 +149,7 @@ def test_the_pipecat_echo_bot_over_smallwebrtc_in_chromium(echo_bot, rtc_browser
     from engine.client import Client
     with Client(shared_engine.endpoint, timeout=60) as c:
         c.load("demo")
-    w = watch(rtc_browser, echo_bot + "/", "video/H264", SECONDS)
+    w = watch(rtc_browser, echo_bot + "/", "video/H264")
     # the service hands each frame's voice and image out together (frontends/pipecat/tests), and
     # fix_av_sync keeps them so through SmallWebRTC (its own test): the issue's bounds, as the gateway's
     # path (-20 to -25 ms and 25 frames/s in 5 runs on 2026-12-06; -15 ms beside a busy core)
